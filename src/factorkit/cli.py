@@ -1,0 +1,218 @@
+"""The ``factorkit`` command.
+
+    factorkit compress --model smollm2-135m --method svdllm --ratio 0.2 --calib shakespeare --out out/svdllm
+    factorkit eval --model out/svdllm --text shakespeare
+
+Errors a user can cause end in one sentence on stderr and exit status 2,
+with nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .errors import FactorkitError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; pass a fraction such as 0.2") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is outside (0, 1); pass the fraction of parameters to remove, e.g. 0.2")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _add_eval_args(p: argparse.ArgumentParser, default_max_chunks: int | None) -> None:
+    p.add_argument("--seq-len", type=_positive, default=2048, help="evaluation chunk length in tokens (default 2048)")
+    p.add_argument("--max-chunks", type=_positive, default=default_max_chunks,
+                   help=f"evaluate at most this many chunks (default {default_max_chunks or 'all'})")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype to run the model in (default float32)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes end in one line, like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .methods import DEFAULT_METHOD, METHODS
+
+    parser = _Parser(
+        prog="factorkit",
+        description="Compress transformer models by rewriting their weight matrices as structured factorizations.",
+        epilog="Start with: factorkit compress --out out/demo --eval shakespeare   (see `factorkit compress --help`)",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    methods = "\n".join(f"  {m.name:8s} {m.summary}" for m in METHODS.values())
+    c = sub.add_parser(
+        "compress", help="compress a model and save it",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Replace every Linear layer inside the transformer blocks by a factorization that removes "
+                    "--ratio of its parameters, calibrated on --calib, and save the result to --out.",
+        epilog=f"methods:\n{methods}\n\nmodels: a folder, a .gguf file, smollm2-135m (built in), or a hub id (online)\n"
+               "text:   shakespeare (built in), wikitext2 or c4 (online), or any UTF-8 text file",
+    )
+    c.add_argument("--model", default="smollm2-135m", help="model to compress (default smollm2-135m)")
+    c.add_argument("--method", choices=sorted(METHODS), default=DEFAULT_METHOD, help=f"default {DEFAULT_METHOD}")
+    c.add_argument("--ratio", type=_ratio, default=0.2, help="fraction of the targeted parameters to remove (default 0.2)")
+    c.add_argument("--out", required=True, help="folder to write the compressed model to")
+    c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    c.add_argument("--calib", default="shakespeare", help="calibration text (default: shakespeare, calibration plays)")
+    c.add_argument("--calib-samples", type=_positive, default=32, help="calibration sequences (default 32)")
+    c.add_argument("--calib-seq-len", type=_positive, default=512, help="tokens per calibration sequence (default 512)")
+    c.add_argument("--seed", type=int, default=0, help="seed for data splits and sampling (default 0)")
+    c.add_argument("--targets", help="comma-separated Linear names to compress, e.g. q_proj,k_proj (default: all)")
+    c.add_argument("--alpha", type=float, default=0.5, help="asvd: exponent of the activation scale (default 0.5)")
+    c.add_argument("--batch-size", type=_positive, default=4, help="calibration sequences per forward pass (default 4)")
+    c.add_argument("--eval", metavar="TEXT", help="also measure perplexity before and after on this text (held-out split)")
+    _add_eval_args(c, default_max_chunks=16)
+
+    e = sub.add_parser("eval", help="perplexity of a model on a text",
+                       description="Perplexity over non-overlapping chunks of --text (for shakespeare, the held-out plays).")
+    e.add_argument("--model", default="smollm2-135m", help="a saved factorkit folder or any model factorkit can load")
+    e.add_argument("--text", default="shakespeare", help="shakespeare, wikitext2, c4 or a text file (default shakespeare)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the shakespeare split (default 0)")
+    _add_eval_args(e, default_max_chunks=None)
+    return parser
+
+
+def _method_config(args: argparse.Namespace):
+    from .methods import get_method
+
+    method = get_method(args.method)
+    kwargs = {"ratio": args.ratio, "batch_size": args.batch_size}
+    if args.targets:
+        kwargs["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    if "alpha" in method.config_cls.__dataclass_fields__:
+        kwargs["alpha"] = args.alpha
+    return method.config_cls(**kwargs)
+
+
+def _param_stats(model) -> tuple[int, int]:
+    params = list(model.parameters())  # tied weights appear once
+    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+
+
+def cmd_compress(args: argparse.Namespace) -> None:
+    from . import api
+    from .data import calibration_tokens, eval_tokens, load_text  # noqa: F401
+    from .eval import perplexity
+    from .models import load
+    from .models.files import check_writable_target, folder_size
+    from .report import fmt_bytes, fmt_count, fmt_ppl, print_table
+
+    config = _method_config(args)
+    config.validate()
+    out = Path(args.out)
+    check_writable_target(out, args.overwrite)  # fail before any long work
+    progress = not args.quiet
+
+    model, tokenizer = load(args.model, DTYPES[args.dtype])
+    if tokenizer is None:
+        raise FactorkitError(f"{args.model} has no tokenizer files; save the tokenizer beside the model.")
+    data = None
+    if config.needs_data:
+        data = calibration_tokens(tokenizer, args.calib, args.calib_samples, args.calib_seq_len, args.seed)
+    chunks = eval_tokens(tokenizer, args.eval, args.seq_len, args.max_chunks, args.seed) if args.eval else None
+    before_params, before_bytes = _param_stats(model)
+    before_ppl = None
+    if chunks is not None:
+        t = time.perf_counter()
+        before_ppl = (perplexity(model, chunks, progress=progress, desc="perplexity (dense)"), time.perf_counter() - t)
+
+    t = time.perf_counter()
+    api.compress(model, config, data, progress=progress)
+    compress_time = time.perf_counter() - t
+    summary = api.summarize(model)
+    api.save(model, out, tokenizer=tokenizer, overwrite=args.overwrite)
+    after_params, after_bytes = _param_stats(model)
+
+    rows = [
+        ["parameters (model)", fmt_count(before_params), fmt_count(after_params)],
+        ["parameters (targeted matrices)", fmt_count(summary.targeted_dense_params), fmt_count(summary.targeted_params)],
+        ["weights in memory", fmt_bytes(before_bytes), fmt_bytes(after_bytes)],
+        ["file size (model.safetensors)", "", fmt_bytes(folder_size(out))],
+        ["compression wall time", "", f"{compress_time:.1f} s"],
+    ]
+    if before_ppl is not None:
+        t = time.perf_counter()
+        after = perplexity(model, chunks, progress=progress, desc="perplexity (compressed)")
+        after_time = time.perf_counter() - t
+        rows.insert(0, [f"perplexity ({args.eval}, {after.tokens} tokens)", fmt_ppl(before_ppl[0].perplexity), fmt_ppl(after.perplexity)])
+        rows.append(["evaluation wall time", f"{before_ppl[1]:.1f} s", f"{after_time:.1f} s"])
+    print_table(
+        f"{args.method} at ratio {args.ratio}: removed {summary.ratio_targeted:.1%} of the targeted parameters, "
+        f"{summary.ratio_model:.1%} of the model (parameters counted; low-rank factors store no indices)",
+        ["", "before", "after"], rows)
+    print(f"saved to {out}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from . import api
+    from .data import eval_tokens
+    from .eval import perplexity
+    from .models import load
+    from .report import fmt_count, fmt_ppl, print_table
+
+    model, tokenizer = load(args.model, DTYPES[args.dtype])
+    if tokenizer is None:
+        raise FactorkitError(f"{args.model} has no tokenizer files; save the tokenizer beside the model.")
+    chunks = eval_tokens(tokenizer, args.text, args.seq_len, args.max_chunks, args.seed)
+    t = time.perf_counter()
+    result = perplexity(model, chunks, progress=not args.quiet)
+    elapsed = time.perf_counter() - t
+    summary = api.summarize(model)
+    info = getattr(model, "factorkit_compression", None)
+    rows = [
+        ["perplexity", fmt_ppl(result.perplexity)],
+        ["tokens counted", f"{result.tokens} ({result.chunks} chunks of {result.seq_len})"],
+        ["dtype", result.dtype],
+        ["parameters", fmt_count(summary.model_params_after)],
+        ["compression", f"{info['method']}, {summary.ratio_targeted:.1%} of targeted parameters removed" if info else "none"],
+        ["wall time", f"{elapsed:.1f} s"],
+    ]
+    print_table(f"{args.model} on {args.text}", ["", "value"], rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        {"compress": cmd_compress, "eval": cmd_eval}[args.command](args)
+    except FactorkitError as exc:
+        print(f"factorkit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("factorkit: interrupted; nothing was written.", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

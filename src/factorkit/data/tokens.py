@@ -1,0 +1,58 @@
+"""Token chunks of fixed length: random windows for calibration, consecutive
+non-overlapping chunks for evaluation."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..errors import FactorkitError
+from .text import load_text
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """All token ids of ``text`` as one 1-D LongTensor (no special tokens)."""
+    # A long text in one call is fine for fast tokenizers; silence the length warning.
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _source_ids(tokenizer, source: str | os.PathLike | torch.Tensor, split: str, seed: int) -> torch.Tensor:
+    if isinstance(source, torch.Tensor):
+        return source.reshape(-1).long()
+    return tokenize(tokenizer, load_text(source, split, seed))
+
+
+def calibration_tokens(tokenizer, source: str | os.PathLike | torch.Tensor, n_samples: int = 32,
+                       seq_len: int = 512, seed: int = 0, split: str = "calib") -> torch.Tensor:
+    """``n_samples`` windows of ``seq_len`` tokens at seeded random offsets: (n_samples, seq_len)."""
+    if n_samples < 1 or seq_len < 2:
+        raise FactorkitError(f"need at least 1 sample of at least 2 tokens, got {n_samples} x {seq_len}.")
+    ids = _source_ids(tokenizer, source, split, seed)
+    if ids.numel() < seq_len:
+        raise FactorkitError(
+            f"the calibration text has {ids.numel()} tokens, fewer than one batch of {seq_len}; "
+            "give more text or a smaller --calib-seq-len."
+        )
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len + 1, (n_samples,), generator=g)
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+def eval_tokens(tokenizer, source: str | os.PathLike | torch.Tensor, seq_len: int = 2048,
+                max_chunks: int | None = None, seed: int = 0, split: str = "eval") -> torch.Tensor:
+    """Consecutive non-overlapping chunks from the start of the text: (chunks, seq_len).
+    The tail shorter than ``seq_len`` is dropped."""
+    if seq_len < 2:
+        raise FactorkitError(f"seq_len must be at least 2 tokens, got {seq_len}.")
+    ids = _source_ids(tokenizer, source, split, seed)
+    n = ids.numel() // seq_len
+    if max_chunks is not None:
+        n = min(n, max_chunks)
+    if n < 1:
+        raise FactorkitError(
+            f"the evaluation text has {ids.numel()} tokens, fewer than one chunk of {seq_len}; "
+            "give more text or a smaller --seq-len."
+        )
+    return ids[: n * seq_len].view(n, seq_len)

@@ -1,0 +1,13 @@
+"""Errors a user can cause.
+
+Every one of them carries a single sentence that names the problem and the
+fix; the command line prints that sentence and exits with status 2.
+"""
+
+
+class FactorkitError(ValueError):
+    """A problem with the user's input (path, ratio, data, model), not a bug."""
+
+
+class NonFiniteLossError(FactorkitError):
+    """The model produced a NaN or infinite loss while being evaluated."""

@@ -1,0 +1,5 @@
+"""Measuring compressed models: perplexity."""
+
+from .perplexity import PerplexityResult, perplexity
+
+__all__ = ["PerplexityResult", "perplexity"]

@@ -1,0 +1,23 @@
+"""One module per method: its config, and the recipe that walks the model.
+
+Importing this package registers every method in ``METHODS``.
+"""
+
+from .base import METHODS, CompressionConfig, Method, get_method, register
+from .lowrank import ASVDConfig, SVDConfig, SVDLLMConfig
+
+# The method `factorkit compress` uses when none is named: the best one
+# implemented so far (see BENCHMARKS.md).
+DEFAULT_METHOD = "svdllm"
+
+__all__ = [
+    "ASVDConfig",
+    "CompressionConfig",
+    "DEFAULT_METHOD",
+    "METHODS",
+    "Method",
+    "SVDConfig",
+    "SVDLLMConfig",
+    "get_method",
+    "register",
+]

