@@ -30,6 +30,32 @@ def tiny_gpt2(seed: int = 0, vocab: int = 256) -> transformers.GPT2LMHeadModel:
     return transformers.GPT2LMHeadModel(config).eval()
 
 
+def tiny_qwen2(seed: int = 0, vocab: int = 256) -> transformers.Qwen2ForCausalLM:
+    """Qwen2 has biases on q, k and v: exercises bias handling."""
+    torch.manual_seed(seed)
+    config = transformers.Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return transformers.Qwen2ForCausalLM(config).eval()
+
+
+def tiny_mistral(seed: int = 0, vocab: int = 256) -> transformers.MistralForCausalLM:
+    torch.manual_seed(seed)
+    config = transformers.MistralConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                        sliding_window=16)
+    return transformers.MistralForCausalLM(config).eval()
+
+
+@pytest.fixture
+def qwen2():
+    return tiny_qwen2()
+
+
+@pytest.fixture
+def mistral():
+    return tiny_mistral()
+
+
 @pytest.fixture
 def llama():
     return tiny_llama()

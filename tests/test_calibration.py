@@ -4,6 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import tiny_llama
+
 import factorkit as fk
 from factorkit.calibration import calibrate_blockwise, find_blocks, linear_weight, target_linears
 from factorkit.errors import FactorkitError
@@ -36,7 +38,7 @@ def record(store):
     return on_block
 
 
-@pytest.mark.parametrize("make", ["llama", "gpt2"])
+@pytest.mark.parametrize("make", ["llama", "gpt2", "qwen2", "mistral"])
 def test_blockwise_grams_equal_full_forward_grams(make, request, calib):
     model = request.getfixturevalue(make)
     got = {}
@@ -78,12 +80,7 @@ def test_sequential_calibration_sees_the_compressed_model_inputs(llama, calib):
     for key in want:
         assert torch.allclose(seen[key], want[key], rtol=1e-5, atol=1e-6 * float(want[key].abs().max())), key
     # and the second block's Gram differs from the uncompressed model's one
-    assert not torch.allclose(seen[(1, "self_attn.q_proj")], full_forward_grams(fk_tiny(), calib)[(1, "self_attn.q_proj")])
-
-
-def fk_tiny():
-    from conftest import tiny_llama
-    return tiny_llama()
+    assert not torch.allclose(seen[(1, "self_attn.q_proj")], full_forward_grams(tiny_llama(), calib)[(1, "self_attn.q_proj")])
 
 
 def test_abs_mean_statistic_is_mean_absolute_input(llama, calib):

@@ -29,6 +29,16 @@ def test_compressed_model_reloads_to_identical_logits(llama, calib, tmp_path, to
     assert tok is not None and torch.equal(model(input_ids=calib[:2]).logits, before)
 
 
+def test_qwen2_biases_survive_compression_and_reload(qwen2, calib, tmp_path):
+    q_bias = qwen2.model.layers[0].self_attn.q_proj.bias.detach().clone()
+    fk.compress(qwen2, fk.SVDLLMConfig(ratio=0.25), calib, progress=False)
+    q = qwen2.model.layers[0].self_attn.q_proj
+    assert isinstance(q, LowRankLinear) and torch.equal(q.bias.detach(), q_bias)
+    before = qwen2(input_ids=calib[:2]).logits
+    fk.save(qwen2, tmp_path / "qwen2")
+    assert torch.equal(fk.load(tmp_path / "qwen2")(input_ids=calib[:2]).logits, before)
+
+
 def test_gpt2_conv1d_layers_are_compressed_and_reload(gpt2, calib, tmp_path):
     fk.compress(gpt2, fk.SVDLLMConfig(ratio=0.25), calib, progress=False)
     assert isinstance(gpt2.transformer.h[0].attn.c_attn, LowRankLinear)

@@ -47,3 +47,14 @@ def test_svdllm_beats_svd_on_real_model_and_reloads_identically(smollm2, shakesp
     ids = chunks[:1, :128]
     assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
     assert tok2("Fair is foul")["input_ids"] == tok("Fair is foul")["input_ids"]
+
+
+def test_gguf_file_and_cached_conversion_give_identical_logits(smollm2):
+    """The built-in name is a cached safetensors copy of the GGUF; loading the
+    .gguf path directly must give the very same model."""
+    from factorkit.models.hub import _builtin_file
+
+    cached, _ = smollm2
+    direct, _ = fk.models.load(_builtin_file("smollm2-135m"))
+    ids = torch.arange(100, 164)[None]
+    assert torch.equal(direct(input_ids=ids).logits, cached(input_ids=ids).logits)

@@ -120,7 +120,7 @@ def _param_stats(model) -> tuple[int, int]:
 
 def cmd_compress(args: argparse.Namespace) -> None:
     from . import api
-    from .data import calibration_tokens, eval_tokens, load_text  # noqa: F401
+    from .data import calibration_tokens, eval_tokens
     from .eval import perplexity
     from .models import load
     from .models.files import check_writable_target, folder_size
@@ -150,13 +150,13 @@ def cmd_compress(args: argparse.Namespace) -> None:
     compress_time = time.perf_counter() - t
     summary = api.summarize(model)
     api.save(model, out, tokenizer=tokenizer, overwrite=args.overwrite)
-    after_params, after_bytes = _param_stats(model)
+    after_params, _ = _param_stats(model)
 
     rows = [
         ["parameters (model)", fmt_count(before_params), fmt_count(after_params)],
         ["parameters (targeted matrices)", fmt_count(summary.targeted_dense_params), fmt_count(summary.targeted_params)],
-        ["weights in memory", fmt_bytes(before_bytes), fmt_bytes(after_bytes)],
-        ["file size (model.safetensors)", "", fmt_bytes(folder_size(out))],
+        # before: the dense weights as save() would write them; after: the file written
+        [f"file size (model.safetensors, {args.dtype})", fmt_bytes(before_bytes), fmt_bytes(folder_size(out))],
         ["compression wall time", "", f"{compress_time:.1f} s"],
     ]
     if before_ppl is not None:

@@ -15,7 +15,7 @@ Only one block's inputs are held in memory at a time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -32,11 +32,9 @@ class LinearStats:
     """Statistics of the inputs x (rows) seen by one Linear layer."""
 
     in_features: int
-    kinds: tuple[str, ...] = STAT_KINDS
     tokens: int = 0
     gram: torch.Tensor | None = None  # X^T X, float64, (in, in)
     abs_sum: torch.Tensor | None = None  # sum over tokens of |x|, float64, (in,)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def add(self, increment: "_Increment") -> None:
         self.tokens += increment.tokens
@@ -160,7 +158,7 @@ def calibrate_blockwise(
         for i in tqdm(range(len(blocks)), desc=desc, unit="block", disable=not progress):
             block = blocks[i]
             linears = target_linears(block, targets)
-            layer_stats = {n: LinearStats(linear_weight(m).shape[1], kinds) for n, m in linears.items()}
+            layer_stats = {n: LinearStats(linear_weight(m).shape[1]) for n, m in linears.items()}
             # Linears fed the same tensor (q/k/v, gate/up) share one computation per batch.
             shared: dict[int, tuple[torch.Tensor, _Increment]] = {}
 

@@ -1,0 +1,70 @@
+"""Shared helpers for the benchmark scripts: machine description, resumable
+result files, and rewriting one marked section of BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
+
+
+def today() -> str:
+    return _dt.date.today().isoformat()
+
+
+class Results:
+    """Results of a long benchmark, written after every finished item so an
+    interrupted run resumes where it stopped (same settings only)."""
+
+    def __init__(self, name: str, settings: dict, fresh: bool = False) -> None:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        self.path = RESULTS / f"{name}.json"
+        self.settings = settings
+        data = json.loads(self.path.read_text()) if self.path.exists() and not fresh else {}
+        self.items: dict = data.get("items", {}) if data.get("settings") == settings else {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.items
+
+    def __getitem__(self, key: str) -> dict:
+        return self.items[key]
+
+    def put(self, key: str, value: dict) -> None:
+        self.items[key] = value
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"settings": self.settings, "items": self.items}, indent=2))
+        os.replace(tmp, self.path)
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace the section between <!-- name:start --> and <!-- name:end --> in BENCHMARKS.md."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n\nEvery number here is written by `make bench`.\n"
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    tmp = BENCHMARKS_MD.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, BENCHMARKS_MD)
