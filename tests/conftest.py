@@ -30,20 +30,20 @@ def tiny_gpt2(seed: int = 0, vocab: int = 256) -> transformers.GPT2LMHeadModel:
     return transformers.GPT2LMHeadModel(config).eval()
 
 
+def _tiny_gqa(config_cls, model_cls, seed: int, vocab: int, **extra):
+    torch.manual_seed(seed)
+    config = config_cls(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **extra)
+    return model_cls(config).eval()
+
+
 def tiny_qwen2(seed: int = 0, vocab: int = 256) -> transformers.Qwen2ForCausalLM:
     """Qwen2 has biases on q, k and v: exercises bias handling."""
-    torch.manual_seed(seed)
-    config = transformers.Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    return transformers.Qwen2ForCausalLM(config).eval()
+    return _tiny_gqa(transformers.Qwen2Config, transformers.Qwen2ForCausalLM, seed, vocab)
 
 
 def tiny_mistral(seed: int = 0, vocab: int = 256) -> transformers.MistralForCausalLM:
-    torch.manual_seed(seed)
-    config = transformers.MistralConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                        sliding_window=16)
-    return transformers.MistralForCausalLM(config).eval()
+    return _tiny_gqa(transformers.MistralConfig, transformers.MistralForCausalLM, seed, vocab, sliding_window=16)
 
 
 @pytest.fixture

@@ -84,3 +84,12 @@ def test_perplexity_of_uniform_model_is_vocabulary_size():
 def test_non_finite_loss_is_an_error_not_skipped():
     with pytest.raises(NonFiniteLossError, match="NaN or infinite"):
         perplexity(Uniform(50, value=float("nan")), torch.randint(0, 50, (2, 8)), progress=False)
+
+
+@pytest.mark.parametrize("name", ["wikitext2", "c4"])
+def test_hub_corpora_offline_say_they_need_network(name, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # no cached copy
+    with pytest.raises(FactorkitError, match="needs network access"):
+        load_text(name, "eval")

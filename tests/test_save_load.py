@@ -106,3 +106,35 @@ def test_ratio_outside_unit_interval_is_refused(llama, calib, ratio):
 def test_data_aware_method_without_data_is_refused(llama):
     with pytest.raises(FactorkitError, match="needs calibration tokens"):
         fk.compress(llama, fk.SVDLLMConfig(ratio=0.2), None, progress=False)
+
+
+def test_dense_model_round_trips_too(llama, calib, tmp_path):
+    before = llama(input_ids=calib[:2]).logits
+    fk.save(llama, tmp_path / "dense")
+    again = fk.load(tmp_path / "dense")
+    assert torch.equal(again(input_ids=calib[:2]).logits, before)
+    assert fk.summarize(again).factor_modules == 0
+
+
+def test_bfloat16_model_keeps_its_dtype_through_save_and_load(model_dir, calib, tmp_path):
+    # loaded the Hugging Face way (rotary tables stay float32), not cast with .to()
+    llama, _ = fk.models.load(model_dir, dtype=torch.bfloat16)
+    fk.compress(llama, fk.SVDLLMConfig(ratio=0.3), calib, progress=False)
+    assert llama.model.layers[0].mlp.up_proj.U.dtype == torch.bfloat16
+    before = llama(input_ids=calib[:2]).logits
+    fk.save(llama, tmp_path / "bf16")
+    again = fk.load(tmp_path / "bf16")
+    assert next(again.parameters()).dtype == torch.bfloat16
+    assert torch.equal(again(input_ids=calib[:2]).logits, before)
+
+
+def test_damaged_folder_is_reported_not_half_loaded(llama, tmp_path):
+    import json as _json
+
+    fk.compress(llama, fk.SVDConfig(ratio=0.3), None, progress=False)
+    fk.save(llama, tmp_path / "m")
+    manifest = _json.loads((tmp_path / "m" / "factorkit.json").read_text())
+    manifest["modules"].pop("model.layers.0.mlp.up_proj")  # the json no longer matches the weights
+    (tmp_path / "m" / "factorkit.json").write_text(_json.dumps(manifest))
+    with pytest.raises(FactorkitError, match="damaged"):
+        fk.load(tmp_path / "m")

@@ -166,9 +166,9 @@ def cmd_compress(args: argparse.Namespace) -> None:
         rows.insert(0, [f"perplexity ({args.eval}, {after.tokens} tokens)", fmt_ppl(before_ppl[0].perplexity), fmt_ppl(after.perplexity)])
         rows.append(["evaluation wall time", f"{before_ppl[1]:.1f} s", f"{after_time:.1f} s"])
     print_table(
-        f"{args.method} at ratio {args.ratio}: removed {summary.ratio_targeted:.1%} of the targeted parameters, "
-        f"{summary.ratio_model:.1%} of the model (parameters counted; low-rank factors store no indices)",
-        ["", "before", "after"], rows)
+        f"{args.model}: {args.method} at ratio {args.ratio}", ["", "before", "after"], rows,
+        caption=f"Removed {summary.ratio_targeted:.1%} of the parameters of the {summary.factor_modules} targeted "
+                f"matrices, {summary.ratio_model:.1%} of the model (parameters counted; low-rank factors store no indices).")
     print(f"saved to {out}")
 
 
@@ -203,6 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.quiet:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     try:
         {"compress": cmd_compress, "eval": cmd_eval}[args.command](args)
     except FactorkitError as exc:

@@ -8,8 +8,9 @@ from rich.console import Console
 from rich.table import Table
 
 
-def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]], console: Console | None = None) -> None:
-    table = Table(title=title, title_justify="left")
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]],
+                caption: str | None = None, console: Console | None = None) -> None:
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     for i, col in enumerate(header):
         table.add_column(str(col), justify="left" if i == 0 else "right")
     for row in rows:

@@ -90,14 +90,16 @@ def load_compressed(path: str | os.PathLike, dtype: torch.dtype | None = None) -
     manifest = json.loads((path / FACTORKIT_JSON).read_text())
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise FactorkitError(f"{path} was written by a newer factorkit; upgrade factorkit to load it.")
-    saved_dtype = getattr(torch, manifest.get("dtype", "float32"))
-    model = _empty_model(path, manifest["architecture"], saved_dtype)
+    # build in the wanted dtype and let load_state_dict cast: model.to(dtype) would
+    # also cast buffers that transformers keeps in float32 (rotary tables)
+    dtype = dtype or getattr(torch, manifest.get("dtype", "float32"))
+    model = _empty_model(path, manifest["architecture"], dtype)
     for name, spec in manifest["modules"].items():
         spec = dict(spec)
         kind = spec.pop("type")
         if kind not in FACTOR_TYPES:
             raise FactorkitError(f"{path} uses factor type {kind!r}, unknown to this factorkit; upgrade factorkit.")
-        replace_module(model, name, FACTOR_TYPES[kind].from_spec(spec, dtype=saved_dtype))
+        replace_module(model, name, FACTOR_TYPES[kind].from_spec(spec, dtype=dtype))
     missing, unexpected = _load_weights(model, path / WEIGHTS)
     if missing or unexpected:
         raise FactorkitError(
@@ -107,4 +109,4 @@ def load_compressed(path: str | os.PathLike, dtype: torch.dtype | None = None) -
     if manifest.get("compression") is not None:
         model.factorkit_compression = manifest["compression"]
     model.eval()
-    return model.to(dtype) if dtype is not None else model
+    return model
