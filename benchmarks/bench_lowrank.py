@@ -33,6 +33,7 @@ from factorkit.solvers import rank_for_ratio, scaled_svd, truncated_svd, whitene
 
 METHODS = {"svd": fk.SVDConfig, "asvd": fk.ASVDConfig, "svdllm": fk.SVDLLMConfig}
 RATIOS = (0.2, 0.3, 0.4)
+CALIB_SWEEP = (16, 32, 64, 128)  # SVD-LLM at ratio 0.2: calibration sequences against quality and time
 
 
 def main() -> None:
@@ -70,6 +71,17 @@ def main() -> None:
                               "ratio_model": s.ratio_model, "params": s.model_params_after})
             print(f"{key}: ppl {r.perplexity:.4g}, compressed in {compress_s:.1f} s", flush=True)
             del model
+    for n in CALIB_SWEEP:
+        key = f"svdllm@0.2/calib{n}"
+        if key in results or n == args.calib_samples:
+            continue
+        model = copy.deepcopy(base)
+        data = calibration_tokens(tok, "shakespeare", n, args.calib_seq_len, seed=0)
+        t = time.perf_counter()
+        fk.compress(model, fk.SVDLLMConfig(ratio=0.2), data)
+        compress_s = time.perf_counter() - t
+        results.put(key, {"ppl": perplexity(model, chunks, desc=key).perplexity, "compress_s": compress_s})
+        del model
     if "layer_errors" not in results:
         results.put("layer_errors", layer_errors(base, calib, ratio=0.2))
     report(results, settings, [p.stem for p in shakespeare_plays("eval")])
@@ -114,6 +126,13 @@ def report(results: Results, settings: dict, held_out: list[str]) -> None:
     ratios = markdown_table(["ratio (targeted)", "ratio (whole model)", "SVD-LLM / dense ppl", "ASVD / SVD-LLM ppl",
                              "SVD / ASVD ppl", "SVD-LLM / ASVD time"], ratio_rows)
 
+    sweep = {n: results[f"svdllm@0.2/calib{n}" if n != settings["calib_samples"] else "svdllm@0.2"]
+             for n in CALIB_SWEEP}
+    ref = sweep[settings["calib_samples"]]
+    sweep_table = markdown_table(
+        ["calibration sequences", "tokens", "SVD-LLM ppl @ 0.2", "ppl vs default", "time (s)", "time vs default"],
+        [[n, n * settings["calib_seq_len"], fmt(v["ppl"]), f"{v['ppl'] / ref['ppl']:.3f}x", f"{v['compress_s']:.0f}",
+          f"{v['compress_s'] / ref['compress_s']:.2f}x"] for n, v in sweep.items()])
     errs = results["layer_errors"]
     median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     err_rows = [[layer] + [f"{median(errs[m][layer]):.3f}" for m in METHODS]
@@ -155,6 +174,11 @@ Side by side (same run):
 {ratios}
 
 ![perplexity against ratio](benchmarks/results/lowrank_ppl.png)
+
+How much calibration data SVD-LLM needs (same run, ratio 0.2, sequences of {settings['calib_seq_len']}
+tokens; the default is {settings['calib_samples']}):
+
+{sweep_table}
 
 **Why ASVD and SVD are so far behind here.** A uniform model over SmolLM2's 49,152-token vocabulary
 has perplexity 49,152: at every ratio plain SVD and ASVD are far past that, i.e. broken, while
