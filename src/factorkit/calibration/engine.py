@@ -15,6 +15,7 @@ Only one block's inputs are held in memory at a time.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -65,7 +66,7 @@ def _increment(x: torch.Tensor, kinds: tuple[str, ...]) -> _Increment:
 
 
 class _StopForward(Exception):
-    pass
+    """Raised by the last block's recorder: nothing after the blocks is needed."""
 
 
 class _Recorder(nn.Module):
@@ -107,10 +108,8 @@ def capture_block_inputs(model: nn.Module, data: torch.Tensor, batch_size: int =
         for i, rec in enumerate(recorders):
             blocks[i] = rec
         for batch in _batches(data, batch_size):
-            try:
+            with contextlib.suppress(_StopForward):
                 model(input_ids=batch.to(device), use_cache=False)
-            except _StopForward:
-                pass
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
