@@ -129,12 +129,10 @@ def test_bfloat16_model_keeps_its_dtype_through_save_and_load(model_dir, calib, 
 
 
 def test_damaged_folder_is_reported_not_half_loaded(llama, tmp_path):
-    import json as _json
-
     fk.compress(llama, fk.SVDConfig(ratio=0.3), None, progress=False)
     fk.save(llama, tmp_path / "m")
-    manifest = _json.loads((tmp_path / "m" / "factorkit.json").read_text())
+    manifest = json.loads((tmp_path / "m" / "factorkit.json").read_text())
     manifest["modules"].pop("model.layers.0.mlp.up_proj")  # the json no longer matches the weights
-    (tmp_path / "m" / "factorkit.json").write_text(_json.dumps(manifest))
+    (tmp_path / "m" / "factorkit.json").write_text(json.dumps(manifest))
     with pytest.raises(FactorkitError, match="damaged"):
         fk.load(tmp_path / "m")

@@ -113,9 +113,8 @@ def _method_config(args: argparse.Namespace):
     return method.config_cls(**kwargs)
 
 
-def _param_stats(model) -> tuple[int, int]:
-    params = list(model.parameters())  # tied weights appear once
-    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+def _weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights appear once
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
@@ -139,7 +138,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     if config.needs_data:
         data = calibration_tokens(tokenizer, args.calib, args.calib_samples, args.calib_seq_len, args.seed)
     chunks = eval_tokens(tokenizer, args.eval, args.seq_len, args.max_chunks, args.seed) if args.eval else None
-    before_params, before_bytes = _param_stats(model)
+    before_bytes = _weight_bytes(model)
     before_ppl = None
     if chunks is not None:
         t = time.perf_counter()
@@ -150,10 +149,9 @@ def cmd_compress(args: argparse.Namespace) -> None:
     compress_time = time.perf_counter() - t
     summary = api.summarize(model)
     api.save(model, out, tokenizer=tokenizer, overwrite=args.overwrite)
-    after_params, _ = _param_stats(model)
 
     rows = [
-        ["parameters (model)", fmt_count(before_params), fmt_count(after_params)],
+        ["parameters (model)", fmt_count(summary.model_params_before), fmt_count(summary.model_params_after)],
         ["parameters (targeted matrices)", fmt_count(summary.targeted_dense_params), fmt_count(summary.targeted_params)],
         # before: the dense weights as save() would write them; after: the file written
         [f"file size (model.safetensors, {args.dtype})", fmt_bytes(before_bytes), fmt_bytes(folder_size(out))],
