@@ -1,8 +1,9 @@
-"""Low-rank baselines on SmolLM2-135M: dense, SVD, ASVD, SVD-LLM at ratios 0.2/0.3/0.4.
+"""Low-rank methods on SmolLM2-135M: SVD, ASVD, SVD-LLM, FWSVD (both axes, and with
+whitening), each with uniform and global rank allocation, at ratios 0.2/0.3/0.4.
 
 Calibrated on the calibration plays of the built-in Shakespeare corpus,
 evaluated on the held-out plays, all in one run so the numbers compare.
-Writes benchmarks/results/lowrank.json (resumable), a plot, and the
+Writes benchmarks/results/lowrank.json (resumable), two plots, and the
 `lowrank` section of BENCHMARKS.md.
 
     python benchmarks/bench_lowrank.py [--max-chunks 16] [--fresh]
@@ -32,6 +33,13 @@ from factorkit.report import markdown_table  # noqa: E402
 from factorkit.solvers import rank_for_ratio, scaled_svd, truncated_svd, whitened_svd  # noqa: E402
 
 METHODS = {"svd": fk.SVDConfig, "asvd": fk.ASVDConfig, "svdllm": fk.SVDLLMConfig}
+# FWSVD on each axis and Fisher + whitening, named as in the tables.
+FISHER_METHODS = {
+    "fwsvd-in": lambda **kw: fk.FWSVDConfig(fisher_axis="in", **kw),
+    "fwsvd-out": lambda **kw: fk.FWSVDConfig(fisher_axis="out", **kw),
+    "fwsvd-white": lambda **kw: fk.FWSVDConfig(whiten=True, **kw),
+}
+ALL_METHODS = {**{n: c for n, c in METHODS.items()}, **FISHER_METHODS}
 RATIOS = (0.2, 0.3, 0.4)
 CALIB_SWEEP = (16, 32, 64, 128)  # SVD-LLM at ratio 0.2: calibration sequences against quality and time
 
@@ -52,25 +60,60 @@ def main() -> None:
     calib = calibration_tokens(tok, "shakespeare", args.calib_samples, args.calib_seq_len, seed=0)
     chunks = eval_tokens(tok, "shakespeare", args.seq_len, args.max_chunks, seed=0)
 
+    def evaluate(key: str, config, seconds_before: float = 0.0, extra: dict | None = None) -> None:
+        model = copy.deepcopy(base)
+        t = time.perf_counter()
+        fk.compress(model, config, calib)
+        compress_s = time.perf_counter() - t + seconds_before
+        s = fk.summarize(model)
+        r = perplexity(model, chunks, desc=key)
+        results.put(key, {"ppl": r.perplexity, "compress_s": compress_s, "ratio_targeted": s.ratio_targeted,
+                          "ratio_model": s.ratio_model, "params": s.model_params_after, **(extra or {})})
+        print(f"{key}: ppl {r.perplexity:.4g}, compressed in {compress_s:.1f} s", flush=True)
+
     if "dense" not in results:
         t = time.perf_counter()
         r = perplexity(base, chunks, desc="dense")
         results.put("dense", {"ppl": r.perplexity, "tokens": r.tokens, "eval_s": time.perf_counter() - t})
-    for ratio in RATIOS:
-        for name, cls in METHODS.items():
-            key = f"{name}@{ratio}"
-            if key in results:
-                continue
-            model = copy.deepcopy(base)
+
+    # One Fisher pass and one profile per method serve every ratio; their
+    # times are added to each result that uses them.
+    cache: dict = {}
+
+    def fisher():
+        if "fisher" not in cache:
             t = time.perf_counter()
-            fk.compress(model, cls(ratio=ratio), calib)
-            compress_s = time.perf_counter() - t
-            s = fk.summarize(model)
-            r = perplexity(model, chunks, desc=key)
-            results.put(key, {"ppl": r.perplexity, "compress_s": compress_s, "ratio_targeted": s.ratio_targeted,
-                              "ratio_model": s.ratio_model, "params": s.model_params_after})
-            print(f"{key}: ppl {r.perplexity:.4g}, compressed in {compress_s:.1f} s", flush=True)
-            del model
+            cache["fisher"] = fk.fisher_information(base, fk.FWSVDConfig(), calib)
+            results.put("fisher", {"seconds": time.perf_counter() - t})
+        return cache["fisher"]
+
+    def profile(name):
+        if name not in cache:
+            config = ALL_METHODS[name](fisher=fisher())  # the Fisher pass is timed on its own
+            t = time.perf_counter()
+            cache[name] = fk.rank_profile(base, config, calib)
+            results.put(f"profile/{name}", {"seconds": time.perf_counter() - t})
+        return cache[name]
+
+    for ratio in RATIOS:
+        for name, make in ALL_METHODS.items():
+            key = f"{name}@{ratio}"
+            if key not in results:
+                if name in FISHER_METHODS:
+                    f = fisher()
+                    evaluate(key, make(ratio=ratio, fisher=f), results["fisher"]["seconds"])
+                else:
+                    evaluate(key, make(ratio=ratio))
+            key = f"{name}+global@{ratio}"
+            if key not in results:
+                prof = profile(name)
+                ranks = prof.ranks(ratio)
+                spent = results["fisher"]["seconds"] + results[f"profile/{name}"]["seconds"]
+                extra = {"predicted": prof.predicted_loss(ranks),
+                         "predicted_uniform": prof.predicted_loss(prof.uniform_ranks(ratio))}
+                if name == "svdllm":
+                    extra["ranks"] = ranks
+                evaluate(key, make(ratio=ratio, ranks=ranks, fisher=fisher()), spent, extra)
     for n in CALIB_SWEEP:
         key = f"svdllm@0.2/calib{n}"
         if key in results or n == args.calib_samples:
@@ -84,7 +127,7 @@ def main() -> None:
         del model
     if "layer_errors" not in results:
         results.put("layer_errors", layer_errors(base, calib, ratio=0.2))
-    report(results, settings, [p.stem for p in shakespeare_plays("eval")])
+    report(results, settings, [p.stem for p in shakespeare_plays("eval")], base)
 
 
 def layer_errors(base, calib, ratio: float) -> dict:
@@ -109,22 +152,49 @@ def layer_errors(base, calib, ratio: float) -> dict:
     return errors
 
 
-def report(results: Results, settings: dict, held_out: list[str]) -> None:
+def report(results: Results, settings: dict, held_out: list[str], base) -> None:
     dense = results["dense"]
     fmt = lambda p: f"{p:.2f}" if p < 1e4 else f"{p:.3g}"  # noqa: E731
-    rows = []
-    for name in METHODS:
-        cells = [results[f"{name}@{r}"] for r in RATIOS]
-        rows.append([name] + [fmt(c["ppl"]) for c in cells] + [f"{c['compress_s']:.0f}" for c in cells])
-    table = markdown_table(["method"] + [f"ppl @ {r}" for r in RATIOS] + [f"time (s) @ {r}" for r in RATIOS], rows)
+    pct = lambda a, b: f"{(a / b - 1) * 100:+.1f}%"  # noqa: E731
+    fisher_s = results["fisher"]["seconds"]
+    rows, time_rows = [], []
+    for name in ALL_METHODS:
+        uni = [results[f"{name}@{r}"] for r in RATIOS]
+        glo = [results[f"{name}+global@{r}"] for r in RATIOS]
+        rows.append([name] + [fmt(c["ppl"]) for c in uni] + [fmt(c["ppl"]) for c in glo]
+                    + [pct(g["ppl"], u["ppl"]) for u, g in zip(uni, glo)])
+        time_rows.append([name] + [f"{c['compress_s']:.0f}" for c in uni] + [f"{c['compress_s']:.0f}" for c in glo]
+                         + [f"{results[f'profile/{name}']['seconds']:.0f}"])
+    table = markdown_table(["method"] + [f"uniform @ {r}" for r in RATIOS] + [f"global @ {r}" for r in RATIOS]
+                           + [f"global vs uniform @ {r}" for r in RATIOS], rows)
+    time_table = markdown_table(["method"] + [f"uniform @ {r}" for r in RATIOS] + [f"global @ {r}" for r in RATIOS]
+                                + ["of which profile"], time_rows)
     ratio_rows = []
     for r in RATIOS:
-        svd, asvd, svdllm = (results[f"{m}@{r}"]["ppl"] for m in METHODS)
-        ratio_rows.append([r, f"{results[f'svdllm@{r}']['ratio_model']:.1%}", f"{svdllm / dense['ppl']:.2f}x",
-                           f"{asvd / svdllm:.3g}x", f"{svd / asvd:.3g}x",
-                           f"{results[f'svdllm@{r}']['compress_s'] / results[f'asvd@{r}']['compress_s']:.2f}"])
-    ratios = markdown_table(["ratio (targeted)", "ratio (whole model)", "SVD-LLM / dense ppl", "ASVD / SVD-LLM ppl",
-                             "SVD / ASVD ppl", "SVD-LLM / ASVD time"], ratio_rows)
+        ppl = {m: results[f"{m}@{r}"]["ppl"] for m in ALL_METHODS}
+        ratio_rows.append([r, f"{results[f'svdllm@{r}']['ratio_model']:.1%}",
+                           f"{results[f'svdllm+global@{r}']['ratio_targeted']:.2%}",
+                           f"{ppl['svdllm'] / dense['ppl']:.2f}x", f"{ppl['asvd'] / ppl['svdllm']:.3g}x",
+                           f"{ppl['svd'] / ppl['asvd']:.3g}x", f"{ppl['fwsvd-out'] / ppl['fwsvd-in']:.3g}x",
+                           f"{ppl['svd'] / ppl['fwsvd-in']:.3g}x", f"{ppl['fwsvd-white'] / ppl['svdllm']:.3f}x"])
+    ratios = markdown_table(["ratio (targeted)", "ratio (whole model)", "ratio reached by global (SVD-LLM)",
+                             "SVD-LLM / dense", "ASVD / SVD-LLM", "SVD / ASVD", "FWSVD out / in", "SVD / FWSVD in",
+                             "Fisher+whitening / SVD-LLM"], ratio_rows)
+    gains = [results[f"svdllm+global@{r}"]["ppl"] / results[f"svdllm@{r}"]["ppl"] for r in RATIOS]
+    better = "beats uniform at every ratio" if all(g < 1 for g in gains) else "does NOT beat uniform at every ratio"
+    axis = {r: results[f"fwsvd-in@{r}"]["ppl"] < results[f"fwsvd-out@{r}"]["ppl"] for r in RATIOS}
+    axis_winner = ("the input axis (the paper's choice)" if all(axis.values()) else
+                   "the output axis" if not any(axis.values()) else "neither axis at every ratio")
+    white = [results[f"fwsvd-white@{r}"]["ppl"] / results[f"svdllm@{r}"]["ppl"] for r in RATIOS]
+    white_best = min(results[f"fwsvd-white+global@{r}"]["ppl"] / results[f"svdllm@{r}"]["ppl"] for r in RATIOS)
+    summary = (f"Global allocation {better} for SVD-LLM: perplexity "
+               + ", ".join(f"{(1 - g) * 100:.1f}% lower at {r}" for g, r in zip(gains, RATIOS))
+               + f". FWSVD works best on {axis_winner}. Fisher weights on top of whitening change SVD-LLM's "
+               + "perplexity by " + ", ".join(f"{(w - 1) * 100:+.1f}% at {r}" for w, r in zip(white, RATIOS))
+               + f" (uniform ranks); with global ranks as well, the best case is {(white_best - 1) * 100:+.1f}% "
+               + "against uniform SVD-LLM.")
+    plot_ppl(results, dense)
+    plot_ranks(results, base)
 
     sweep = {n: results[f"svdllm@0.2/calib{n}" if n != settings["calib_samples"] else "svdllm@0.2"]
              for n in CALIB_SWEEP}
@@ -140,18 +210,8 @@ def report(results: Results, settings: dict, held_out: list[str]) -> None:
                 for layer in errs["svd"]]
     err_table = markdown_table(["matrix"] + [f"{m} error" for m in METHODS] + ["ASVD / SVD-LLM"], err_rows)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in METHODS:
-        ax.plot(RATIOS, [results[f"{name}@{r}"]["ppl"] for r in RATIOS], marker="o", label=name)
-    ax.axhline(dense["ppl"], color="gray", ls="--", label="dense")
-    ax.set(xlabel="ratio of targeted parameters removed", ylabel="perplexity (held-out plays, log)", yscale="log",
-           title="SmolLM2-135M, low-rank baselines")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(RESULTS / "lowrank_ppl.png", dpi=120)
-
     write_section("lowrank", f"""
-## Low-rank baselines on SmolLM2-135M
+## Low-rank methods on SmolLM2-135M: SVD, ASVD, SVD-LLM, FWSVD; uniform and global ranks
 
 `make bench` (`python benchmarks/bench_lowrank.py`), {today()}, {machine()}.
 
@@ -165,15 +225,37 @@ Evaluation: perplexity on {dense['tokens']} tokens of the {len(held_out)} held-o
 ({', '.join(held_out)}), non-overlapping chunks of {settings['seq_len']}, float32.
 Compression wall time includes calibration.
 
-Dense perplexity: **{dense['ppl']:.2f}**.
+FWSVD: Fisher information = mean over the {settings['calib_samples']} calibration sequences of the
+per-sequence squared gradient of the next-token loss ({fisher_s:.0f} s for one gradient pass over the dense
+model, counted in every FWSVD and global-allocation time below). `fwsvd-in` weighs the input columns of
+the PyTorch weight (the paper's rows of W in y = xW), `fwsvd-out` the output rows, `fwsvd-white` puts the
+Fisher row weights on the output side and SVD-LLM's Cholesky whitening on the input side.
+Global allocation: one budget of (1-ratio)·Σ m·n for all 210 matrices; ranks chosen greedily to minimise
+the predicted loss increase, each method's own weighted spectrum scaled by the matrix's Fisher
+sensitivity (min rank 32, never above the uniform rank); a matrix whose rank would store as much as the
+dense matrix stays dense. One profile pass per method serves all ratios; its time is added to each
+global result.
+
+Dense perplexity: **{dense['ppl']:.2f}**. Perplexity (lower is better):
 
 {table}
 
-Side by side (same run):
+{summary}
+
+Compression wall time (s):
+
+{time_table}
+
+Side by side (same run, uniform ranks unless said):
 
 {ratios}
 
 ![perplexity against ratio](benchmarks/results/lowrank_ppl.png)
+
+Ranks the allocator chose for SVD-LLM, layer by layer (dashed: the uniform rank of each matrix type;
+v_proj at its dense size means it was kept dense):
+
+![ranks per layer](benchmarks/results/lowrank_ranks.png)
 
 How much calibration data SVD-LLM needs (same run, ratio 0.2, sequences of {settings['calib_seq_len']}
 tokens; the default is {settings['calib_samples']}):
@@ -194,7 +276,45 @@ fall off the cliff first.
 {err_table}
 """)
     print(table)
-    print(ratios)
+    print(summary)
+
+
+def plot_ppl(results: Results, dense: dict) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, name in enumerate(ALL_METHODS):
+        color = f"C{i}"
+        ax.plot(RATIOS, [results[f"{name}@{r}"]["ppl"] for r in RATIOS], marker="o", color=color, label=name)
+        ax.plot(RATIOS, [results[f"{name}+global@{r}"]["ppl"] for r in RATIOS], marker="s", ls="--", color=color,
+                label=f"{name} (global)")
+    ax.axhline(dense["ppl"], color="gray", ls=":", label="dense")
+    ax.set(xlabel="ratio of targeted parameters removed", ylabel="perplexity (held-out plays, log)", yscale="log",
+           title="SmolLM2-135M: low-rank methods, uniform (solid) and global (dashed) ranks")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "lowrank_ppl.png", dpi=120)
+    plt.close(fig)
+
+
+def plot_ranks(results: Results, base) -> None:
+    from factorkit.calibration import linear_weight, model_targets
+
+    shapes = {n: tuple(linear_weight(m).shape) for n, m in model_targets(base).items()}
+    fig, axes = plt.subplots(1, len(RATIOS), figsize=(5 * len(RATIOS), 4), sharey=True)
+    for ax, ratio in zip(axes, RATIOS):
+        ranks = results[f"svdllm+global@{ratio}"]["ranks"]
+        kinds = sorted({n.rsplit(".", 1)[-1] for n in ranks}, key=lambda k: list(ranks).index(
+            next(n for n in ranks if n.endswith(k))))
+        for i, kind in enumerate(kinds):
+            names = [n for n in ranks if n.endswith("." + kind)]
+            layers = [int(n.split(".")[2]) for n in names]
+            ax.plot(layers, [ranks[n] for n in names], marker=".", color=f"C{i}", label=kind)
+            ax.axhline(rank_for_ratio(*shapes[names[0]], ratio), color=f"C{i}", ls="--", lw=0.8)
+        ax.set(title=f"ratio {ratio}", xlabel="layer")
+    axes[0].set_ylabel("rank (global allocation, SVD-LLM)")
+    axes[-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "lowrank_ranks.png", dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

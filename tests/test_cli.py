@@ -6,6 +6,7 @@ import torch
 
 import factorkit as fk
 from factorkit.cli import main
+from factorkit.factors import LowRankLinear
 
 
 def run(capsys, *argv):
@@ -90,3 +91,22 @@ def test_model_without_linear_layers(capsys, tmp_path, monkeypatch, text_file, m
     monkeypatch.setattr(models, "load", lambda *a, **k: (Empty(), real_load(model_dir)[1]))
     code, out, err = run(capsys, "compress", "--model", model_dir, "--method", "svd", "--out", tmp_path / "out")
     _assert_clean_failure(code, out, err, tmp_path, "no list of repeated blocks containing Linear layers")
+
+
+def test_fwsvd_with_global_allocation_from_the_command_line(capsys, model_dir, text_file, tmp_path):
+    out_dir = tmp_path / "fwsvd"
+    code, out, err = run(capsys, "compress", "--model", model_dir, "--method", "fwsvd", "--whiten",
+                         "--allocation", "global", "--min-rank", 1, "--ratio", 0.3, "--calib", text_file,
+                         "--calib-samples", 4, "--calib-seq-len", 32, "--out", out_dir)
+    assert code == 0, err
+    model = fk.load(out_dir)
+    assert fk.summarize(model).ratio_targeted >= 0.3
+    config = model.factorkit_compression["config"]
+    assert (config["allocation"], config["fisher_axis"], config["whiten"]) == ("global", "out", True)
+    ranks = {m.rank for m in model.modules() if isinstance(m, LowRankLinear)}
+    assert len(ranks) > 2  # not one uniform rank per shape
+
+
+def test_fwsvd_options_on_another_method_fail_cleanly(capsys, tmp_path):
+    code, out, err = run(capsys, "compress", "--method", "svdllm", "--whiten", "--out", tmp_path / "out")
+    _assert_clean_failure(code, out, err, tmp_path, "--whiten applies to --method fwsvd only")

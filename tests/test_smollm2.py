@@ -58,3 +58,34 @@ def test_gguf_file_and_cached_conversion_give_identical_logits(smollm2):
     direct, _ = fk.models.load(_builtin_file("smollm2-135m"))
     ids = torch.arange(100, 164)[None]
     assert torch.equal(direct(input_ids=ids).logits, cached(input_ids=ids).logits)
+
+
+def test_global_allocation_and_fwsvd_on_real_model_save_and_reload(smollm2, shakespeare, tmp_path):
+    base, tok = smollm2
+    calib, chunks = shakespeare
+    model, _ = fk.models.load("smollm2-135m")
+    config = fk.SVDLLMConfig(ratio=0.2, allocation="global")
+    profile = fk.rank_profile(model, config, calib, progress=False)
+    ranks = profile.ranks(0.2)
+    assert profile.predicted_loss(ranks) < profile.predicted_loss(profile.uniform_ranks(0.2))
+    fk.compress(model, fk.SVDLLMConfig(ratio=0.2, ranks=ranks), calib, progress=False)
+    assert fk.summarize(model).ratio_targeted >= 0.2
+    dense = perplexity(base, chunks, progress=False).perplexity
+    assert perplexity(model, chunks, progress=False).perplexity < 3 * dense
+    fk.save(model, tmp_path / "global", tokenizer=tok)
+    again, _ = fk.models.load(tmp_path / "global")
+    ids = chunks[:1, :128]
+    assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_fwsvd_global_from_the_command_line_on_real_model(tmp_path, capsys):
+    from factorkit.cli import main
+
+    out = tmp_path / "fwsvd"
+    code = main(["-q", "compress", "--method", "fwsvd", "--allocation", "global", "--ratio", "0.2",
+                 "--calib-samples", "4", "--calib-seq-len", "64", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    model = fk.load(out)
+    summary = fk.summarize(model)
+    assert summary.ratio_targeted >= 0.2 and summary.factor_modules + len(model.factorkit_compression["kept_dense"]) == 210
+    assert model.factorkit_compression["config"]["fisher_axis"] == "in"

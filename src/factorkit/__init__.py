@@ -13,18 +13,31 @@ __version__ = "0.1.0"
 from . import data, models  # noqa: E402
 from .api import compress, load, save, summarize  # noqa: E402
 from .errors import FactorkitError  # noqa: E402
-from .methods import ASVDConfig, CompressionConfig, SVDConfig, SVDLLMConfig  # noqa: E402
+from .methods import (  # noqa: E402
+    ASVDConfig,
+    CompressionConfig,
+    FWSVDConfig,
+    RankProfile,
+    SVDConfig,
+    SVDLLMConfig,
+    fisher_information,
+    rank_profile,
+)
 
 __all__ = [
     "ASVDConfig",
     "CompressionConfig",
+    "FWSVDConfig",
     "FactorkitError",
+    "RankProfile",
     "SVDConfig",
     "SVDLLMConfig",
     "compress",
     "data",
+    "fisher_information",
     "load",
     "models",
+    "rank_profile",
     "save",
     "summarize",
 ]

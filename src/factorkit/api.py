@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from .calibration import find_blocks
+from .calibration import find_blocks, linear_weight, model_targets
 from .errors import FactorkitError
-from .factors import factor_modules
+from .factors import FactorModule, factor_modules
 from .methods import CompressionConfig, get_method
 from .models import load_compressed, save as _save
 from .models.checkpoint import is_factorkit_dir
@@ -21,7 +22,10 @@ def compress(model: nn.Module, config: CompressionConfig, data: torch.Tensor | N
     """Compress ``model`` in place with the method ``config`` names and return it.
 
     ``data`` holds calibration token ids, shape (samples, seq_len); see
-    :func:`factorkit.data.calibration_tokens`. Data-free methods ignore it.
+    :func:`factorkit.data.calibration_tokens`. Models with a task head may
+    instead get a list of labelled batches (dicts of model inputs with
+    ``labels``): FWSVD's Fisher information then comes from the task loss.
+    Data-free methods ignore it.
     """
     if not isinstance(config, CompressionConfig):
         raise FactorkitError(f"config must be a method config such as SVDLLMConfig(ratio=0.2), got {type(config).__name__}.")
@@ -30,14 +34,27 @@ def compress(model: nn.Module, config: CompressionConfig, data: torch.Tensor | N
     find_blocks(model)  # fails with a clear message on a model without Linear blocks
     if any(True for _ in factor_modules(model)):
         raise FactorkitError("this model is already compressed; load the original model to compress it again.")
-    if config.needs_data:
+    if config.uses_data():
         if data is None:
             raise FactorkitError(f"{config.method} is data-aware and needs calibration tokens; pass data=calibration_tokens(...).")
-        if not isinstance(data, torch.Tensor) or data.ndim != 2 or data.dtype != torch.long or data.shape[0] < 1:
-            raise FactorkitError("calibration data must be a LongTensor of token ids with shape (samples, seq_len).")
+        _check_data(data)
+    targeted = list(model_targets(model, config.targets))
     method.fn(model, config, data, progress)
-    model.factorkit_compression = {"method": config.method, "config": asdict(config)}
+    # Targeted matrices a method chose to keep dense (global allocation does
+    # when a factorization would store as much); summarize() counts them.
+    kept = [name for name in targeted if not isinstance(model.get_submodule(name), FactorModule)]
+    model.factorkit_compression = {"method": config.method, "config": config.record(), "kept_dense": kept}
     return model
+
+
+def _check_data(data) -> None:
+    if isinstance(data, torch.Tensor):
+        if data.ndim == 2 and data.dtype == torch.long and data.shape[0] >= 1:
+            return
+    elif isinstance(data, (list, tuple)) and data and all(isinstance(b, Mapping) for b in data):
+        return
+    raise FactorkitError("calibration data must be a LongTensor of token ids with shape (samples, seq_len), "
+                         "or a non-empty list of batches (dicts of model inputs, with 'labels' for Fisher).")
 
 
 def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, overwrite: bool = False):
@@ -55,7 +72,10 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module
 
 @dataclass
 class CompressionSummary:
-    """Parameter counts; low-rank factors need no index storage, so parameters = stored numbers."""
+    """Parameter counts; low-rank factors need no index storage, so parameters = stored numbers.
+
+    The targeted matrices include those a method kept dense (counted at their
+    dense size before and after)."""
 
     factor_modules: int
     targeted_dense_params: int  # what the replaced Linears stored
@@ -81,4 +101,6 @@ def summarize(model: nn.Module) -> CompressionSummary:
     dense = sum(m.dense_param_count() for m in modules)
     factored = sum(m.param_count() for m in modules)
     after = sum(p.numel() for p in model.parameters())
-    return CompressionSummary(len(modules), dense, factored, after - factored + dense, after)
+    info = getattr(model, "factorkit_compression", None) or {}
+    kept = sum(linear_weight(model.get_submodule(name)).numel() for name in info.get("kept_dense", []))
+    return CompressionSummary(len(modules), dense + kept, factored + kept, after - factored + dense, after)

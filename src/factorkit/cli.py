@@ -87,7 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-seq-len", type=_positive, default=512, help="tokens per calibration sequence (default 512)")
     c.add_argument("--seed", type=int, default=0, help="seed for data splits and sampling (default 0)")
     c.add_argument("--targets", help="comma-separated Linear names to compress, e.g. q_proj,k_proj (default: all)")
+    c.add_argument("--allocation", choices=("uniform", "global"), default="uniform",
+                   help="uniform: every matrix loses --ratio; global: one budget, ranks chosen by predicted loss "
+                        "(needs a Fisher gradient pass; default uniform)")
+    c.add_argument("--min-rank", type=_positive, default=32,
+                   help="global allocation: smallest rank of any matrix, at most the uniform rank (default 32)")
     c.add_argument("--alpha", type=float, default=0.5, help="asvd: exponent of the activation scale (default 0.5)")
+    c.add_argument("--fisher-axis", choices=("in", "out"),
+                   help="fwsvd: weigh input columns (in, the paper's choice and the default) or output rows (out)")
+    c.add_argument("--whiten", action="store_true",
+                   help="fwsvd: also whiten the inputs with the Cholesky factor of X^T X (Fisher on the output side)")
+    c.add_argument("--fisher-samples", type=_positive,
+                   help="fwsvd / global allocation: calibration sequences used for the gradient pass (default all)")
     c.add_argument("--batch-size", type=_positive, default=4, help="calibration sequences per forward pass (default 4)")
     c.add_argument("--eval", metavar="TEXT", help="also measure perplexity before and after on this text (held-out split)")
     _add_eval_args(c, default_max_chunks=16)
@@ -108,8 +119,14 @@ def _method_config(args: argparse.Namespace):
     kwargs = {"ratio": args.ratio, "batch_size": args.batch_size}
     if args.targets:
         kwargs["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-    if "alpha" in method.config_cls.__dataclass_fields__:
-        kwargs["alpha"] = args.alpha
+    options = {"alpha": args.alpha, "allocation": args.allocation, "min_rank": args.min_rank,
+               "fisher_axis": args.fisher_axis, "whiten": args.whiten, "fisher_samples": args.fisher_samples}
+    fields = method.config_cls.__dataclass_fields__
+    for name, value in options.items():
+        if name in fields:
+            kwargs[name] = value
+        elif name in ("fisher_axis", "whiten") and value:
+            raise FactorkitError(f"--{name.replace('_', '-')} applies to --method fwsvd only.")
     return method.config_cls(**kwargs)
 
 
@@ -135,7 +152,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     if tokenizer is None:
         raise FactorkitError(f"{args.model} has no tokenizer files; save the tokenizer beside the model.")
     data = None
-    if config.needs_data:
+    if config.uses_data():
         data = calibration_tokens(tokenizer, args.calib, args.calib_samples, args.calib_seq_len, args.seed)
     chunks = eval_tokens(tokenizer, args.eval, args.seq_len, args.max_chunks, args.seed) if args.eval else None
     before_bytes = _weight_bytes(model)
@@ -164,7 +181,9 @@ def cmd_compress(args: argparse.Namespace) -> None:
         rows.insert(0, [f"perplexity ({args.eval}, {after.tokens} tokens)", fmt_ppl(before_ppl[0].perplexity), fmt_ppl(after.perplexity)])
         rows.append(["evaluation wall time", f"{before_ppl[1]:.1f} s", f"{after_time:.1f} s"])
     print_table(
-        f"{args.model}: {args.method} at ratio {args.ratio}", ["", "before", "after"], rows,
+        f"{args.model}: {args.method} at ratio {args.ratio}"
+        + (" (global ranks)" if getattr(config, "allocation", "uniform") == "global" else ""),
+        ["", "before", "after"], rows,
         caption=f"Removed {summary.ratio_targeted:.1%} of the parameters of the {summary.factor_modules} targeted "
                 f"matrices, {summary.ratio_model:.1%} of the model (parameters counted; low-rank factors store no indices).")
     print(f"saved to {out}")

@@ -67,6 +67,13 @@ def target_linears(block: nn.Module, targets: Iterable[str] | None = None) -> di
     return {n: m for n, m in found.items() if any(n == t or n.endswith("." + t) for t in wanted)}
 
 
+def model_targets(model: nn.Module, targets: Iterable[str] | None = None) -> dict[str, nn.Module]:
+    """Targeted Linear layers of every block, by their full name in the model."""
+    list_name, blocks = find_blocks(model)
+    return {f"{list_name}.{i}.{n}": m for i, block in enumerate(blocks)
+            for n, m in target_linears(block, targets).items()}
+
+
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -88,8 +88,12 @@ class _Recorder(nn.Module):
         return hidden
 
 
-def _batches(data: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    return [data[i : i + batch_size] for i in range(0, data.shape[0], batch_size)]
+def _batches(data: "torch.Tensor | Iterable[Mapping]", batch_size: int) -> list[dict]:
+    """Model keyword arguments per batch: token ids split into batches, or the
+    user's own batches (dicts of model inputs; labels are dropped)."""
+    if isinstance(data, torch.Tensor):
+        return [{"input_ids": data[i : i + batch_size]} for i in range(0, data.shape[0], batch_size)]
+    return [{k: v for k, v in batch.items() if k != "labels"} for batch in data]
 
 
 @torch.no_grad()
@@ -108,8 +112,11 @@ def capture_block_inputs(model: nn.Module, data: torch.Tensor, batch_size: int =
         for i, rec in enumerate(recorders):
             blocks[i] = rec
         for batch in _batches(data, batch_size):
+            kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            if isinstance(data, torch.Tensor):
+                kwargs["use_cache"] = False
             with contextlib.suppress(_StopForward):
-                model(input_ids=batch.to(device), use_cache=False)
+                model(**kwargs)
     finally:
         for i, block in enumerate(originals):
             blocks[i] = block
@@ -142,7 +149,8 @@ def calibrate_blockwise(
 ) -> None:
     """Run ``on_block(index, block_name, block, stats_by_linear_name)`` for each block.
 
-    ``data`` is a LongTensor of token ids (samples x seq_len). With
+    ``data`` is a LongTensor of token ids (samples x seq_len), or a list of
+    batches (dicts of model inputs, e.g. a classifier's tokenized examples). With
     ``sequential=False`` block i+1 sees the outputs of the *original* block i
     (the statistics of the uncompressed model, as in one-shot profiling).
     """

@@ -4,7 +4,16 @@ Importing this package registers every method in ``METHODS``.
 """
 
 from .base import METHODS, CompressionConfig, Method, get_method, register
-from .lowrank import ASVDConfig, SVDConfig, SVDLLMConfig
+from .lowrank import (
+    ASVDConfig,
+    FWSVDConfig,
+    LowRankConfig,
+    RankProfile,
+    SVDConfig,
+    SVDLLMConfig,
+    fisher_information,
+    rank_profile,
+)
 
 # The method `factorkit compress` uses when none is named: the best one
 # implemented so far (see BENCHMARKS.md).
@@ -14,10 +23,15 @@ __all__ = [
     "ASVDConfig",
     "CompressionConfig",
     "DEFAULT_METHOD",
+    "FWSVDConfig",
+    "LowRankConfig",
     "METHODS",
     "Method",
+    "RankProfile",
     "SVDConfig",
     "SVDLLMConfig",
+    "fisher_information",
     "get_method",
+    "rank_profile",
     "register",
 ]

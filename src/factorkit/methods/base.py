@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, ClassVar
 
 import torch
@@ -41,6 +41,15 @@ class CompressionConfig:
             raise FactorkitError(f"batch_size must be at least 1, got {self.batch_size}.")
         if isinstance(self.targets, str):
             self.targets = (self.targets,)
+
+    def uses_data(self) -> bool:
+        """Whether compress() needs calibration data with this config."""
+        return self.needs_data
+
+    def record(self) -> dict:
+        """The settings as JSON-ready values, for factorkit.json (fields marked
+        ``metadata={"record": False}``, such as precomputed statistics, are left out)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("record", True)}
 
 
 MethodFn = Callable[[nn.Module, CompressionConfig, "torch.Tensor | None", bool], None]
