@@ -155,18 +155,18 @@ def layer_errors(base, calib, ratio: float) -> dict:
 def report(results: Results, settings: dict, held_out: list[str], base) -> None:
     dense = results["dense"]
     fmt = lambda p: f"{p:.2f}" if p < 1e4 else f"{p:.3g}"  # noqa: E731
-    pct = lambda a, b: f"{(a / b - 1) * 100:+.1f}%"  # noqa: E731
+    times = lambda a, b: f"{a / b:.3g}x"  # noqa: E731
     fisher_s = results["fisher"]["seconds"]
     rows, time_rows = [], []
     for name in ALL_METHODS:
         uni = [results[f"{name}@{r}"] for r in RATIOS]
         glo = [results[f"{name}+global@{r}"] for r in RATIOS]
         rows.append([name] + [fmt(c["ppl"]) for c in uni] + [fmt(c["ppl"]) for c in glo]
-                    + [pct(g["ppl"], u["ppl"]) for u, g in zip(uni, glo)])
+                    + [times(g["ppl"], u["ppl"]) for u, g in zip(uni, glo)])
         time_rows.append([name] + [f"{c['compress_s']:.0f}" for c in uni] + [f"{c['compress_s']:.0f}" for c in glo]
                          + [f"{results[f'profile/{name}']['seconds']:.0f}"])
     table = markdown_table(["method"] + [f"uniform @ {r}" for r in RATIOS] + [f"global @ {r}" for r in RATIOS]
-                           + [f"global vs uniform @ {r}" for r in RATIOS], rows)
+                           + [f"global / uniform @ {r}" for r in RATIOS], rows)
     time_table = markdown_table(["method"] + [f"uniform @ {r}" for r in RATIOS] + [f"global @ {r}" for r in RATIOS]
                                 + ["of which profile"], time_rows)
     ratio_rows = []
