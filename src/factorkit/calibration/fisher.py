@@ -64,11 +64,14 @@ def _loss_batches(data: Any, batch_size: int) -> list[tuple[dict, int]]:
 
 
 class _Accumulator:
-    def __init__(self, weight: torch.Tensor) -> None:
-        out_f, in_f = weight.shape
-        self.weight_sq = weight.detach().to(torch.float32).square()
-        self.rows = torch.zeros(out_f, dtype=torch.float64, device=weight.device)
-        self.cols = torch.zeros(in_f, dtype=torch.float64, device=weight.device)
+    def __init__(self, module: nn.Module) -> None:
+        # The module, not a copy of its weight: a squared copy of every targeted
+        # weight would double the model's memory for the whole pass.
+        self.module = module
+        out_f, in_f = linear_weight(module).shape
+        device = linear_weight(module).device
+        self.rows = torch.zeros(out_f, dtype=torch.float64, device=device)
+        self.cols = torch.zeros(in_f, dtype=torch.float64, device=device)
         self.deletion = 0.0
 
     def add(self, x: torch.Tensor, g: torch.Tensor) -> None:
@@ -78,7 +81,8 @@ class _Accumulator:
         per_sample_sq = torch.bmm(g.transpose(1, 2), x).square_().sum(0)  # (out, in), summed over samples
         self.rows += per_sample_sq.sum(1, dtype=torch.float64)
         self.cols += per_sample_sq.sum(0, dtype=torch.float64)
-        self.deletion += float((per_sample_sq * self.weight_sq).sum(dtype=torch.float64))
+        weight_sq = linear_weight(self.module).detach().to(torch.float32).square()
+        self.deletion += float((per_sample_sq * weight_sq).sum(dtype=torch.float64))
 
 
 def collect_fisher(model: nn.Module, data: Any, *, targets: Iterable[str] | None = None, batch_size: int = 4,
@@ -91,7 +95,7 @@ def collect_fisher(model: nn.Module, data: Any, *, targets: Iterable[str] | None
     """
     linears = model_targets(model, targets)
     batches = _loss_batches(data, batch_size)
-    acc = {name: _Accumulator(linear_weight(m)) for name, m in linears.items()}
+    acc = {name: _Accumulator(m) for name, m in linears.items()}
     device = next(model.parameters()).device
 
     def forward_hook(name: str):
