@@ -15,6 +15,7 @@ from .api import compress, load, save, summarize  # noqa: E402
 from .errors import FactorkitError  # noqa: E402
 from .methods import (  # noqa: E402
     ASVDConfig,
+    CoSpaDiConfig,
     CompressionConfig,
     FWSVDConfig,
     RankProfile,
@@ -26,6 +27,7 @@ from .methods import (  # noqa: E402
 
 __all__ = [
     "ASVDConfig",
+    "CoSpaDiConfig",
     "CompressionConfig",
     "FWSVDConfig",
     "FactorkitError",

@@ -72,35 +72,52 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module
 
 @dataclass
 class CompressionSummary:
-    """Parameter counts; low-rank factors need no index storage, so parameters = stored numbers.
+    """Parameter counts of the targeted matrices and the whole model.
 
-    The targeted matrices include those a method kept dense (counted at their
-    dense size before and after)."""
+    ``ratio_targeted`` counts numbers only (parameters, as papers do);
+    ``ratio_targeted_storage`` also counts the bits that sparse factors spend on
+    their supports, at the model's dtype (``value_bits`` per number). Low-rank
+    factors store no indices, so for them both are equal. The targeted matrices
+    include those a method kept dense (counted at their dense size before and
+    after); a dictionary shared by several layers is counted once."""
 
     factor_modules: int
     targeted_dense_params: int  # what the replaced Linears stored
     targeted_params: int  # what their factors store
     model_params_before: int
     model_params_after: int
+    targeted_index_bits: int = 0  # support masks / indices of sparse factors
+    value_bits: int = 32  # bits per stored number at the model's dtype
 
     @property
     def ratio_targeted(self) -> float:
         return 1 - self.targeted_params / self.targeted_dense_params if self.targeted_dense_params else 0.0
 
     @property
+    def ratio_targeted_storage(self) -> float:
+        if not self.targeted_dense_params:
+            return 0.0
+        stored = self.targeted_params * self.value_bits + self.targeted_index_bits
+        return 1 - stored / (self.targeted_dense_params * self.value_bits)
+
+    @property
     def ratio_model(self) -> float:
         return 1 - self.model_params_after / self.model_params_before
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "ratio_targeted": self.ratio_targeted, "ratio_model": self.ratio_model}
+        return {**asdict(self), "ratio_targeted": self.ratio_targeted,
+                "ratio_targeted_storage": self.ratio_targeted_storage, "ratio_model": self.ratio_model}
 
 
 def summarize(model: nn.Module) -> CompressionSummary:
-    """How much the factor modules in ``model`` saved (tied weights counted once)."""
+    """How much the factor modules in ``model`` saved (tied and shared weights counted once)."""
     modules = [m for _, m in factor_modules(model)]
     dense = sum(m.dense_param_count() for m in modules)
-    factored = sum(m.param_count() for m in modules)
+    unique = {id(p): p.numel() for m in modules for p in m.parameters()}
+    factored = sum(unique.values())
     after = sum(p.numel() for p in model.parameters())
     info = getattr(model, "factorkit_compression", None) or {}
     kept = sum(linear_weight(model.get_submodule(name)).numel() for name in info.get("kept_dense", []))
-    return CompressionSummary(len(modules), dense + kept, factored + kept, after - factored + dense, after)
+    bits = next(model.parameters()).element_size() * 8
+    return CompressionSummary(len(modules), dense + kept, factored + kept, after - factored + dense, after,
+                              sum(m.index_bits() for m in modules), bits)

@@ -132,6 +132,89 @@ def run_block(block: nn.Module, hidden: torch.Tensor, extra: tuple[tuple, dict])
 
 
 BlockCallback = Callable[[int, str, nn.Module, dict[str, LinearStats]], None]
+GroupCallback = Callable[[list[int], list[str], list[nn.Module], list[dict[str, LinearStats]]], None]
+
+
+def _collect_stats(block: nn.Module, hidden: list, extras: list, targets, kinds: tuple[str, ...]):
+    """Run every batch through ``block`` with hooks on its targeted Linears.
+    Returns (statistics by Linear name, the block's outputs per batch)."""
+    linears = target_linears(block, targets)
+    layer_stats = {n: LinearStats(linear_weight(m).shape[1]) for n, m in linears.items()}
+    # Linears fed the same tensor (q/k/v, gate/up) share one computation per batch.
+    shared: dict[int, tuple[torch.Tensor, _Increment]] = {}
+
+    def hook_for(layer_name: str):
+        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            x = inputs[0]
+            hit = shared.get(id(x))
+            if hit is None or hit[0] is not x:
+                hit = (x, _increment(x, kinds))
+                shared[id(x)] = hit
+            layer_stats[layer_name].add(hit[1])
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in linears.items()]
+    outputs = []
+    try:
+        for b, h in enumerate(hidden):
+            shared.clear()
+            outputs.append(run_block(block, h, extras[b]))
+    finally:
+        for handle in handles:
+            handle.remove()
+        shared.clear()
+    return layer_stats, outputs
+
+
+@torch.no_grad()
+def calibrate_groupwise(
+    model: nn.Module,
+    data: torch.Tensor,
+    on_group: GroupCallback,
+    *,
+    group_size: int = 1,
+    targets: Iterable[str] | None = None,
+    stats: Sequence[str] = STAT_KINDS,
+    sequential: bool = True,
+    batch_size: int = 4,
+    progress: bool = True,
+    desc: str = "calibrating",
+) -> None:
+    """Run ``on_group(indices, block_names, blocks, stats_per_block)`` for each
+    run of ``group_size`` consecutive blocks (the last run may be shorter).
+
+    Within a group, each block is calibrated on the outputs of the group's
+    earlier blocks as they were before the callback; with ``sequential=True``
+    the first block of the next group sees the outputs of the compressed
+    group. ``data`` is as for :func:`calibrate_blockwise`.
+    """
+    kinds = tuple(stats)
+    unknown = set(kinds) - set(STAT_KINDS)
+    if unknown:
+        raise ValueError(f"unknown statistics {sorted(unknown)}; known: {list(STAT_KINDS)}")
+    if group_size < 1:
+        raise ValueError(f"group_size must be at least 1, got {group_size}")
+    was_training = model.training
+    model.eval()
+    try:
+        list_name, blocks, hidden, extras = capture_block_inputs(model, data, batch_size)
+        bar = tqdm(total=len(blocks), desc=desc, unit="block", disable=not progress)
+        for first in range(0, len(blocks), group_size):
+            group = list(range(first, min(first + group_size, len(blocks))))
+            h, group_stats = hidden, []
+            for i in group:
+                layer_stats, h = _collect_stats(blocks[i], h, extras[i], targets, kinds)
+                group_stats.append(layer_stats)
+            on_group(group, [f"{list_name}.{i}" for i in group], [blocks[i] for i in group], group_stats)
+            if sequential:
+                h = hidden
+                for i in group:
+                    h = [run_block(blocks[i], x, extras[i][b]) for b, x in enumerate(h)]
+            hidden = h
+            bar.update(len(group))
+        bar.close()
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -154,46 +237,8 @@ def calibrate_blockwise(
     ``sequential=False`` block i+1 sees the outputs of the *original* block i
     (the statistics of the uncompressed model, as in one-shot profiling).
     """
-    kinds = tuple(stats)
-    unknown = set(kinds) - set(STAT_KINDS)
-    if unknown:
-        raise ValueError(f"unknown statistics {sorted(unknown)}; known: {list(STAT_KINDS)}")
-    was_training = model.training
-    model.eval()
-    try:
-        list_name, blocks, hidden, extras = capture_block_inputs(model, data, batch_size)
-        for i in tqdm(range(len(blocks)), desc=desc, unit="block", disable=not progress):
-            block = blocks[i]
-            linears = target_linears(block, targets)
-            layer_stats = {n: LinearStats(linear_weight(m).shape[1]) for n, m in linears.items()}
-            # Linears fed the same tensor (q/k/v, gate/up) share one computation per batch.
-            shared: dict[int, tuple[torch.Tensor, _Increment]] = {}
+    def on_group(indices, names, group_blocks, group_stats):
+        on_block(indices[0], names[0], group_blocks[0], group_stats[0])
 
-            def hook_for(layer_name: str):
-                def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
-                    x = inputs[0]
-                    hit = shared.get(id(x))
-                    if hit is None or hit[0] is not x:
-                        hit = (x, _increment(x, kinds))
-                        shared[id(x)] = hit
-                    layer_stats[layer_name].add(hit[1])
-                return hook
-
-            handles = [m.register_forward_hook(hook_for(n)) for n, m in linears.items()]
-            outputs = []
-            try:
-                for b, h in enumerate(hidden):
-                    shared.clear()
-                    out = run_block(block, h, extras[i][b])
-                    if not sequential:
-                        outputs.append(out)
-            finally:
-                for handle in handles:
-                    handle.remove()
-                shared.clear()
-            on_block(i, f"{list_name}.{i}", block, layer_stats)
-            if sequential:
-                outputs = [run_block(blocks[i], h, extras[i][b]) for b, h in enumerate(hidden)]
-            hidden = outputs
-    finally:
-        model.train(was_training)
+    calibrate_groupwise(model, data, on_group, group_size=1, targets=targets, stats=stats, sequential=sequential,
+                        batch_size=batch_size, progress=progress, desc=desc)

@@ -40,6 +40,10 @@ class FactorModule(nn.Module, ABC):
         """Numbers stored by this module (factors and bias)."""
         return sum(p.numel() for p in self.parameters())
 
+    def index_bits(self) -> int:
+        """Bits stored besides the numbers in parameters (supports of sparse codes; 0 for dense factors)."""
+        return 0
+
     def dense_param_count(self) -> int:
         """Numbers the nn.Linear it replaces stored."""
         bias = getattr(self, "bias", None)

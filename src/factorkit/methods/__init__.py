@@ -4,6 +4,7 @@ Importing this package registers every method in ``METHODS``.
 """
 
 from .base import METHODS, CompressionConfig, Method, get_method, register
+from .cospadi import CoSpaDiConfig
 from .lowrank import (
     ASVDConfig,
     FWSVDConfig,
@@ -21,6 +22,7 @@ DEFAULT_METHOD = "svdllm"
 
 __all__ = [
     "ASVDConfig",
+    "CoSpaDiConfig",
     "CompressionConfig",
     "DEFAULT_METHOD",
     "FWSVDConfig",

@@ -46,6 +46,7 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, overw
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "compression": getattr(model, "factorkit_compression", None),
         "modules": {name: {"type": m.factor_type, **m.spec()} for name, m in factor_modules(model)},
+        "tied": _tied_factor_parameters(model),
     }
     with atomic_dir(path, overwrite) as tmp:
         config.to_json_file(tmp / "config.json")
@@ -54,6 +55,29 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, overw
             tokenizer.save_pretrained(tmp)
         (tmp / FACTORKIT_JSON).write_text(json.dumps(manifest, indent=2))
     return Path(path)
+
+
+def _tied_factor_parameters(model: nn.Module) -> dict[str, str]:
+    """Factor parameters that are the same tensor as an earlier one (a dictionary
+    shared by a group of layers): {name: name of the first holder}. The file
+    stores such a tensor once; loading ties the modules together again."""
+    owners: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for module_name, module in factor_modules(model):
+        for pname, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{pname}"
+            if id(param) in owners:
+                tied[full] = owners[id(param)]
+            else:
+                owners[id(param)] = full
+    return tied
+
+
+def _tie(model: nn.Module, tied: dict[str, str]) -> None:
+    for name, owner in tied.items():
+        module_name, _, attr = name.rpartition(".")
+        owner_module, _, owner_attr = owner.rpartition(".")
+        setattr(model.get_submodule(module_name), attr, getattr(model.get_submodule(owner_module), owner_attr))
 
 
 def _empty_model(path: Path, architecture: str, dtype: torch.dtype) -> nn.Module:
@@ -100,6 +124,7 @@ def load_compressed(path: str | os.PathLike, dtype: torch.dtype | None = None) -
         if kind not in FACTOR_TYPES:
             raise FactorkitError(f"{path} uses factor type {kind!r}, unknown to this factorkit; upgrade factorkit.")
         replace_module(model, name, FACTOR_TYPES[kind].from_spec(spec, dtype=dtype))
+    _tie(model, manifest.get("tied", {}))
     missing, unexpected = _load_weights(model, path / WEIGHTS)
     if missing or unexpected:
         raise FactorkitError(

@@ -1,0 +1,160 @@
+"""DictionaryLinear: y = codes(x @ atoms.T) + b, W ~ C @ atoms with C (out x k) s-sparse per row.
+
+Storage. ``atoms`` (k x in) is the dictionary (one Parameter, possibly shared by
+the same projection of several layers). Each output row uses exactly s atoms:
+the support is a packed bit mask ``support`` (out x ceil(k/8) bytes, one bit
+per (output, atom) pair: k/s bits per nonzero, 2 at CoSpaDi's default
+rho = 2, against 16 for int16 indices) and ``values`` (out x s) holds the
+coefficients in increasing atom order. Indices for the kernels are rebuilt
+from the mask at load time and kept as a non-persistent int32 buffer.
+
+Kernels (all give the same result up to rounding; ``kernel="auto"`` picks
+by the number of tokens, thresholds from ``benchmarks/bench_cospadi.py``):
+
+- gather: h = x @ atoms.T, then y[o] = sum_i h[idx[o, i]] * values[o, i]
+  (reads out*s entries of h per token: best for decoding one token);
+- sparse: h @ C.T with C a CSR matrix (torch.sparse);
+- codes:  scatter C into a dense (out x k) matrix, then a second GEMM
+  (best for prefill: two dense GEMMs of total k*(in+out) per token);
+- dense:  materialise W = C @ atoms (out x in) and apply it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import FactorModule
+
+KERNELS = ("auto", "gather", "sparse", "codes", "dense")
+
+
+def pack_support(indices: torch.Tensor, atoms: int) -> torch.Tensor:
+    """(out x s) atom indices -> (out x ceil(atoms/8)) uint8 bit mask, bit j%8 of byte j//8."""
+    out = indices.shape[0]
+    bits = torch.zeros(out, -(-atoms // 8) * 8, dtype=torch.bool, device=indices.device)
+    bits.scatter_(1, indices.long(), True)
+    weights = (2 ** torch.arange(8, device=indices.device, dtype=torch.int32))
+    return (bits.view(out, -1, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_support(mask: torch.Tensor, atoms: int) -> torch.Tensor:
+    """The bool (out x atoms) matrix of a packed support mask."""
+    shifts = torch.arange(8, device=mask.device, dtype=torch.uint8)
+    bits = (mask.unsqueeze(-1) >> shifts) & 1
+    return bits.view(mask.shape[0], -1)[:, :atoms].bool()
+
+
+def _after_load(module: "DictionaryLinear", incompatible_keys: Any) -> None:
+    module._rebuild_indices()
+
+
+class DictionaryLinear(FactorModule):
+    factor_type = "dictionary"
+    # Token counts up to which gather / sparse beat the dense code GEMM
+    # (measured on SmolLM2 shapes, see BENCHMARKS.md, "DictionaryLinear latency").
+    GATHER_MAX_TOKENS: ClassVar[int] = 1
+    SPARSE_MAX_TOKENS: ClassVar[int] = 0
+
+    def __init__(self, in_features: int, out_features: int, atoms: int, sparsity: int, bias: bool = False,
+                 kernel: str = "auto", dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel {kernel!r} is unknown; choose one of {', '.join(KERNELS)}")
+        self.in_features, self.out_features = in_features, out_features
+        self.num_atoms, self.sparsity, self.kernel = atoms, sparsity, kernel
+        kw = {"dtype": dtype, "device": device}
+        self.atoms = nn.Parameter(torch.empty(atoms, in_features, **kw))
+        self.values = nn.Parameter(torch.empty(out_features, sparsity, **kw))
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        self.register_buffer("support", torch.zeros(out_features, -(-atoms // 8), dtype=torch.uint8, device=device))
+        self.register_buffer("indices", torch.zeros(out_features, sparsity, dtype=torch.int32, device=device),
+                             persistent=False)
+        self.register_load_state_dict_post_hook(_after_load)
+
+    @classmethod
+    def from_codes(cls, atoms: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
+                   bias: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+                   shared_atoms: nn.Parameter | None = None) -> "DictionaryLinear":
+        """Build from atoms (k x in) and per-row codes (out x s); ``shared_atoms``
+        reuses another module's dictionary Parameter instead of a copy."""
+        dtype = dtype or atoms.dtype
+        k, n = atoms.shape
+        out, s = indices.shape
+        module = cls(n, out, k, s, bias is not None, dtype=dtype, device=atoms.device)
+        order = torch.argsort(indices, dim=1)
+        with torch.no_grad():
+            if shared_atoms is not None:
+                module.atoms = shared_atoms
+            else:
+                module.atoms.copy_(atoms)
+            module.values.copy_(torch.gather(values, 1, order))
+            module.support.copy_(pack_support(indices, k))
+            if bias is not None:
+                module.bias.copy_(bias)
+        module._rebuild_indices()
+        return module
+
+    def _rebuild_indices(self) -> None:
+        bits = unpack_support(self.support, self.num_atoms)
+        counts = bits.sum(1)
+        if bool((counts != self.sparsity).any()):
+            raise ValueError(f"support mask has rows with {int(counts.min())}..{int(counts.max())} atoms, "
+                             f"expected exactly {self.sparsity}")
+        # nonzero() walks rows in order, atoms ascending: the order of ``values``
+        self.indices = bits.nonzero()[:, 1].view(self.out_features, self.sparsity).to(torch.int32)
+
+    def code_matrix(self) -> torch.Tensor:
+        """The dense (out x k) code matrix C."""
+        dense = torch.zeros(self.out_features, self.num_atoms, dtype=self.values.dtype, device=self.values.device)
+        return dense.scatter_(1, self.indices.long(), self.values)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.code_matrix() @ self.atoms
+
+    def pick_kernel(self, tokens: int) -> str:
+        if self.kernel != "auto":
+            return self.kernel
+        if tokens <= self.GATHER_MAX_TOKENS:
+            return "gather"
+        if tokens <= self.SPARSE_MAX_TOKENS:
+            return "sparse"
+        return "codes"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self.pick_kernel(x.numel() // self.in_features)
+        if kernel == "dense":
+            return F.linear(x, self.dense_weight(), self.bias)
+        h = F.linear(x, self.atoms)
+        if kernel == "codes":
+            return F.linear(h, self.code_matrix(), self.bias)
+        lead = h.shape[:-1]
+        h2 = h.reshape(-1, self.num_atoms)
+        if kernel == "gather":
+            # (tokens, out, s) gathered entries of h, weighted and summed over s
+            y = (h2[:, self.indices] * self.values).sum(-1)
+        else:
+            crow = torch.arange(0, self.out_features * self.sparsity + 1, self.sparsity,
+                                device=h.device, dtype=torch.int32)
+            csr = torch.sparse_csr_tensor(crow, self.indices, self.values,
+                                          (self.out_features, self.num_atoms))
+            y = (csr @ h2.T).T
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def index_bits(self) -> int:
+        """Bits stored for the support mask (beyond the numbers in parameters)."""
+        return self.out_features * self.num_atoms
+
+    def spec(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "atoms": self.num_atoms,
+                "sparsity": self.sparsity, "bias": self.bias is not None}
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, atoms={self.num_atoms}, "
+                f"sparsity={self.sparsity}, bias={self.bias is not None}, kernel={self.kernel}")

@@ -1,0 +1,356 @@
+"""Sparse dictionary learning for CoSpaDi: Batch-OMP sparse coding and K-SVD atom updates.
+
+Problem. Signals are the columns of Y (n x B). Find a dictionary D (n x k) with
+unit-norm atoms and codes C (k x B) with exactly s nonzeros per column that
+minimise ||Y - D C||_F. CoSpaDi takes Y = L.T @ W.T with L L.T = X.T X, so that
+||Y - D C||_F is the calibration output error ||X W.T - X W'.T||_F.
+
+Batch-OMP (Rubinstein, Zibulevsky & Elad, 2008) codes many signals against one
+dictionary using only its Gram matrix G = D.T D and the correlations D.T Y:
+the cost per signal is independent of n. This implementation keeps, per
+signal, the correlations of every atom with the orthonormalised selected atoms
+(P = G[:, I] L^-T, where L L.T = G[I, I]). Row j of P is then the new row of
+the Cholesky factor when atom j joins, and its new column costs one k x t
+product, so the whole support of s atoms costs k s^2 / 2 multiply-adds per
+signal, done for a chunk of signals at once with batched products.
+
+K-SVD (Aharon, Elad & Bruckstein, 2006) then updates the atoms one at a time:
+atom j and its coefficients on the signals that use it get the best rank-1
+fit to the residual those signals would have without atom j, by power
+iterations started from the current pair, which never increases the error.
+
+OMP from scratch at every alternation is the expensive part (k s^2 / 2 per
+signal with s = k / 2 at CoSpaDi's budgets), so ``learn_dictionary`` can
+refresh the supports on a schedule and run K-SVD sweeps (atoms and
+coefficients on the current supports) in between; a refresh keeps a signal's
+new code only where it lowers that signal's error, so the objective never
+increases from one alternation to the next.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .whitening import cholesky_factor
+
+
+def batch_omp(gram: torch.Tensor, correlations: torch.Tensor, sparsity: int,
+              chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthogonal matching pursuit with exactly ``sparsity`` atoms per signal.
+
+    gram: D.T @ D (k x k) of a dictionary with unit-norm atoms.
+    correlations: Y.T @ D (B x k), one row per signal.
+    Returns (indices, values), both (B x s): the atoms in the order OMP chose
+    them and the least-squares coefficients on that support. Atoms are taken
+    by the largest |correlation with the residual|, as in scikit-learn's
+    ``orthogonal_mp_gram``. An atom that is (numerically) a combination of
+    atoms already chosen is kept in the support with coefficient 0.
+    """
+    k = gram.shape[0]
+    if gram.shape != (k, k) or correlations.ndim != 2 or correlations.shape[1] != k:
+        raise ValueError(f"gram must be (k, k) and correlations (B, k); got {tuple(gram.shape)} "
+                         f"and {tuple(correlations.shape)}")
+    if not 1 <= sparsity <= k:
+        raise ValueError(f"sparsity must lie in [1, {k}], got {sparsity}")
+    s, B = sparsity, correlations.shape[0]
+    dtype, device = correlations.dtype, correlations.device
+    gram = gram.to(dtype)
+    diag = gram.diagonal()
+    tiny = float(diag.max()) * (1e-6 if dtype == torch.float32 else 1e-12)
+    indices = torch.empty(B, s, dtype=torch.long, device=device)
+    values = torch.empty(B, s, dtype=dtype, device=device)
+    for start in range(0, B, chunk):
+        alpha = correlations[start : start + chunk].clone()
+        b = alpha.shape[0]
+        rows = torch.arange(b, device=device)
+        P = torch.zeros(b, s, k, dtype=dtype, device=device)  # P[:, t] = D.T q_t, q_t orthonormalised atom t
+        L = torch.zeros(b, s, s, dtype=dtype, device=device)  # Cholesky factor of G[I, I], row by row
+        proj = torch.zeros(b, s, dtype=dtype, device=device)  # q_t . y
+        used = torch.zeros(b, k, dtype=torch.bool, device=device)
+        for t in range(s):
+            j = alpha.abs().masked_fill_(used, -1.0).argmax(1)
+            if t:
+                w = torch.gather(P[:, :t], 2, j.view(b, 1, 1).expand(b, t, 1)).squeeze(2)  # L[t, :t]
+                v = gram[j] - torch.bmm(w.unsqueeze(1), P[:, :t]).squeeze(1)
+                norm2 = diag[j] - w.square().sum(1)
+                L[:, t, :t] = w
+            else:
+                v, norm2 = gram[j].clone(), diag[j].clone()
+            ok = norm2 > tiny
+            norm = torch.where(ok, norm2, torch.ones_like(norm2)).sqrt()
+            # a dependent atom gets q = 0: no column in P, coefficient 0
+            p = torch.where(ok[:, None], v / norm[:, None], torch.zeros_like(v))
+            c = torch.where(ok, alpha[rows, j] / norm, torch.zeros_like(norm))
+            if t:
+                L[:, t, :t] *= ok[:, None]
+            alpha.addcmul_(p, c[:, None], value=-1.0)
+            used[rows, j] = True
+            P[:, t] = p
+            L[:, t, t] = norm
+            proj[:, t] = c
+            indices[start : start + b, t] = j
+        # y ~ Q proj with Q = D_I L^-T, so the coefficients solve L.T x = proj
+        values[start : start + b] = torch.linalg.solve_triangular(
+            L.transpose(1, 2), proj.unsqueeze(2), upper=True).squeeze(2)
+    return indices, values
+
+
+def codes_to_dense(indices: torch.Tensor, values: torch.Tensor, atoms: int) -> torch.Tensor:
+    """The (k x B) coefficient matrix of codes given as (B x s) indices and values."""
+    dense = torch.zeros(atoms, indices.shape[0], dtype=values.dtype, device=values.device)
+    return dense.scatter_(0, indices.T, values.T)
+
+
+def _atom_users(indices: torch.Tensor, atoms: int) -> list[torch.Tensor]:
+    """For every atom, the flat positions (into indices.flatten()) of the codes that use it."""
+    flat = indices.flatten()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=atoms)
+    return list(torch.split(order, counts.tolist()))
+
+
+def ksvd_sweep(residual: torch.Tensor, atoms: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
+               power_iterations: int = 2) -> None:
+    """One K-SVD pass over all atoms, in place.
+
+    Row layout (rows are contiguous, so gathering the signals of one atom is
+    cheap): residual = Y.T - C.T D.T (B x n, one row per signal), atoms = D.T
+    (k x n, unit-norm rows), codes (B x s). For each atom j with users w:
+    E = residual[w] + c_j[w] d_j.T is the error without atom j; (d_j, c_j[w])
+    becomes the rank-1 fit of E from ``power_iterations`` power iterations
+    started at the current pair, which never increases ||E - c d.T||. The
+    residual is kept up to date. Atoms no signal uses are left for
+    ``reinit_unused``.
+    """
+    s = indices.shape[1]
+    flat_values = values.view(-1)
+    for j, users in enumerate(_atom_users(indices, atoms.shape[0])):
+        if users.numel() == 0:
+            continue
+        rows = users // s
+        g = flat_values[users]
+        d = atoms[j]
+        E = residual.index_select(0, rows).addr_(g, d)
+        for _ in range(power_iterations):
+            d_new = g @ E
+            norm = d_new.norm()
+            if not norm > 0:
+                break
+            d = d_new / norm
+            g = E @ d
+        residual.index_copy_(0, rows, E.addr_(g, d, alpha=-1.0))
+        atoms[j] = d
+        flat_values[users] = g
+
+
+def reinit_unused(residual: torch.Tensor, atoms: torch.Tensor, indices: torch.Tensor) -> int:
+    """Point atoms that no code uses at the worst-represented signals (their
+    normalised residual rows), so the next sparse coding can use them.
+    Returns how many atoms were re-initialised."""
+    k = atoms.shape[0]
+    unused = torch.nonzero(torch.bincount(indices.flatten(), minlength=k) == 0).flatten()
+    if unused.numel() == 0:
+        return 0
+    norms = residual.norm(dim=1)
+    take = min(unused.numel(), residual.shape[0])
+    worst = torch.topk(norms, take).indices
+    for atom, row in zip(unused[:take].tolist(), worst.tolist()):
+        if norms[row] > 0:
+            atoms[atom] = residual[row] / norms[row]
+    return take
+
+
+def refresh_schedule(iterations: int, refresh: str | int) -> list[bool]:
+    """Which alternations re-run OMP: "every" (each one, the plain K-SVD
+    alternation), "doubling" (alternations 0, 1, 2, 4, 8, ... and the last),
+    or an int m (every m-th alternation and the last)."""
+    if refresh == "every":
+        return [True] * iterations
+    if refresh == "doubling":
+        marks = {0, iterations - 1} | {2**i for i in range(int(math.log2(max(iterations, 1))) + 1)}
+    elif isinstance(refresh, int) and refresh >= 1:
+        marks = set(range(0, iterations, refresh)) | {iterations - 1}
+    else:
+        raise ValueError(f"refresh must be 'every', 'doubling' or a positive int, got {refresh!r}")
+    return [i in marks for i in range(iterations)]
+
+
+@dataclass
+class DictionaryResult:
+    dictionary: torch.Tensor  # (n, k), unit-norm atoms
+    indices: torch.Tensor  # (B, s), int64
+    values: torch.Tensor  # (B, s)
+    errors: list[float] = field(default_factory=list)  # ||Y - D C|| / ||Y|| after each alternation
+    omp_seconds: float = 0.0
+    ksvd_seconds: float = 0.0
+    reinitialised: int = 0
+
+
+def learn_dictionary(Y: torch.Tensor, atoms: int, sparsity: int, iterations: int = 60, *,
+                     refresh: str | int = "every", power_iterations: int = 2, seed: int = 0,
+                     dtype: torch.dtype = torch.float32, omp_chunk: int = 64) -> DictionaryResult:
+    """Alternate Batch-OMP and K-SVD to fit Y (n x B) ~ D C with ``sparsity`` nonzeros per column.
+
+    The dictionary starts from ``atoms`` distinct random columns of Y
+    (normalised; random directions for any beyond B or for zero columns),
+    seeded. When n > B the problem is solved in the coordinates of an
+    orthonormal basis of Y's column space, which holds every atom K-SVD can
+    produce, and mapped back. Each alternation is a sparse coding (on the
+    ``refresh`` schedule, see ``refresh_schedule``) followed by a K-SVD sweep.
+    """
+    import time
+
+    if Y.ndim != 2:
+        raise ValueError(f"Y must be 2-D, got shape {tuple(Y.shape)}")
+    if not 1 <= sparsity <= atoms:
+        raise ValueError(f"need 1 <= sparsity <= atoms, got sparsity {sparsity} and atoms {atoms}")
+    if iterations < 1:
+        raise ValueError(f"iterations must be at least 1, got {iterations}")
+    schedule = refresh_schedule(iterations, refresh)
+    n, B = Y.shape
+    basis = None
+    Yw = Y.to(torch.float64)
+    if n > B:
+        basis, Yw = torch.linalg.qr(Yw)  # Y = basis @ Yw, Yw (B x B)
+    scale = float(Yw.norm()) or 1.0
+    Yw = (Yw / scale).to(dtype)
+    dim = Yw.shape[0]
+
+    gen = torch.Generator().manual_seed(seed)
+    Yt = Yw.T.contiguous()  # (B, dim): one signal per row
+    D = torch.randn(atoms, dim, generator=gen, dtype=torch.float64).to(dtype)  # one atom per row
+    picked = torch.randperm(B, generator=gen)[: min(atoms, B)]
+    D[: picked.numel()] = Yt[picked]
+    norms = D.norm(dim=1)
+    zero = norms <= 1e-12 * float(norms.max())
+    if bool(zero.any()):
+        D[zero] = torch.randn(int(zero.sum()), dim, generator=gen, dtype=torch.float64).to(dtype)
+        norms = D.norm(dim=1)
+    D /= norms[:, None]
+
+    result = DictionaryResult(D, torch.empty(0), torch.empty(0))
+    indices = values = residual = None
+    total = float(Yt.square().sum())
+    for recode in schedule:
+        if recode:
+            t = time.perf_counter()
+            new_idx, new_val = batch_omp(D @ D.T, Yt @ D.T, sparsity, chunk=omp_chunk)
+            new_res = Yt - codes_to_dense(new_idx, new_val, atoms).T @ D
+            if indices is None:
+                indices, values, residual = new_idx, new_val, new_res
+            else:  # keep, per signal, whichever code fits better now
+                better = new_res.square().sum(1) < residual.square().sum(1)
+                indices[better], values[better] = new_idx[better], new_val[better]
+                residual[better] = new_res[better]
+            result.omp_seconds += time.perf_counter() - t
+        t = time.perf_counter()
+        ksvd_sweep(residual, D, indices, values, power_iterations)
+        result.reinitialised += reinit_unused(residual, D, indices)
+        result.ksvd_seconds += time.perf_counter() - t
+        result.errors.append(math.sqrt(max(float(residual.square().sum()), 0.0) / total) if total else 0.0)
+
+    D64 = D.T.to(torch.float64)
+    if basis is not None:
+        D64 = basis @ D64
+    result.dictionary = D64
+    result.indices = indices
+    result.values = values.to(torch.float64) * scale
+    return result
+
+
+@dataclass
+class DictionaryFactors:
+    """W' = codes.T @ atoms: ``atoms`` (k x in) in the original input space and,
+    per output row, ``indices`` / ``values`` (out x s) into the atoms."""
+
+    atoms: torch.Tensor  # (k, in)
+    indices: torch.Tensor  # (out, s)
+    values: torch.Tensor  # (out, s)
+    errors: list[float]  # relative (whitened) error after each alternation
+    shift: float = 0.0  # diagonal shift the Cholesky factor needed
+    omp_seconds: float = 0.0
+    ksvd_seconds: float = 0.0
+
+    def dense(self) -> torch.Tensor:
+        """The (out x in) approximation."""
+        k = self.atoms.shape[0]
+        return codes_to_dense(self.indices, self.values, k).T @ self.atoms
+
+
+def sparse_dictionary(weights: list[torch.Tensor], atoms: int, sparsity: int, gram: torch.Tensor | None = None,
+                      eps: float = 1e-6, **options) -> list[DictionaryFactors]:
+    """CoSpaDi's factorization of one or more (out_i x in) weights sharing one dictionary.
+
+    With ``gram`` = X.T X (in x in) the problem is whitened: with L L.T = G
+    (Cholesky, diagonal shifted if needed), Y = L.T [W_1.T, W_2.T, ...] and the
+    fitted error ||Y - D C||_F equals the calibration output error
+    sum_i ||X W_i.T - X W'_i.T||^2 (square-rooted). Without ``gram`` it is plain
+    dictionary learning on the weights. The dictionary returned is
+    L^-T D, rescaled to unit-norm atoms with the codes scaled to match.
+    ``options`` go to ``learn_dictionary``.
+    """
+    if not weights:
+        raise ValueError("need at least one weight")
+    n = weights[0].shape[1]
+    if any(w.ndim != 2 or w.shape[1] != n for w in weights):
+        raise ValueError("all weights must be 2-D with the same number of input features")
+    Wt = torch.cat([w.detach().to(torch.float64).T for w in weights], dim=1)  # (in, sum out)
+    shift, L = 0.0, None
+    if gram is not None:
+        if gram.shape != (n, n):
+            raise ValueError(f"gram must have shape {(n, n)}, got {tuple(gram.shape)}")
+        chol = cholesky_factor(gram, eps)
+        L, shift = chol.factor, chol.shift
+        Wt = L.T @ Wt
+    fit = learn_dictionary(Wt, atoms, sparsity, **options)
+    D = fit.dictionary
+    if L is not None:  # D_orig = L^-T D: solve L.T X = D
+        D = torch.linalg.solve_triangular(L.T, D, upper=True)
+    norms = D.norm(dim=0).clamp_min(1e-30)
+    D = D / norms
+    values = fit.values * norms[fit.indices]
+    out, start = [], 0
+    for w in weights:
+        rows = slice(start, start + w.shape[0])
+        start += w.shape[0]
+        out.append(DictionaryFactors(D.T.contiguous(), fit.indices[rows], values[rows], fit.errors, shift,
+                                     fit.omp_seconds, fit.ksvd_seconds))
+    return out
+
+
+def dictionary_budget(in_features: int, out_features: int, ratio: float, rho: float = 2.0, *,
+                      layers: int = 1, count: str = "params", value_bits: int = 16) -> tuple[int, int]:
+    """Atoms k and nonzeros per column s for removing ``ratio`` of ``layers`` (out x in) matrices.
+
+    A dictionary shared by the layers stores in*k numbers and each layer's codes
+    s*out values, s = floor(k / rho).
+    count="params" counts numbers only (the paper's count):
+        k = floor((1 - ratio) * layers * in * out / (in + layers * out / rho)).
+    count="storage" also counts the support of the codes, stored as one bit per
+    (atom, output) pair (k*out bits per layer; cheaper than indices for
+    rho < log2 k), against dense weights of ``value_bits`` bits:
+        k = floor((1 - ratio) * layers * in * out * b / ((in + layers * out / rho) * b + layers * out)).
+    """
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"ratio must lie in (0, 1), got {ratio}")
+    if rho < 1.0:
+        raise ValueError(f"rho = atoms / sparsity must be at least 1, got {rho}")
+    g, m, n = layers, out_features, in_features
+    if count == "params":
+        k = math.floor((1.0 - ratio) * g * n * m / (n + g * m / rho))
+    elif count == "storage":
+        b = value_bits
+        k = math.floor((1.0 - ratio) * g * n * m * b / ((n + g * m / rho) * b + g * m))
+    else:
+        raise ValueError(f"count must be 'params' or 'storage', got {count!r}")
+    return k, math.floor(k / rho)
+
+
+def dictionary_cost(in_features: int, out_features: int, atoms: int, sparsity: int, *, layers: int = 1,
+                    value_bits: int = 16) -> tuple[int, int]:
+    """(numbers stored, bits stored) by a dictionary shared by ``layers`` matrices and their codes."""
+    numbers = in_features * atoms + layers * out_features * sparsity
+    return numbers, numbers * value_bits + layers * out_features * atoms
