@@ -97,6 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fwsvd: weigh input columns (in, the paper's choice and the default) or output rows (out)")
     c.add_argument("--whiten", action="store_true",
                    help="fwsvd: also whiten the inputs with the Cholesky factor of X^T X (Fisher on the output side)")
+    c.add_argument("--no-whiten", action="store_true",
+                   help="cospadi: fit the weights instead of the calibration outputs (plain dictionary learning)")
+    c.add_argument("--group", type=_positive,
+                   help="cospadi: consecutive layers sharing one dictionary per projection type (default 1)")
+    c.add_argument("--iterations", type=_positive,
+                   help="cospadi: alternations of sparse coding and K-SVD (default 60, the paper's)")
+    c.add_argument("--refresh", help="cospadi: when OMP re-codes: doubling (default), every, or every N-th")
+    c.add_argument("--rho", type=float, help="cospadi: atoms per nonzero, k/s (default 2)")
+    c.add_argument("--count", choices=("params", "storage"),
+                   help="cospadi: --ratio counts parameters (default) or storage incl. support bits")
     c.add_argument("--fisher-samples", type=_positive,
                    help="fwsvd / global allocation: calibration sequences used for the gradient pass (default all)")
     c.add_argument("--batch-size", type=_positive, default=4, help="calibration sequences per forward pass (default 4)")
@@ -119,14 +129,25 @@ def _method_config(args: argparse.Namespace):
     kwargs = {"ratio": args.ratio, "batch_size": args.batch_size}
     if args.targets:
         kwargs["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    if args.whiten and args.no_whiten:
+        raise FactorkitError("--whiten and --no-whiten contradict each other; give one.")
+    whiten = True if args.whiten else False if args.no_whiten else None
     options = {"alpha": args.alpha, "allocation": args.allocation, "min_rank": args.min_rank,
-               "fisher_axis": args.fisher_axis, "whiten": args.whiten, "fisher_samples": args.fisher_samples}
+               "fisher_axis": args.fisher_axis, "whiten": whiten, "fisher_samples": args.fisher_samples,
+               "group": args.group, "iterations": args.iterations, "refresh": args.refresh, "rho": args.rho,
+               "count": args.count}
+    # options only some methods have: an explicit value for another method is a mistake
+    specific = {"fisher_axis": "fwsvd", "group": "cospadi", "iterations": "cospadi", "refresh": "cospadi",
+                "rho": "cospadi", "count": "cospadi"}
     fields = method.config_cls.__dataclass_fields__
     for name, value in options.items():
         if name in fields:
-            kwargs[name] = value
-        elif name in ("fisher_axis", "whiten") and value:
-            raise FactorkitError(f"--{name.replace('_', '-')} applies to --method fwsvd only.")
+            if value is not None:
+                kwargs[name] = value
+        elif name in specific and value is not None:
+            raise FactorkitError(f"--{name.replace('_', '-')} applies to --method {specific[name]} only.")
+        elif name == "whiten" and value is not None:
+            raise FactorkitError(f"--{'whiten' if value else 'no-whiten'} applies to --method fwsvd or cospadi only.")
     return method.config_cls(**kwargs)
 
 
@@ -185,7 +206,9 @@ def cmd_compress(args: argparse.Namespace) -> None:
         + (" (global ranks)" if getattr(config, "allocation", "uniform") == "global" else ""),
         ["", "before", "after"], rows,
         caption=f"Removed {summary.ratio_targeted:.1%} of the parameters of the {summary.factor_modules} targeted "
-                f"matrices, {summary.ratio_model:.1%} of the model (parameters counted; low-rank factors store no indices).")
+                f"matrices, {summary.ratio_model:.1%} of the model (parameters counted; "
+                + (f"{summary.ratio_targeted_storage:.1%} counting the {fmt_bytes(summary.targeted_index_bits // 8)} "
+                   "of support masks)." if summary.targeted_index_bits else "low-rank factors store no indices)."))
     print(f"saved to {out}")
 
 

@@ -12,8 +12,9 @@ Kernels (all give the same result up to rounding; ``kernel="auto"`` picks
 by the number of tokens, thresholds from ``benchmarks/bench_cospadi.py``):
 
 - gather: h = x @ atoms.T, then y[o] = sum_i h[idx[o, i]] * values[o, i]
-  (reads out*s entries of h per token: best for decoding one token);
-- sparse: h @ C.T with C a CSR matrix (torch.sparse);
+  (out*s gathered entries of h per token);
+- sparse: h @ C.T with C a CSR matrix (torch.sparse; best for decoding and
+  small batches);
 - codes:  scatter C into a dense (out x k) matrix, then a second GEMM
   (best for prefill: two dense GEMMs of total k*(in+out) per token);
 - dense:  materialise W = C @ atoms (out x in) and apply it.
@@ -21,6 +22,7 @@ by the number of tokens, thresholds from ``benchmarks/bench_cospadi.py``):
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -54,10 +56,11 @@ def _after_load(module: "DictionaryLinear", incompatible_keys: Any) -> None:
 
 class DictionaryLinear(FactorModule):
     factor_type = "dictionary"
-    # Token counts up to which gather / sparse beat the dense code GEMM
-    # (measured on SmolLM2 shapes, see BENCHMARKS.md, "DictionaryLinear latency").
-    GATHER_MAX_TOKENS: ClassVar[int] = 1
-    SPARSE_MAX_TOKENS: ClassVar[int] = 0
+    # Token counts up to which gather / sparse beat the dense code GEMM, from
+    # benchmarks/bench_cospadi.py on SmolLM2 shapes (CPU, float32): the CSR
+    # kernel wins up to about 64 tokens, gather never did (it stays available).
+    GATHER_MAX_TOKENS: ClassVar[int] = 0
+    SPARSE_MAX_TOKENS: ClassVar[int] = 64
 
     def __init__(self, in_features: int, out_features: int, atoms: int, sparsity: int, bias: bool = False,
                  kernel: str = "auto", dtype: torch.dtype | None = None,
@@ -136,12 +139,15 @@ class DictionaryLinear(FactorModule):
         h2 = h.reshape(-1, self.num_atoms)
         if kernel == "gather":
             # (tokens, out, s) gathered entries of h, weighted and summed over s
-            y = (h2[:, self.indices] * self.values).sum(-1)
+            picked = h2.index_select(1, self.indices.flatten()).view(-1, self.out_features, self.sparsity)
+            y = (picked * self.values).sum(-1)
         else:
             crow = torch.arange(0, self.out_features * self.sparsity + 1, self.sparsity,
                                 device=h.device, dtype=torch.int32)
-            csr = torch.sparse_csr_tensor(crow, self.indices, self.values,
-                                          (self.out_features, self.num_atoms))
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                csr = torch.sparse_csr_tensor(crow, self.indices, self.values,
+                                              (self.out_features, self.num_atoms))
             y = (csr @ h2.T).T
         if self.bias is not None:
             y = y + self.bias
