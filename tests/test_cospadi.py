@@ -1,0 +1,234 @@
+"""CoSpaDi: Batch-OMP, K-SVD, whitening, budget, DictionaryLinear, grouped dictionaries."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import factorkit as fk
+from factorkit.cli import main
+from factorkit.factors import DictionaryLinear, factor_modules
+from factorkit.solvers.dictionary import (
+    batch_omp,
+    codes_to_dense,
+    dictionary_budget,
+    dictionary_cost,
+    ksvd_sweep,
+    learn_dictionary,
+    refresh_schedule,
+    sparse_dictionary,
+)
+
+from conftest import tiny_llama
+
+
+def _unit_rows(x):
+    return x / x.norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_omp_recovers_a_planted_sparse_code_exactly(dtype):
+    gen = torch.Generator().manual_seed(0)
+    n, k, B, s = 128, 160, 300, 6
+    D = _unit_rows(torch.randn(k, n, generator=gen, dtype=torch.float64))  # atoms as rows
+    support = torch.stack([torch.randperm(k, generator=gen)[:s] for _ in range(B)])
+    coef = (torch.rand(B, s, generator=gen, dtype=torch.float64) + 0.5) * torch.sign(torch.randn(B, s, generator=gen))
+    Y = codes_to_dense(support, coef, k).T @ D  # (B, n)
+    D, Y = D.to(dtype), Y.to(dtype)
+    idx, val = batch_omp(D @ D.T, Y @ D.T, s, chunk=64)
+    for b in range(B):
+        assert set(idx[b].tolist()) == set(support[b].tolist())
+    got = codes_to_dense(idx, val.double(), k)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert torch.allclose(got, codes_to_dense(support, coef, k), atol=tol)
+
+
+def test_batch_omp_matches_scikit_learn():
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    gen = torch.Generator().manual_seed(1)
+    n, k, B, s = 48, 64, 80, 20  # many atoms per signal, not a recovery problem
+    D = _unit_rows(torch.randn(k, n, generator=gen, dtype=torch.float64))
+    Y = torch.randn(B, n, generator=gen, dtype=torch.float64)
+    idx, val = batch_omp(D @ D.T, Y @ D.T, s)
+    ref = torch.from_numpy(sklearn.orthogonal_mp_gram((D @ D.T).numpy(), (D @ Y.T).numpy(), n_nonzero_coefs=s))
+    for b in range(B):
+        assert set(idx[b].tolist()) == set(ref[:, b].nonzero().flatten().tolist())
+    assert torch.allclose(codes_to_dense(idx, val, k), ref, atol=1e-8)
+
+
+def test_omp_rejects_a_sparsity_above_the_number_of_atoms():
+    D = torch.eye(4)
+    with pytest.raises(ValueError, match="sparsity"):
+        batch_omp(D, torch.ones(2, 4), 5)
+
+
+def test_ksvd_sweep_never_increases_the_error_and_keeps_the_residual_exact():
+    gen = torch.Generator().manual_seed(2)
+    B, n, k, s = 120, 40, 30, 8
+    Y = torch.randn(B, n, generator=gen, dtype=torch.float64)
+    D = _unit_rows(torch.randn(k, n, generator=gen, dtype=torch.float64))
+    idx, val = batch_omp(D @ D.T, Y @ D.T, s)
+    residual = Y - codes_to_dense(idx, val, k).T @ D
+    before = float(residual.norm())
+    for power in (1, 3):
+        ksvd_sweep(residual, D, idx, val, power_iterations=power)
+        after = float(residual.norm())
+        assert after <= before * (1 + 1e-12)
+        before = after
+    assert torch.allclose(residual, Y - codes_to_dense(idx, val, k).T @ D, atol=1e-10)
+    assert torch.allclose(D.norm(dim=1), torch.ones(k, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("refresh", ["every", "doubling", 3])
+def test_alternations_never_increase_the_objective(refresh):
+    gen = torch.Generator().manual_seed(3)
+    Y = torch.randn(50, 90, generator=gen, dtype=torch.float64) @ torch.randn(90, 90, generator=gen, dtype=torch.float64)
+    fit = learn_dictionary(Y, atoms=24, sparsity=6, iterations=12, refresh=refresh, dtype=torch.float64)
+    errors = fit.errors
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] < 0.9 * errors[0]  # it learns something
+    approx = fit.dictionary @ codes_to_dense(fit.indices, fit.values, 24)
+    assert math.isclose(float((Y - approx).norm() / Y.norm()), errors[-1], rel_tol=1e-6)
+    assert (fit.indices.sort(1).values.diff(dim=1) > 0).all()  # exactly s distinct atoms per signal
+
+
+def test_refresh_schedules():
+    assert refresh_schedule(10, "doubling") == [i in (0, 1, 2, 4, 8, 9) for i in range(10)]
+    assert refresh_schedule(7, 3) == [i in (0, 3, 6) for i in range(7)]
+    assert all(refresh_schedule(5, "every"))
+    with pytest.raises(ValueError):
+        refresh_schedule(5, "sometimes")
+
+
+def test_whitened_error_is_the_calibration_output_error():
+    gen = torch.Generator().manual_seed(4)
+    # activations with very unequal channel scales, as in real models
+    X = torch.randn(400, 24, generator=gen, dtype=torch.float64) * torch.logspace(-1, 1, 24, dtype=torch.float64)
+    W = torch.randn(36, 24, generator=gen, dtype=torch.float64)
+    fit = sparse_dictionary([W], atoms=16, sparsity=5, gram=X.T @ X, iterations=10)[0]
+    output_error = float((X @ W.T - X @ fit.dense().T).norm() / (X @ W.T).norm())
+    assert math.isclose(fit.errors[-1], output_error, rel_tol=1e-4)
+    plain = sparse_dictionary([W], atoms=16, sparsity=5, iterations=10)[0]  # fits the weights, not the outputs
+    assert float((X @ W.T - X @ plain.dense().T).norm() / (X @ W.T).norm()) > output_error
+    assert torch.allclose(fit.atoms.norm(dim=1), torch.ones(16, dtype=torch.float64))
+
+
+def test_budget_arithmetic():
+    k, s = dictionary_budget(576, 576, 0.2)  # in, out
+    assert (k, s) == (307, 153)
+    numbers, _ = dictionary_cost(576, 576, k, s)
+    assert numbers <= 0.8 * 576 * 576 < dictionary_cost(576, 576, k + 2, (k + 2) // 2)[0]
+    # storage: the support mask bits count too, at the value width
+    k2, s2 = dictionary_budget(576, 1536, 0.3, count="storage", value_bits=16)
+    _, bits = dictionary_cost(576, 1536, k2, s2, value_bits=16)
+    assert bits <= 0.7 * 576 * 1536 * 16 < dictionary_cost(576, 1536, k2 + 2, (k2 + 2) // 2, value_bits=16)[1]
+    assert k2 < dictionary_budget(576, 1536, 0.3)[0]
+    # a shared dictionary is paid once: two layers get more atoms than one
+    kg, sg = dictionary_budget(576, 576, 0.2, layers=2)
+    assert kg > k and dictionary_cost(576, 576, kg, sg, layers=2)[0] <= 0.8 * 2 * 576 * 576
+    assert dictionary_budget(100, 100, 0.5, rho=4.0) == (40, 10)  # 0.5 * 1e4 / (100 + 100/4)
+
+
+def test_dictionary_linear_kernels_agree_and_count_honestly():
+    gen = torch.Generator().manual_seed(5)
+    k, n, out, s = 40, 24, 30, 7
+    idx = torch.stack([torch.randperm(k, generator=gen)[:s] for _ in range(out)])
+    val = torch.randn(out, s, generator=gen)
+    atoms = torch.randn(k, n, generator=gen)
+    bias = torch.randn(out, generator=gen)
+    module = DictionaryLinear.from_codes(atoms, idx, val, bias)
+    W = codes_to_dense(idx, val, k).T @ atoms
+    assert torch.allclose(module.dense_weight(), W, atol=1e-5)
+    for tokens in (1, 5, 200):
+        x = torch.randn(2, tokens, n, generator=gen)
+        want = x @ W.T + bias
+        for kernel in ("gather", "sparse", "codes", "dense"):
+            module.kernel = kernel
+            assert torch.allclose(module(x), want, atol=1e-4), kernel
+    module.kernel = "auto"
+    assert module.pick_kernel(1) == "sparse" and module.pick_kernel(2048) == "codes"
+    assert module.param_count() == k * n + out * s + out
+    assert module.index_bits() == out * k
+    assert module.support.dtype == torch.uint8 and module.support.numel() == out * math.ceil(k / 8)
+
+
+def _layer(model, i, name):
+    return model.model.layers[i].get_submodule(name)
+
+
+def test_cospadi_compresses_saves_and_reloads_identically(calib, tmp_path):
+    model = tiny_llama(layers=2, hidden=32)
+    fk.compress(model, fk.CoSpaDiConfig(ratio=0.3, iterations=4), calib, progress=False)
+    summary = fk.summarize(model)
+    assert summary.factor_modules == 14 and summary.ratio_targeted >= 0.3
+    assert summary.ratio_targeted_storage < summary.ratio_targeted  # the masks cost bits
+    fit = model.factorkit_fit
+    assert all(f["error"] < 1.0 for f in fit.values())
+    fk.save(model, tmp_path / "m")
+    again = fk.load(tmp_path / "m")
+    ids = calib[:2]
+    assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert json.loads((tmp_path / "m" / "factorkit.json").read_text())["compression"]["config"]["iterations"] == 4
+
+
+def test_storage_count_reaches_the_ratio_with_the_masks(calib):
+    model = tiny_llama(layers=2, hidden=32)
+    fk.compress(model, fk.CoSpaDiConfig(ratio=0.3, iterations=2, count="storage"), calib, progress=False)
+    assert fk.summarize(model).ratio_targeted_storage >= 0.3
+
+
+def test_grouped_mode_shares_one_dictionary_per_projection(calib, tmp_path):
+    model = tiny_llama(layers=3, hidden=32)
+    fk.compress(model, fk.CoSpaDiConfig(ratio=0.3, iterations=3, group=2), calib, progress=False)
+    q0, q1, q2 = (_layer(model, i, "self_attn.q_proj") for i in range(3))
+    assert q0.atoms is q1.atoms and q2.atoms is not q0.atoms  # layers 0-1 share; layer 2 is its own group
+    assert not torch.equal(q0.values, q1.values)  # codes are per layer
+    assert _layer(model, 0, "mlp.up_proj").atoms is not q0.atoms
+    summary = fk.summarize(model)
+    assert summary.ratio_targeted >= 0.3  # the shared dictionary is counted once
+    fk.save(model, tmp_path / "g")
+    with safe_open(str(tmp_path / "g" / "model.safetensors"), "pt") as f:
+        atoms_keys = [key for key in f.keys() if key.endswith("q_proj.atoms")]
+    assert len(atoms_keys) == 2  # group (0, 1) stored once, layer 2 once
+    again = fk.load(tmp_path / "g")
+    assert _layer(again, 0, "self_attn.q_proj").atoms is _layer(again, 1, "self_attn.q_proj").atoms
+    ids = calib[:2]
+    assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_without_whitening_no_data_is_needed():
+    model = tiny_llama()
+    fk.compress(model, fk.CoSpaDiConfig(ratio=0.3, iterations=2, whiten=False), None, progress=False)
+    assert fk.summarize(model).factor_modules == 14
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"rho": 0.5}, "rho"),
+    ({"count": "bits"}, "count"),
+    ({"refresh": "sometimes"}, "refresh"),
+    ({"iterations": 0}, "iterations"),
+    ({"ratio": 0.999}, "fewer than one nonzero"),
+])
+def test_bad_cospadi_settings_raise_one_clear_error(calib, options, message):
+    with pytest.raises(fk.FactorkitError, match=message):
+        fk.compress(tiny_llama(), fk.CoSpaDiConfig(**{"iterations": 2, **options}), calib, progress=False)
+
+
+def test_cospadi_from_the_command_line(capsys, model_dir, tmp_path):
+    out_dir = tmp_path / "out"
+    capsys.readouterr()
+    code = main(["-q", "compress", "--model", str(model_dir), "--method", "cospadi", "--ratio", "0.3",
+                 "--iterations", "3", "--group", "2", "--calib-samples", "4", "--calib-seq-len", "32",
+                 "--out", str(out_dir)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "support masks" in out
+    model = fk.load(out_dir)
+    assert {type(m) for _, m in factor_modules(model)} == {DictionaryLinear}
+    assert model.factorkit_compression["config"]["group"] == 2
+    code = main(["-q", "compress", "--model", str(model_dir), "--method", "svdllm", "--group", "2",
+                 "--out", str(tmp_path / "bad")])
+    assert code == 2 and "--group applies to --method cospadi only" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
