@@ -29,6 +29,7 @@ test: install
 
 bench: install
 	$(PY) benchmarks/bench_lowrank.py
+	$(PY) benchmarks/bench_cospadi.py
 
 clean:
 	rm -rf out $(VENV) .pytest_cache

@@ -63,12 +63,20 @@ def block_matrices(base, calib) -> dict:
     """Weights and input Grams of block BLOCK's solver matrices (dense model)."""
     found = {}
 
+    class Done(Exception):
+        pass
+
     def on_block(index, block_name, block, stats):
         if index == BLOCK:
             for name in SOLVER_MATRICES:
                 found[name] = (linear_weight(block.get_submodule(name)).detach().clone(), stats[name].gram.clone())
+            raise Done
 
-    calibrate_blockwise(copy.deepcopy(base), calib, on_block, stats=("gram",), sequential=False, desc="block stats")
+    try:
+        calibrate_blockwise(copy.deepcopy(base), calib, on_block, stats=("gram",), sequential=False,
+                            desc="block stats")
+    except Done:
+        pass
     return found
 
 
@@ -166,7 +174,7 @@ def bench_latency(results: Results) -> None:
             print(key, {k_: (f"{v * 1e6:.0f}us" if isinstance(v, float) else v) for k_, v in row.items()}, flush=True)
 
 
-def bench_model(results: Results, base, calib, chunks) -> None:
+def bench_model(results: Results, base, calib, chunks, ratios=RATIOS, cospadi=tuple(COSPADI)) -> None:
     def evaluate(key: str, config, check_reload: bool = False) -> None:
         if key in results:
             return
@@ -197,12 +205,11 @@ def bench_model(results: Results, base, calib, chunks) -> None:
 
     if "dense" not in results:
         results.put("dense", {"ppl": perplexity(base, chunks, desc="dense").perplexity})
-    for ratio in RATIOS:
+    for ratio in ratios:
         for name, cls in BASELINES.items():
             evaluate(f"model/{name}/{ratio}", cls(ratio=ratio))
-    for name, options in COSPADI.items():
-        for ratio in RATIOS:
-            evaluate(f"model/{name}/{ratio}", fk.CoSpaDiConfig(ratio=ratio, **options),
+        for name in cospadi:
+            evaluate(f"model/{name}/{ratio}", fk.CoSpaDiConfig(ratio=ratio, **COSPADI[name]),
                      check_reload=(name == "cospadi" and ratio == 0.2))
 
 
@@ -316,13 +323,16 @@ def main() -> None:
     parts = set(args.only.split(","))
     base, tok = fk.models.load("smollm2-135m")
     calib = calibration_tokens(tok, "shakespeare", 32, 512, seed=0)
-    try:
-        if "solver" in parts:
-            bench_solver(results, block_matrices(base, calib))
+    chunks = eval_tokens(tok, "shakespeare", 2048, args.max_chunks, seed=0)
+    try:  # the headline comparison first, then the solver study, then the rest
         if "latency" in parts:
             bench_latency(results)
         if "model" in parts:
-            bench_model(results, base, calib, eval_tokens(tok, "shakespeare", 2048, args.max_chunks, seed=0))
+            bench_model(results, base, calib, chunks, ratios=(0.2,), cospadi=("cospadi",))
+        if "solver" in parts:
+            bench_solver(results, block_matrices(base, calib))
+        if "model" in parts:
+            bench_model(results, base, calib, chunks)
     finally:
         report(results)
 

@@ -152,6 +152,12 @@ def test_dictionary_linear_kernels_agree_and_count_honestly():
     assert module.param_count() == k * n + out * s + out
     assert module.index_bits() == out * k
     assert module.support.dtype == torch.uint8 and module.support.numel() == out * math.ceil(k / 8)
+    half = DictionaryLinear.from_codes(atoms, idx, val, bias, dtype=torch.bfloat16)
+    x = torch.randn(3, n, generator=gen)
+    assert half.pick_kernel(3) == "codes"  # torch has no bfloat16 CSR product on CPU
+    for kernel in ("gather", "sparse", "codes", "dense"):
+        half.kernel = kernel
+        assert torch.allclose(half(x.bfloat16()).float(), x @ W.T + bias, atol=0.3, rtol=0.05), kernel
 
 
 def _layer(model, i, name):

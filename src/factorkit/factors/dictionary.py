@@ -119,12 +119,16 @@ class DictionaryLinear(FactorModule):
     def dense_weight(self) -> torch.Tensor:
         return self.code_matrix() @ self.atoms
 
+    def _native_sparse(self) -> bool:
+        """torch's CPU CSR product has no half-precision kernel."""
+        return self.values.is_cuda or self.values.dtype in (torch.float32, torch.float64)
+
     def pick_kernel(self, tokens: int) -> str:
         if self.kernel != "auto":
             return self.kernel
         if tokens <= self.GATHER_MAX_TOKENS:
             return "gather"
-        if tokens <= self.SPARSE_MAX_TOKENS:
+        if tokens <= self.SPARSE_MAX_TOKENS and self._native_sparse():
             return "sparse"
         return "codes"
 
@@ -144,11 +148,11 @@ class DictionaryLinear(FactorModule):
         else:
             crow = torch.arange(0, self.out_features * self.sparsity + 1, self.sparsity,
                                 device=h.device, dtype=torch.int32)
+            values = self.values if self._native_sparse() else self.values.float()
             with warnings.catch_warnings():  # "sparse CSR support is in beta"
                 warnings.simplefilter("ignore", UserWarning)
-                csr = torch.sparse_csr_tensor(crow, self.indices, self.values,
-                                              (self.out_features, self.num_atoms))
-            y = (csr @ h2.T).T
+                csr = torch.sparse_csr_tensor(crow, self.indices, values, (self.out_features, self.num_atoms))
+            y = (csr @ h2.to(values.dtype).T).T.to(h.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
