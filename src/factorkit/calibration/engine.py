@@ -135,9 +135,10 @@ BlockCallback = Callable[[int, str, nn.Module, dict[str, LinearStats]], None]
 GroupCallback = Callable[[list[int], list[str], list[nn.Module], list[dict[str, LinearStats]]], None]
 
 
-def _collect_stats(block: nn.Module, hidden: list, extras: list, targets, kinds: tuple[str, ...]):
+def _collect_stats(block: nn.Module, hidden: list, extras: list, targets, kinds: tuple[str, ...],
+                   keep_outputs: bool = True):
     """Run every batch through ``block`` with hooks on its targeted Linears.
-    Returns (statistics by Linear name, the block's outputs per batch)."""
+    Returns (statistics by Linear name, the block's outputs per batch, or [] when not kept)."""
     linears = target_linears(block, targets)
     layer_stats = {n: LinearStats(linear_weight(m).shape[1]) for n, m in linears.items()}
     # Linears fed the same tensor (q/k/v, gate/up) share one computation per batch.
@@ -158,7 +159,9 @@ def _collect_stats(block: nn.Module, hidden: list, extras: list, targets, kinds:
     try:
         for b, h in enumerate(hidden):
             shared.clear()
-            outputs.append(run_block(block, h, extras[b]))
+            out = run_block(block, h, extras[b])
+            if keep_outputs:
+                outputs.append(out)
     finally:
         for handle in handles:
             handle.remove()
@@ -203,7 +206,9 @@ def calibrate_groupwise(
             group = list(range(first, min(first + group_size, len(blocks))))
             h, group_stats = hidden, []
             for i in group:
-                layer_stats, h = _collect_stats(blocks[i], h, extras[i], targets, kinds)
+                # the last block's uncompressed outputs are only needed when nothing reruns it
+                keep = i != group[-1] or not sequential
+                layer_stats, h = _collect_stats(blocks[i], h, extras[i], targets, kinds, keep)
                 group_stats.append(layer_stats)
             on_group(group, [f"{list_name}.{i}" for i in group], [blocks[i] for i in group], group_stats)
             if sequential:

@@ -77,6 +77,9 @@ class DictionaryLinear(FactorModule):
         self.register_buffer("support", torch.zeros(out_features, -(-atoms // 8), dtype=torch.uint8, device=device))
         self.register_buffer("indices", torch.zeros(out_features, sparsity, dtype=torch.int32, device=device),
                              persistent=False)
+        # CSR row pointer of the codes: every row has exactly s entries
+        self.register_buffer("crow", torch.arange(0, out_features * sparsity + 1, sparsity, dtype=torch.int32,
+                                                  device=device), persistent=False)
         self.register_load_state_dict_post_hook(_after_load)
 
     @classmethod
@@ -146,12 +149,10 @@ class DictionaryLinear(FactorModule):
             picked = h2.index_select(1, self.indices.flatten()).view(-1, self.out_features, self.sparsity)
             y = (picked * self.values).sum(-1)
         else:
-            crow = torch.arange(0, self.out_features * self.sparsity + 1, self.sparsity,
-                                device=h.device, dtype=torch.int32)
             values = self.values if self._native_sparse() else self.values.float()
             with warnings.catch_warnings():  # "sparse CSR support is in beta"
                 warnings.simplefilter("ignore", UserWarning)
-                csr = torch.sparse_csr_tensor(crow, self.indices, values, (self.out_features, self.num_atoms))
+                csr = torch.sparse_csr_tensor(self.crow, self.indices, values, (self.out_features, self.num_atoms))
             y = (csr @ h2.to(values.dtype).T).T.to(h.dtype)
         if self.bias is not None:
             y = y + self.bias

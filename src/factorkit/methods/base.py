@@ -9,6 +9,7 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
+from ..calibration import find_blocks, target_linears
 from ..errors import FactorkitError
 
 log = logging.getLogger("factorkit")
@@ -50,6 +51,19 @@ class CompressionConfig:
         """The settings as JSON-ready values, for factorkit.json (fields marked
         ``metadata={"record": False}``, such as precomputed statistics, are left out)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("record", True)}
+
+
+def check_targets(model: nn.Module, config: CompressionConfig) -> list[str]:
+    """Names (inside a block) of the Linears ``config.targets`` selects; one clear error if none."""
+    _, blocks = find_blocks(model)
+    names = list(target_linears(blocks[0], config.targets))
+    if not names:
+        available = ", ".join(target_linears(blocks[0])) or "none"
+        raise FactorkitError(
+            f"no Linear layer in the blocks matches targets {list(config.targets or [])}; "
+            f"the first block has: {available}."
+        )
+    return names
 
 
 MethodFn = Callable[[nn.Module, CompressionConfig, "torch.Tensor | None", bool], None]

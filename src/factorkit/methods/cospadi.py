@@ -39,12 +39,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibration import LinearStats, calibrate_groupwise, find_blocks, linear_weight, target_linears
+from ..calibration import LinearStats, calibrate_groupwise, find_blocks, linear_weight
 from ..calibration.blocks import replace_module
 from ..errors import FactorkitError
 from ..factors import DictionaryLinear
 from ..solvers.dictionary import dictionary_budget, refresh_schedule, sparse_dictionary
-from .base import CompressionConfig, log, register
+from .base import CompressionConfig, check_targets, log, register
 
 COUNTS = ("params", "storage")
 
@@ -110,12 +110,7 @@ def _averaged_gram(stats: list[LinearStats]) -> torch.Tensor:
 
 
 def _compress_cospadi(model: nn.Module, config: CoSpaDiConfig, data: Any, progress: bool) -> None:
-    _, blocks = find_blocks(model)
-    names = list(target_linears(blocks[0], config.targets))
-    if not names:
-        available = ", ".join(target_linears(blocks[0])) or "none"
-        raise FactorkitError(f"no Linear layer in the blocks matches targets {list(config.targets or [])}; "
-                             f"the first block has: {available}.")
+    names = check_targets(model, config)
     dtype = next(model.parameters()).dtype
     value_bits = torch.finfo(dtype).bits
     report: dict[str, dict] = {}

@@ -38,7 +38,7 @@ from ..errors import FactorkitError
 from ..factors import LowRankLinear
 from ..solvers import LowRankFactors, rank_for_ratio, truncated_svd, weighted_svd, whitened_svd
 from ..solvers.allocation import AllocationItem, allocate
-from .base import CompressionConfig, log, register
+from .base import CompressionConfig, check_targets, log, register
 
 ALLOCATIONS = ("uniform", "global")
 
@@ -239,16 +239,6 @@ class RankProfile:
                    for name, (m, n) in self.shapes.items())
 
 
-def _check_targets(model: nn.Module, config: CompressionConfig) -> None:
-    _, blocks = find_blocks(model)
-    if not target_linears(blocks[0], config.targets):
-        available = ", ".join(target_linears(blocks[0])) or "none"
-        raise FactorkitError(
-            f"no Linear layer in the blocks matches targets {list(config.targets or [])}; "
-            f"the first block has: {available}."
-        )
-
-
 def _fisher_data(config: LowRankConfig, data: Any) -> Any:
     limit = config.fisher_samples
     if limit is None:
@@ -283,7 +273,7 @@ def fisher_information(model: nn.Module, config: LowRankConfig, data: Any, progr
 def rank_profile(model: nn.Module, config: LowRankConfig, data: Any, progress: bool = True) -> RankProfile:
     """Profile the dense model for global allocation under ``config``'s method (any ratio)."""
     config.validate()
-    _check_targets(model, config)
+    check_targets(model, config)
     recipe = _recipe(config)
     fisher = config.fisher if config.fisher is not None else fisher_information(model, config, data, progress)
     shapes, gains = {}, {}
@@ -304,7 +294,7 @@ def rank_profile(model: nn.Module, config: LowRankConfig, data: Any, progress: b
 
 
 def _compress_lowrank(model: nn.Module, config: LowRankConfig, data: Any, progress: bool) -> None:
-    _check_targets(model, config)
+    check_targets(model, config)
     recipe = _recipe(config)
     fisher = config.fisher
     if config.needs_fisher() and fisher is None:

@@ -30,6 +30,7 @@ increases from one alternation to the next.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -201,8 +202,6 @@ def learn_dictionary(Y: torch.Tensor, atoms: int, sparsity: int, iterations: int
     produce, and mapped back. Each alternation is a sparse coding (on the
     ``refresh`` schedule, see ``refresh_schedule``) followed by a K-SVD sweep.
     """
-    import time
-
     if Y.ndim != 2:
         raise ValueError(f"Y must be 2-D, got shape {tuple(Y.shape)}")
     if not 1 <= sparsity <= atoms:
