@@ -59,43 +59,41 @@ def batch_omp(gram: torch.Tensor, correlations: torch.Tensor, sparsity: int,
     s, B = sparsity, correlations.shape[0]
     dtype, device = correlations.dtype, correlations.device
     gram = gram.to(dtype)
-    diag = gram.diagonal()
-    tiny = float(diag.max()) * (1e-6 if dtype == torch.float32 else 1e-12)
+    tiny = float(gram.diagonal().max()) * (1e-6 if dtype == torch.float32 else 1e-12)
     indices = torch.empty(B, s, dtype=torch.long, device=device)
     values = torch.empty(B, s, dtype=dtype, device=device)
     for start in range(0, B, chunk):
-        alpha = correlations[start : start + chunk].clone()
+        alpha = correlations[start : start + chunk].clone()  # D.T r, r the residual
         b = alpha.shape[0]
-        rows = torch.arange(b, device=device)
         P = torch.zeros(b, s, k, dtype=dtype, device=device)  # P[:, t] = D.T q_t, q_t orthonormalised atom t
-        L = torch.zeros(b, s, s, dtype=dtype, device=device)  # Cholesky factor of G[I, I], row by row
-        proj = torch.zeros(b, s, dtype=dtype, device=device)  # q_t . y
         used = torch.zeros(b, k, dtype=torch.bool, device=device)
+        score = torch.empty(b, k, dtype=dtype, device=device)
+        chosen, proj, norms = [], [], []  # per step: atom j, q_t . y, ||d_j - projection||
         for t in range(s):
-            j = alpha.abs().masked_fill_(used, -1.0).argmax(1)
+            j = torch.abs(alpha, out=score).masked_fill_(used, -1.0).argmax(1, keepdim=True)  # (b, 1)
             if t:
-                w = torch.gather(P[:, :t], 2, j.view(b, 1, 1).expand(b, t, 1)).squeeze(2)  # L[t, :t]
-                v = gram[j] - torch.bmm(w.unsqueeze(1), P[:, :t]).squeeze(1)
-                norm2 = diag[j] - w.square().sum(1)
-                L[:, t, :t] = w
+                w = torch.gather(P[:, :t], 2, j.unsqueeze(1).expand(b, t, 1)).transpose(1, 2)  # row t of L
+                v = torch.baddbmm(gram[j], w, P[:, :t], alpha=-1.0).squeeze(1)
             else:
-                v, norm2 = gram[j].clone(), diag[j].clone()
-            ok = norm2 > tiny
-            norm = torch.where(ok, norm2, torch.ones_like(norm2)).sqrt()
+                v = gram[j.squeeze(1)]
+            norm2 = v.gather(1, j).squeeze(1)  # ||d_j||^2 - ||w||^2
+            norm = norm2.clamp_min(tiny).sqrt_()
             # a dependent atom gets q = 0: no column in P, coefficient 0
-            p = torch.where(ok[:, None], v / norm[:, None], torch.zeros_like(v))
-            c = torch.where(ok, alpha[rows, j] / norm, torch.zeros_like(norm))
-            if t:
-                L[:, t, :t] *= ok[:, None]
+            scale = (norm2 > tiny) / norm
+            p = torch.mul(v, scale[:, None], out=P[:, t])
+            c = alpha.gather(1, j).squeeze(1).mul_(scale)
             alpha.addcmul_(p, c[:, None], value=-1.0)
-            used[rows, j] = True
-            P[:, t] = p
-            L[:, t, t] = norm
-            proj[:, t] = c
-            indices[start : start + b, t] = j
-        # y ~ Q proj with Q = D_I L^-T, so the coefficients solve L.T x = proj
+            used.scatter_(1, j, True)
+            chosen.append(j)
+            proj.append(c)
+            norms.append(norm)
+        support = torch.cat(chosen, 1)
+        # y ~ Q proj with Q = D_I L^-T, L L.T = G[I, I]; L.T[i, t] = q_i . d_(j_t) = P[:, i, j_t], upper triangular
+        Lt = torch.gather(P, 2, support.unsqueeze(1).expand(b, s, s)).triu_(1)
+        Lt.diagonal(dim1=1, dim2=2).copy_(torch.stack(norms, 1))
+        indices[start : start + b] = support
         values[start : start + b] = torch.linalg.solve_triangular(
-            L.transpose(1, 2), proj.unsqueeze(2), upper=True).squeeze(2)
+            Lt, torch.stack(proj, 1).unsqueeze(2), upper=True).squeeze(2)
     return indices, values
 
 
