@@ -137,18 +137,21 @@ def bench_solver(results: Results, mats: dict) -> None:
 
 
 def _time(fn, x, repeats: int) -> float:
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     with torch.inference_mode():
         for _ in range(3):
             fn(x)
         best = float("inf")
         for _ in range(repeats):
+            sync()
             t = time.perf_counter()
             fn(x)
+            sync()
             best = min(best, time.perf_counter() - t)
     return best
 
 
-def bench_latency(results: Results) -> None:
+def bench_latency(results: Results, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
     gen = torch.Generator().manual_seed(0)
     for label, (out_f, in_f) in LATENCY_SHAPES.items():
         k, s = dictionary_budget(in_f, out_f, 0.2)
@@ -157,11 +160,12 @@ def bench_latency(results: Results) -> None:
         lowrank = LowRankLinear.from_factors(torch.randn(out_f, r, generator=gen), torch.randn(r, in_f, generator=gen))
         idx = torch.stack([torch.randperm(k, generator=gen)[:s] for _ in range(out_f)])
         dic = DictionaryLinear.from_codes(torch.randn(k, in_f, generator=gen), idx, torch.randn(out_f, s, generator=gen))
+        dense, lowrank, dic = (m.to(device, dtype) for m in (dense, lowrank, dic))
         for tokens in LATENCY_TOKENS:
             key = f"latency/{label}/{tokens}"
             if key in results:
                 continue
-            x = torch.randn(1, tokens, in_f, generator=gen)
+            x = torch.randn(1, tokens, in_f, generator=gen).to(device, dtype)
             repeats = 200 if tokens == 1 else 30
             row = {"dense": _time(dense, x, repeats), "lowrank": _time(lowrank, x, repeats)}
             for kernel in ("gather", "sparse", "codes", "dense"):
@@ -169,9 +173,25 @@ def bench_latency(results: Results) -> None:
                 row[f"dict-{kernel}"] = _time(dic, x, repeats)
             dic.kernel = "auto"
             row["dict-auto"] = _time(dic, x, repeats)
+            row["auto-kernel"] = dic.pick_kernel(tokens)
             row["params"] = {"dense": out_f * in_f, "lowrank": r * (out_f + in_f), "dict": k * in_f + s * out_f}
             results.put(key, row)
             print(key, {k_: (f"{v * 1e6:.0f}us" if isinstance(v, float) else v) for k_, v in row.items()}, flush=True)
+
+
+def latency_table(results: Results) -> str:
+    rows = []
+    for label in LATENCY_SHAPES:
+        for tokens in LATENCY_TOKENS:
+            r = results.items.get(f"latency/{label}/{tokens}")
+            if not r:
+                continue
+            us = lambda v: f"{v * 1e6:.0f}"  # noqa: E731
+            rows.append([label, tokens, us(r["dense"]), us(r["lowrank"])]
+                        + [us(r[f"dict-{k}"]) for k in ("gather", "sparse", "codes", "dense", "auto")]
+                        + [f"{r['dict-auto'] / r['lowrank']:.2f}x"])
+    return markdown_table(["shape", "tokens", "nn.Linear", "LowRankLinear", "gather", "sparse (CSR)", "codes (GEMM)",
+                           "dense W", "auto", "auto / low-rank"], rows) if rows else ""
 
 
 def bench_model(results: Results, base, calib, chunks, ratios=RATIOS, cospadi=tuple(COSPADI)) -> None:
@@ -263,22 +283,11 @@ def report(results: Results) -> None:
                         "0, 1, 2, 4, 8, ... and the last, with a K-SVD sweep at every alternation.\n\n"
                         + markdown_table(["matrix", "schedule"] + [f"T={T}" for T in T_VALUES], curve_rows)
                         + "\n\n![error vs T](benchmarks/results/cospadi_error_vs_T.png)")
-    lat_rows = []
-    for label in LATENCY_SHAPES:
-        for tokens in LATENCY_TOKENS:
-            r = results.items.get(f"latency/{label}/{tokens}")
-            if not r:
-                continue
-            us = lambda v: f"{v * 1e6:.0f}"  # noqa: E731
-            lat_rows.append([label, tokens, us(r["dense"]), us(r["lowrank"])]
-                            + [us(r[f"dict-{k}"]) for k in ("gather", "sparse", "codes", "dense", "auto")]
-                            + [f"{r['dict-auto'] / r['lowrank']:.2f}x"])
-    if lat_rows:
+    lat = latency_table(results)
+    if lat:
         sections.append("### DictionaryLinear latency\n\nMicroseconds per call (best of many), batch 1, float32, "
                         "ratio 0.2 for both factorizations (equal parameter count). `auto` is what the module "
-                        "uses: the CSR kernel up to 64 tokens, the dense code GEMM beyond.\n\n" + markdown_table(
-                            ["shape", "tokens", "nn.Linear", "LowRankLinear", "gather", "sparse (CSR)",
-                             "codes (GEMM)", "dense W", "auto", "auto / low-rank"], lat_rows))
+                        "uses: the CSR kernel up to 64 tokens, the dense code GEMM beyond.\n\n" + lat)
     dense = results.items.get("dense")
     model_rows = []
     for name in list(BASELINES) + list(COSPADI):
@@ -314,12 +323,28 @@ def report(results: Results) -> None:
                   f"(part of `make bench`), {today()}, {machine()}.\n\n" + "\n\n".join(sections))
 
 
+def gpu_latency(device: str, fresh: bool) -> None:
+    """DictionaryLinear latency on a GPU: results in cospadi-<device>.json, section cospadi-<device>."""
+    name = f"cospadi-{device.split(':')[0]}"
+    results = Results(name, {"device": torch.cuda.get_device_name(device), "dtype": "bfloat16"}, fresh=fresh)
+    bench_latency(results, device, torch.bfloat16)
+    write_section(name, f"### DictionaryLinear latency on {results.settings['device']}\n\n"
+                  f"`python benchmarks/bench_cospadi.py --device {device}`, {today()}, torch {torch.__version__}. "
+                  "Microseconds per call (best of many, synchronised), batch 1, bfloat16, ratio 0.2 for both "
+                  "factorizations. `auto` takes the gather kernel for one token and the code GEMM beyond.\n\n"
+                  + latency_table(results))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-chunks", type=int, default=16)
     ap.add_argument("--only", default="solver,latency,model", help="comma-separated parts to run")
     ap.add_argument("--fresh", action="store_true", help="ignore results of an earlier, interrupted run")
+    ap.add_argument("--device", default="cpu", help="a GPU (cuda) runs the latency part alone, in bfloat16")
     args = ap.parse_args()
+    if args.device != "cpu":
+        gpu_latency(args.device, args.fresh)
+        return
     settings = {"model": "smollm2-135m", "calib_samples": 32, "calib_seq_len": 512, "seq_len": 2048,
                 "max_chunks": args.max_chunks}
     results = Results("cospadi", settings, fresh=args.fresh)

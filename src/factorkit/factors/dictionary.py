@@ -9,12 +9,13 @@ coefficients in increasing atom order. Indices for the kernels are rebuilt
 from the mask at load time and kept as a non-persistent int32 buffer.
 
 Kernels (all give the same result up to rounding; ``kernel="auto"`` picks
-by the number of tokens, thresholds from ``benchmarks/bench_cospadi.py``):
+by the number of tokens and the device, thresholds from
+``benchmarks/bench_cospadi.py``):
 
 - gather: h = x @ atoms.T, then y[o] = sum_i h[idx[o, i]] * values[o, i]
   (out*s gathered entries of h per token);
-- sparse: h @ C.T with C a CSR matrix (torch.sparse; best for decoding and
-  small batches);
+- sparse: h @ C.T with C a CSR matrix (torch.sparse; best on the CPU for
+  decoding and small batches);
 - codes:  scatter C into a dense (out x k) matrix, then a second GEMM
   (best for prefill: two dense GEMMs of total k*(in+out) per token);
 - dense:  materialise W = C @ atoms (out x in) and apply it.
@@ -57,10 +58,15 @@ def _after_load(module: "DictionaryLinear", incompatible_keys: Any) -> None:
 class DictionaryLinear(FactorModule):
     factor_type = "dictionary"
     # Token counts up to which gather / sparse beat the dense code GEMM, from
-    # benchmarks/bench_cospadi.py on SmolLM2 shapes (CPU, float32): the CSR
+    # benchmarks/bench_cospadi.py on SmolLM2 shapes. CPU, float32: the CSR
     # kernel wins up to about 64 tokens, gather never did (it stays available).
+    # CUDA (H100, bfloat16 and float32, `--device cuda`): every kernel is
+    # bound by its few launches at these sizes; gather is the fastest for one
+    # token, the code GEMM from a few tokens on, and cuSPARSE's CSR product
+    # falls far behind beyond a few tokens.
     GATHER_MAX_TOKENS: ClassVar[int] = 0
     SPARSE_MAX_TOKENS: ClassVar[int] = 64
+    CUDA_GATHER_MAX_TOKENS: ClassVar[int] = 1
 
     def __init__(self, in_features: int, out_features: int, atoms: int, sparsity: int, bias: bool = False,
                  kernel: str = "auto", dtype: torch.dtype | None = None,
@@ -129,6 +135,8 @@ class DictionaryLinear(FactorModule):
     def pick_kernel(self, tokens: int) -> str:
         if self.kernel != "auto":
             return self.kernel
+        if self.values.is_cuda:
+            return "gather" if tokens <= self.CUDA_GATHER_MAX_TOKENS else "codes"
         if tokens <= self.GATHER_MAX_TOKENS:
             return "gather"
         if tokens <= self.SPARSE_MAX_TOKENS and self._native_sparse():
@@ -152,7 +160,8 @@ class DictionaryLinear(FactorModule):
             values = self.values if self._native_sparse() else self.values.float()
             with warnings.catch_warnings():  # "sparse CSR support is in beta"
                 warnings.simplefilter("ignore", UserWarning)
-                csr = torch.sparse_csr_tensor(self.crow, self.indices, values, (self.out_features, self.num_atoms))
+                csr = torch.sparse_csr_tensor(self.crow, self.indices.view(-1), values.reshape(-1),
+                                              (self.out_features, self.num_atoms))
             y = (csr @ h2.to(values.dtype).T).T.to(h.dtype)
         if self.bias is not None:
             y = y + self.bias

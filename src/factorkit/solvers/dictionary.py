@@ -39,7 +39,7 @@ from .whitening import cholesky_factor
 
 
 def batch_omp(gram: torch.Tensor, correlations: torch.Tensor, sparsity: int,
-              chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+              chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthogonal matching pursuit with exactly ``sparsity`` atoms per signal.
 
     gram: D.T @ D (k x k) of a dictionary with unit-norm atoms.
@@ -49,6 +49,8 @@ def batch_omp(gram: torch.Tensor, correlations: torch.Tensor, sparsity: int,
     by the largest |correlation with the residual|, as in scikit-learn's
     ``orthogonal_mp_gram``. An atom that is (numerically) a combination of
     atoms already chosen is kept in the support with coefficient 0.
+    chunk: signals coded at once (default: 64 on the CPU, where the per-signal
+    state should stay in cache; on a GPU as many as fit in about 1 GiB).
     """
     k = gram.shape[0]
     if gram.shape != (k, k) or correlations.ndim != 2 or correlations.shape[1] != k:
@@ -58,6 +60,8 @@ def batch_omp(gram: torch.Tensor, correlations: torch.Tensor, sparsity: int,
         raise ValueError(f"sparsity must lie in [1, {k}], got {sparsity}")
     s, B = sparsity, correlations.shape[0]
     dtype, device = correlations.dtype, correlations.device
+    if chunk is None:
+        chunk = 64 if device.type == "cpu" else max(1, (1 << 30) // (s * k * correlations.element_size()))
     gram = gram.to(dtype)
     tiny = float(gram.diagonal().max()) * (1e-6 if dtype == torch.float32 else 1e-12)
     indices = torch.empty(B, s, dtype=torch.long, device=device)
@@ -135,10 +139,9 @@ def ksvd_sweep(residual: torch.Tensor, atoms: torch.Tensor, indices: torch.Tenso
         E = residual.index_select(0, rows).addr_(g, d)
         for _ in range(power_iterations):
             d_new = g @ E
-            norm = d_new.norm()
-            if not norm > 0:
-                break
-            d = d_new / norm
+            norm = torch.linalg.vector_norm(d_new)
+            # all-zero coefficients: keep the atom, refit them (no host sync, so a GPU never waits)
+            d = torch.where(norm > 0, d_new / norm, d)
             g = E @ d
         residual.index_copy_(0, rows, E.addr_(g, d, alpha=-1.0))
         atoms[j] = d
@@ -190,7 +193,7 @@ class DictionaryResult:
 
 def learn_dictionary(Y: torch.Tensor, atoms: int, sparsity: int, iterations: int = 60, *,
                      refresh: str | int = "every", power_iterations: int = 2, seed: int = 0,
-                     dtype: torch.dtype = torch.float32, omp_chunk: int = 64) -> DictionaryResult:
+                     dtype: torch.dtype = torch.float32, omp_chunk: int | None = None) -> DictionaryResult:
     """Alternate Batch-OMP and K-SVD to fit Y (n x B) ~ D C with ``sparsity`` nonzeros per column.
 
     The dictionary starts from ``atoms`` distinct random columns of Y
@@ -216,15 +219,15 @@ def learn_dictionary(Y: torch.Tensor, atoms: int, sparsity: int, iterations: int
     Yw = (Yw / scale).to(dtype)
     dim = Yw.shape[0]
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # on the CPU: the same start on every device
     Yt = Yw.T.contiguous()  # (B, dim): one signal per row
-    D = torch.randn(atoms, dim, generator=gen, dtype=torch.float64).to(dtype)  # one atom per row
-    picked = torch.randperm(B, generator=gen)[: min(atoms, B)]
+    D = torch.randn(atoms, dim, generator=gen, dtype=torch.float64).to(Y.device, dtype)  # one atom per row
+    picked = torch.randperm(B, generator=gen)[: min(atoms, B)].to(Y.device)
     D[: picked.numel()] = Yt[picked]
     norms = D.norm(dim=1)
     zero = norms <= 1e-12 * float(norms.max())
     if bool(zero.any()):
-        D[zero] = torch.randn(int(zero.sum()), dim, generator=gen, dtype=torch.float64).to(dtype)
+        D[zero] = torch.randn(int(zero.sum()), dim, generator=gen, dtype=torch.float64).to(Y.device, dtype)
         norms = D.norm(dim=1)
     D /= norms[:, None]
 
