@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, Results, machine, today, write_section  # noqa: E402
+from common import RESULTS, Results, best_time, machine, today, write_section  # noqa: E402
 
 import factorkit as fk  # noqa: E402
 from factorkit.calibration import calibrate_blockwise, linear_weight  # noqa: E402
@@ -136,21 +136,6 @@ def bench_solver(results: Results, mats: dict) -> None:
                 print(key, results[key], flush=True)
 
 
-def _time(fn, x, repeats: int) -> float:
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    with torch.inference_mode():
-        for _ in range(3):
-            fn(x)
-        best = float("inf")
-        for _ in range(repeats):
-            sync()
-            t = time.perf_counter()
-            fn(x)
-            sync()
-            best = min(best, time.perf_counter() - t)
-    return best
-
-
 def bench_latency(results: Results, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
     gen = torch.Generator().manual_seed(0)
     for label, (out_f, in_f) in LATENCY_SHAPES.items():
@@ -167,12 +152,12 @@ def bench_latency(results: Results, device: str = "cpu", dtype: torch.dtype = to
                 continue
             x = torch.randn(1, tokens, in_f, generator=gen).to(device, dtype)
             repeats = 200 if tokens == 1 else 30
-            row = {"dense": _time(dense, x, repeats), "lowrank": _time(lowrank, x, repeats)}
+            row = {"dense": best_time(dense, x, repeats), "lowrank": best_time(lowrank, x, repeats)}
             for kernel in ("gather", "sparse", "codes", "dense"):
                 dic.kernel = kernel
-                row[f"dict-{kernel}"] = _time(dic, x, repeats)
+                row[f"dict-{kernel}"] = best_time(dic, x, repeats)
             dic.kernel = "auto"
-            row["dict-auto"] = _time(dic, x, repeats)
+            row["dict-auto"] = best_time(dic, x, repeats)
             row["auto-kernel"] = dic.pick_kernel(tokens)
             row["params"] = {"dense": out_f * in_f, "lowrank": r * (out_f + in_f), "dict": k * in_f + s * out_f}
             results.put(key, row)

@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -56,6 +57,22 @@ class Results:
         tmp = self.path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps({"settings": self.settings, "items": self.items}, indent=2))
         os.replace(tmp, self.path)
+
+
+def best_time(fn, x, repeats: int) -> float:
+    """Best wall time of ``fn(x)`` over ``repeats`` calls after 3 warm-ups (synchronised on a GPU)."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    with torch.inference_mode():
+        for _ in range(3):
+            fn(x)
+        best = float("inf")
+        for _ in range(repeats):
+            sync()
+            t = time.perf_counter()
+            fn(x)
+            sync()
+            best = min(best, time.perf_counter() - t)
+    return best
 
 
 def write_section(name: str, body: str) -> None:

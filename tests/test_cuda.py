@@ -77,3 +77,31 @@ def test_compress_on_the_gpu_saves_and_reloads_identically(config, calib, tmp_pa
     ids = calib[:2].to(CUDA)
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_dense_sparse_trains_on_the_gpu_and_its_2_4_export_runs_semi_structured():
+    from factorkit.factors import DenseSparseLinear
+
+    gen = torch.Generator().manual_seed(3)
+    k, out, n = 64, 128, 128  # the smallest shapes the semi-structured kernels take
+    layer = DenseSparseLinear.from_factors(torch.randn(out, k, generator=gen), torch.randn(k, n, generator=gen) / 8,
+                                           k // 2, pattern="2:4").to(CUDA)
+    x = torch.randn(64, n, generator=gen).to(CUDA)
+    target = torch.randn(64, out, generator=gen).to(CUDA)
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        loss = (layer(x) - target).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+    compact = layer.export().to(torch.bfloat16)
+    xb = x.bfloat16()
+    compact.kernel = "codes"
+    want = compact(xb)
+    compact.kernel = "semi24"
+    got = compact(xb)
+    assert torch.allclose(got.float(), want.float(), atol=0.1, rtol=0.02)
+    assert torch.allclose(want.float(), layer(x).float(), atol=0.5, rtol=0.05)

@@ -104,9 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--iterations", type=_positive,
                    help="cospadi: alternations of sparse coding and K-SVD (default 60, the paper's)")
     c.add_argument("--refresh", help="cospadi: when OMP re-codes: doubling (default), every, or every N-th")
-    c.add_argument("--rho", type=float, help="cospadi: atoms per nonzero, k/s (default 2)")
+    c.add_argument("--rho", type=float, help="cospadi, dsformer: atoms per nonzero, k/s (default 2)")
     c.add_argument("--count", choices=("params", "storage"),
-                   help="cospadi: --ratio counts parameters (default) or storage incl. support bits")
+                   help="cospadi, dsformer: --ratio counts parameters (default) or storage incl. support bits")
+    c.add_argument("--pattern", help="dsformer: coefficient sparsity, topk (default) or n:m such as 2:4")
+    c.add_argument("--blocks", type=_positive, help="dsformer: groups of output rows with their own basis (default 1)")
+    c.add_argument("--init", choices=("svd", "cospadi", "random"), help="dsformer: starting factorization (default svd)")
+    c.add_argument("--no-stf", action="store_true",
+                   help="dsformer: freeze the support after init (the ablation of the Straight-Through Factorizer)")
+    c.add_argument("--train-steps", type=_positive, help="dsformer: optimizer steps (default 200)")
+    c.add_argument("--lr", type=float, help="dsformer: AdamW learning rate (default 1e-4)")
+    c.add_argument("--train-batch-size", type=_positive, help="dsformer: sequences per micro-batch (default 4)")
+    c.add_argument("--grad-accum", type=_positive, help="dsformer: micro-batches per optimizer step (default 1)")
+    c.add_argument("--distill", type=float, help="dsformer: weight of the KL to the dense model's logits (default 0)")
+    c.add_argument("--checkpoint-dir",
+                   help="dsformer: save the training state here every 50 steps; a rerun resumes from it")
     c.add_argument("--fisher-samples", type=_positive,
                    help="fwsvd / global allocation: calibration sequences used for the gradient pass (default all)")
     c.add_argument("--batch-size", type=_positive, default=4, help="calibration sequences per forward pass (default 4)")
@@ -135,10 +147,15 @@ def _method_config(args: argparse.Namespace):
     options = {"alpha": args.alpha, "allocation": args.allocation, "min_rank": args.min_rank,
                "fisher_axis": args.fisher_axis, "whiten": whiten, "fisher_samples": args.fisher_samples,
                "group": args.group, "iterations": args.iterations, "refresh": args.refresh, "rho": args.rho,
-               "count": args.count}
+               "count": args.count, "pattern": args.pattern, "blocks": args.blocks, "init": args.init,
+               "stf": False if args.no_stf else None, "train_steps": args.train_steps, "lr": args.lr,
+               "train_batch_size": args.train_batch_size, "grad_accum": args.grad_accum, "distill": args.distill,
+               "checkpoint_dir": args.checkpoint_dir}
     # options only some methods have: an explicit value for another method is a mistake
     specific = {"fisher_axis": "fwsvd", "group": "cospadi", "iterations": "cospadi", "refresh": "cospadi",
-                "rho": "cospadi", "count": "cospadi"}
+                "rho": "cospadi or dsformer", "count": "cospadi or dsformer"}
+    specific.update({name: "dsformer" for name in ("pattern", "blocks", "init", "train_steps", "lr",
+                                                   "train_batch_size", "grad_accum", "distill", "checkpoint_dir")})
     fields = method.config_cls.__dataclass_fields__
     for name, value in options.items():
         if name in fields:
@@ -146,6 +163,8 @@ def _method_config(args: argparse.Namespace):
                 kwargs[name] = value
         elif name in specific and value is not None:
             raise FactorkitError(f"--{name.replace('_', '-')} applies to --method {specific[name]} only.")
+        elif name == "stf" and value is not None:
+            raise FactorkitError("--no-stf applies to --method dsformer only.")
         elif name == "whiten" and value is not None:
             raise FactorkitError(f"--{'whiten' if value else 'no-whiten'} applies to --method fwsvd or cospadi only.")
     return method.config_cls(**kwargs)

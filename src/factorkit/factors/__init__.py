@@ -1,7 +1,9 @@
 """nn.Modules that replace nn.Linear. They hold factors; they never compute them."""
 
 from .base import FACTOR_TYPES, FactorModule, factor_modules
+from .densesparse import DenseSparseLinear
 from .dictionary import DictionaryLinear
 from .lowrank import LowRankLinear
 
-__all__ = ["DictionaryLinear", "FACTOR_TYPES", "FactorModule", "LowRankLinear", "factor_modules"]
+__all__ = ["DenseSparseLinear", "DictionaryLinear", "FACTOR_TYPES", "FactorModule", "LowRankLinear",
+           "factor_modules"]

@@ -8,6 +8,11 @@ rho = 2, against 16 for int16 indices) and ``values`` (out x s) holds the
 coefficients in increasing atom order. Indices for the kernels are rebuilt
 from the mask at load time and kept as a non-persistent int32 buffer.
 
+Row blocks (DSFormer's exported form): with ``blocks`` = g > 1 the output rows
+are split into g equal groups, each with its own k atoms; ``atoms`` then holds
+g*k rows, group b's atoms at rows b*k .. b*k+k-1, and the support mask stays
+k bits per row (local to the row's group).
+
 Kernels (all give the same result up to rounding; ``kernel="auto"`` picks
 by the number of tokens and the device, thresholds from
 ``benchmarks/bench_cospadi.py``):
@@ -18,7 +23,11 @@ by the number of tokens and the device, thresholds from
   decoding and small batches);
 - codes:  scatter C into a dense (out x k) matrix, then a second GEMM
   (best for prefill: two dense GEMMs of total k*(in+out) per token);
-- dense:  materialise W = C @ atoms (out x in) and apply it.
+- dense:  materialise W = C @ atoms (out x in) and apply it;
+- semi24: the code GEMM with C as a 2:4 semi-structured sparse matrix
+  (``torch.sparse.to_sparse_semi_structured``: CUDA, half precision, and a
+  support with at most 2 nonzeros in every 4 consecutive atoms, as DSFormer's
+  "2:4" pattern gives), built once and reused while the values stay unchanged.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from torch import nn
 
 from .base import FactorModule
 
-KERNELS = ("auto", "gather", "sparse", "codes", "dense")
+KERNELS = ("auto", "gather", "sparse", "codes", "dense", "semi24")
 
 
 def pack_support(indices: torch.Tensor, atoms: int) -> torch.Tensor:
@@ -69,15 +78,18 @@ class DictionaryLinear(FactorModule):
     CUDA_GATHER_MAX_TOKENS: ClassVar[int] = 1
 
     def __init__(self, in_features: int, out_features: int, atoms: int, sparsity: int, bias: bool = False,
-                 kernel: str = "auto", dtype: torch.dtype | None = None,
+                 kernel: str = "auto", blocks: int = 1, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
         if kernel not in KERNELS:
             raise ValueError(f"kernel {kernel!r} is unknown; choose one of {', '.join(KERNELS)}")
+        if blocks < 1 or out_features % blocks:
+            raise ValueError(f"blocks must divide the {out_features} output rows, got {blocks}")
         self.in_features, self.out_features = in_features, out_features
-        self.num_atoms, self.sparsity, self.kernel = atoms, sparsity, kernel
+        self.num_atoms, self.sparsity, self.kernel, self.blocks = atoms, sparsity, kernel, blocks
+        self.total_atoms = blocks * atoms
         kw = {"dtype": dtype, "device": device}
-        self.atoms = nn.Parameter(torch.empty(atoms, in_features, **kw))
+        self.atoms = nn.Parameter(torch.empty(self.total_atoms, in_features, **kw))
         self.values = nn.Parameter(torch.empty(out_features, sparsity, **kw))
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
         self.register_buffer("support", torch.zeros(out_features, -(-atoms // 8), dtype=torch.uint8, device=device))
@@ -91,13 +103,20 @@ class DictionaryLinear(FactorModule):
     @classmethod
     def from_codes(cls, atoms: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
                    bias: torch.Tensor | None = None, dtype: torch.dtype | None = None,
-                   shared_atoms: nn.Parameter | None = None) -> "DictionaryLinear":
-        """Build from atoms (k x in) and per-row codes (out x s); ``shared_atoms``
-        reuses another module's dictionary Parameter instead of a copy."""
+                   shared_atoms: nn.Parameter | None = None, blocks: int = 1) -> "DictionaryLinear":
+        """Build from atoms (blocks*k x in) and per-row codes (out x s) indexing
+        them; with blocks > 1 each row's indices must lie in its group's atoms.
+        ``shared_atoms`` reuses another module's dictionary Parameter instead of a copy."""
         dtype = dtype or atoms.dtype
-        k, n = atoms.shape
+        total, n = atoms.shape
         out, s = indices.shape
-        module = cls(n, out, k, s, bias is not None, dtype=dtype, device=atoms.device)
+        if total % blocks or out % blocks:
+            raise ValueError(f"blocks {blocks} must divide the {total} atoms and the {out} rows")
+        k = total // blocks
+        local = indices - cls._row_offsets(out, k, blocks, indices.device)[:, None]
+        if bool(((local < 0) | (local >= k)).any()):
+            raise ValueError("with blocks > 1, every row's indices must lie in its own group's atoms")
+        module = cls(n, out, k, s, bias is not None, blocks=blocks, dtype=dtype, device=atoms.device)
         order = torch.argsort(indices, dim=1)
         with torch.no_grad():
             if shared_atoms is not None:
@@ -105,11 +124,16 @@ class DictionaryLinear(FactorModule):
             else:
                 module.atoms.copy_(atoms)
             module.values.copy_(torch.gather(values, 1, order))
-            module.support.copy_(pack_support(indices, k))
+            module.support.copy_(pack_support(local, k))
             if bias is not None:
                 module.bias.copy_(bias)
         module._rebuild_indices()
         return module
+
+    @staticmethod
+    def _row_offsets(out: int, atoms: int, blocks: int, device) -> torch.Tensor:
+        """For each output row, the first atom of its group."""
+        return torch.arange(out, device=device) // (out // blocks) * atoms
 
     def _rebuild_indices(self) -> None:
         bits = unpack_support(self.support, self.num_atoms)
@@ -118,11 +142,13 @@ class DictionaryLinear(FactorModule):
             raise ValueError(f"support mask has rows with {int(counts.min())}..{int(counts.max())} atoms, "
                              f"expected exactly {self.sparsity}")
         # nonzero() walks rows in order, atoms ascending: the order of ``values``
-        self.indices = bits.nonzero()[:, 1].view(self.out_features, self.sparsity).to(torch.int32)
+        local = bits.nonzero()[:, 1].view(self.out_features, self.sparsity)
+        offsets = self._row_offsets(self.out_features, self.num_atoms, self.blocks, local.device)
+        self.indices = (local + offsets[:, None]).to(torch.int32)
 
     def code_matrix(self) -> torch.Tensor:
-        """The dense (out x k) code matrix C."""
-        dense = torch.zeros(self.out_features, self.num_atoms, dtype=self.values.dtype, device=self.values.device)
+        """The dense (out x blocks*k) code matrix C."""
+        dense = torch.zeros(self.out_features, self.total_atoms, dtype=self.values.dtype, device=self.values.device)
         return dense.scatter_(1, self.indices.long(), self.values)
 
     def dense_weight(self) -> torch.Tensor:
@@ -148,10 +174,12 @@ class DictionaryLinear(FactorModule):
         if kernel == "dense":
             return F.linear(x, self.dense_weight(), self.bias)
         h = F.linear(x, self.atoms)
+        if kernel == "semi24":
+            return F.linear(h, self._semi_structured_codes(), self.bias)
         if kernel == "codes":
             return F.linear(h, self.code_matrix(), self.bias)
         lead = h.shape[:-1]
-        h2 = h.reshape(-1, self.num_atoms)
+        h2 = h.reshape(-1, self.total_atoms)
         if kernel == "gather":
             # (tokens, out, s) gathered entries of h, weighted and summed over s
             picked = h2.index_select(1, self.indices.flatten()).view(-1, self.out_features, self.sparsity)
@@ -161,20 +189,37 @@ class DictionaryLinear(FactorModule):
             with warnings.catch_warnings():  # "sparse CSR support is in beta"
                 warnings.simplefilter("ignore", UserWarning)
                 csr = torch.sparse_csr_tensor(self.crow, self.indices.view(-1), values.reshape(-1),
-                                              (self.out_features, self.num_atoms))
+                                              (self.out_features, self.total_atoms))
             y = (csr @ h2.to(values.dtype).T).T.to(h.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
+
+    def _semi_structured_codes(self):
+        version = (self.values._version, self.values.data_ptr(), self.indices.data_ptr())
+        cached = getattr(self, "_semi_cache", None)
+        if cached is None or cached[0] != version:
+            if not self.values.is_cuda or self.values.dtype not in (torch.float16, torch.bfloat16):
+                raise ValueError("the semi24 kernel needs a CUDA module in float16 or bfloat16")
+            codes = self.code_matrix().detach()
+            if self.total_atoms % 4 or bool(((codes.view(self.out_features, -1, 4) != 0).sum(-1) > 2).any()):
+                raise ValueError("the semi24 kernel needs at most 2 nonzeros in every 4 consecutive atoms "
+                                 "(DSFormer's pattern='2:4')")
+            self._semi_cache = (version, torch.sparse.to_sparse_semi_structured(codes))
+        return self._semi_cache[1]
 
     def index_bits(self) -> int:
         """Bits stored for the support mask (beyond the numbers in parameters)."""
         return self.out_features * self.num_atoms
 
     def spec(self) -> dict[str, Any]:
-        return {"in_features": self.in_features, "out_features": self.out_features, "atoms": self.num_atoms,
+        spec = {"in_features": self.in_features, "out_features": self.out_features, "atoms": self.num_atoms,
                 "sparsity": self.sparsity, "bias": self.bias is not None}
+        if self.blocks > 1:
+            spec["blocks"] = self.blocks
+        return spec
 
     def extra_repr(self) -> str:
+        blocks = f", blocks={self.blocks}" if self.blocks > 1 else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, atoms={self.num_atoms}, "
-                f"sparsity={self.sparsity}, bias={self.bias is not None}, kernel={self.kernel}")
+                f"sparsity={self.sparsity}{blocks}, bias={self.bias is not None}, kernel={self.kernel}")

@@ -5,6 +5,7 @@ Importing this package registers every method in ``METHODS``.
 
 from .base import METHODS, CompressionConfig, Method, get_method, register
 from .cospadi import CoSpaDiConfig
+from .dsformer import DSFormerConfig
 from .lowrank import (
     ASVDConfig,
     FWSVDConfig,
@@ -24,6 +25,7 @@ __all__ = [
     "ASVDConfig",
     "CoSpaDiConfig",
     "CompressionConfig",
+    "DSFormerConfig",
     "DEFAULT_METHOD",
     "FWSVDConfig",
     "LowRankConfig",

@@ -1,0 +1,206 @@
+"""DSFormer: dense x semi-structured sparse factors trained with the
+Straight-Through Factorizer (Chand, Prabhu & Kumar, 2023).
+
+Each targeted Linear W (out x in) becomes C @ B: a small dense basis B
+(k x in per block of rows) and coefficients C (out x k) of which each row keeps
+s entries (the s largest magnitudes, or n of every m along k, e.g. 2:4 for GPU
+semi-structured kernels). See ``solvers.sparsity`` for the layout.
+
+Recipe:
+
+1. Start every factorization from ``init``: "svd" (data-aware: SVD-LLM's
+   whitened SVD split evenly into C and B, C cut to its magnitude pattern,
+   then alternating least squares on the whitened error; calibrated block by
+   block), "cospadi" (the CoSpaDi dictionary and codes, cut to the pattern for
+   n:m), or "random".
+2. Train all factorizations jointly on the task loss, next-token
+   cross-entropy on the calibration text (plus, with ``distill`` > 0, KL to
+   the dense model's logits): AdamW, warm-up and cosine decay, gradient
+   accumulation, resumable checkpoints (``training.loop``). With ``stf`` the
+   forward pass masks C to its current magnitude pattern and the backward
+   pass is straight-through, so the support moves while training; with
+   ``stf=False`` (the ablation) the support from step 1 is frozen and only B
+   and the surviving coefficients train.
+3. Freeze the masks and export each layer to the compact DictionaryLinear
+   (basis, values, support bits), the form that is saved and served.
+
+Budget: k and s per matrix from ``dense_sparse_budget`` so that the basis, the
+nonzeros and, with count="storage", the support bits meet the ratio.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..calibration import calibrate_blockwise, find_blocks, linear_weight
+from ..calibration.blocks import replace_module
+from ..errors import FactorkitError
+from ..factors import DenseSparseLinear, factor_modules
+from ..solvers.dictionary import sparse_dictionary
+from ..solvers.sparsity import Pattern, dense_sparse_budget, magnitude_mask, refit_coefficients, \
+    whitened_dense_sparse
+from ..training import TrainConfig, causal_lm_loss, train
+from .base import CompressionConfig, check_targets, log, register
+
+INITS = ("svd", "cospadi", "random")
+
+
+@dataclass
+class DSFormerConfig(CompressionConfig):
+    """rho: atoms per nonzero, k / s, for pattern "topk" (an n:m pattern fixes it to m / n).
+    pattern: "topk" (s largest per row) or "n:m" such as "2:4".
+    blocks: groups of output rows with their own basis (1 = the whole matrix).
+    init: "svd", "cospadi" or "random".
+    stf: learn the support (Straight-Through Factorizer); False freezes it after init.
+    count: what ``ratio`` counts, "params" or "storage" (support bits included).
+    train_steps, lr, train_batch_size, grad_accum, warmup, distill, temperature,
+    checkpoint_dir, seed: the training run (see ``training.TrainConfig``).
+    """
+
+    method = "dsformer"
+    rho: float = 2.0
+    pattern: str = "topk"
+    blocks: int = 1
+    init: str = "svd"
+    stf: bool = True
+    count: str = "params"
+    train_steps: int = 200
+    lr: float = 1e-4
+    train_batch_size: int = 4
+    grad_accum: int = 1
+    warmup: int = 10
+    distill: float = 0.0
+    temperature: float = 2.0
+    checkpoint_dir: str | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        try:
+            Pattern.parse(self.pattern)
+        except ValueError as err:
+            raise FactorkitError(f"{err}.") from None
+        if self.init not in INITS:
+            raise FactorkitError(f"init {self.init!r} is unknown; choose one of {', '.join(INITS)}.")
+        if not self.rho >= 1.0:
+            raise FactorkitError(f"rho = atoms / nonzeros must be at least 1, got {self.rho}.")
+        if self.count not in ("params", "storage"):
+            raise FactorkitError(f"count {self.count!r} is unknown; choose 'params' or 'storage'.")
+        if int(self.blocks) < 1:
+            raise FactorkitError(f"blocks must be at least 1, got {self.blocks}.")
+        try:
+            self.train_config().validate()
+        except ValueError as err:
+            raise FactorkitError(f"{err}.") from None
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(steps=self.train_steps, lr=self.lr, batch_size=self.train_batch_size,
+                           grad_accum=self.grad_accum, warmup=self.warmup, distill=self.distill,
+                           temperature=self.temperature, checkpoint_dir=self.checkpoint_dir, seed=self.seed)
+
+
+def _budget(name: str, out_f: int, in_f: int, config: DSFormerConfig, pattern: Pattern, value_bits: int):
+    if out_f % config.blocks:
+        raise FactorkitError(f"blocks={config.blocks} does not divide the {out_f} rows of {name}; "
+                             "pick a divisor of every targeted matrix's output size.")
+    k, s = dense_sparse_budget(in_f, out_f, config.ratio, config.rho, pattern=pattern, blocks=config.blocks,
+                               count=config.count, value_bits=value_bits)
+    if s < 1:
+        raise FactorkitError(f"ratio {config.ratio} leaves {name} ({out_f}x{in_f}) no nonzero per row; "
+                             "lower the ratio, the blocks or rho.")
+    return k, s
+
+
+def _initial_factors(W: torch.Tensor, gram: torch.Tensor | None, k: int, s: int, pattern: Pattern,
+                     config: DSFormerConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coefficients (out x k) and basis (blocks*k x in) for one weight, block by block of rows."""
+    coefs, bases = [], []
+    for rows in W.chunk(config.blocks, dim=0):
+        if config.init == "random":
+            B = torch.randn(k, rows.shape[1], generator=gen, dtype=torch.float64)
+            C = torch.randn(rows.shape[0], k, generator=gen, dtype=torch.float64) * (float(rows.std()) / s**0.5)
+        elif config.init == "cospadi":
+            fit = sparse_dictionary([rows], k, s, gram=gram, seed=config.seed)[0]
+            C, B = torch.zeros(rows.shape[0], k, dtype=torch.float64).scatter_(1, fit.indices, fit.values), fit.atoms
+            if pattern.structured:  # OMP's supports are free; cut them to the pattern and refit
+                C = refit_coefficients(rows.double(), B, magnitude_mask(C, s, pattern), gram)
+        else:
+            C, B = whitened_dense_sparse(rows, k, s, pattern, gram)
+        coefs.append(C)
+        bases.append(B)
+    return torch.cat(coefs), torch.cat(bases)
+
+
+def _replace(model: nn.Module, config: DSFormerConfig, data: torch.Tensor | None, progress: bool) -> None:
+    names = check_targets(model, config)
+    dtype = next(model.parameters()).dtype
+    pattern = Pattern.parse(config.pattern)
+    gen = torch.Generator().manual_seed(config.seed)
+    bits = torch.finfo(dtype).bits
+
+    def on_block(index: int, block_name: str, block: nn.Module, stats: dict | None) -> None:
+        for name in names:
+            linear = block.get_submodule(name)
+            W = linear_weight(linear).detach().to(torch.float64).cpu()
+            k, s = _budget(f"{block_name}.{name}", *W.shape, config, pattern, bits)
+            gram = stats[name].gram.cpu() if stats is not None else None
+            C, B = _initial_factors(W, gram, k, s, pattern, config, gen)
+            bias = linear.bias.detach() if getattr(linear, "bias", None) is not None else None
+            module = DenseSparseLinear.from_factors(C.to(dtype), B.to(dtype), s, bias, blocks=config.blocks,
+                                                    pattern=str(pattern), learn_mask=config.stf, dtype=dtype)
+            replace_module(block, name, module.to(linear_weight(linear).device))
+
+    if config.init == "random":
+        list_name, blocks = find_blocks(model)
+        for i, block in enumerate(blocks):
+            on_block(i, f"{list_name}.{i}", block, None)
+    else:
+        calibrate_blockwise(model, data, on_block, targets=config.targets, stats=("gram",), sequential=True,
+                            batch_size=config.batch_size, progress=progress, desc=f"dsformer init ({config.init})")
+
+
+def trainable_factors(model: nn.Module, kinds: tuple[type, ...]) -> list[tuple[str, nn.Parameter]]:
+    """The named parameters of every factor module of the given kinds."""
+    out = []
+    for name, module in factor_modules(model):
+        if isinstance(module, kinds):
+            out += [(f"{name}.{p}", t) for p, t in module.named_parameters()]
+    return out
+
+
+def _compress_dsformer(model: nn.Module, config: DSFormerConfig, data: Any, progress: bool) -> None:
+    if data is None:
+        raise FactorkitError("dsformer trains on text; pass calibration data.")
+    teacher = copy.deepcopy(model).eval() if config.distill > 0 else None
+    _replace(model, config, data, progress)
+    layers = [m for _, m in factor_modules(model) if isinstance(m, DenseSparseLinear)]
+    start_masks = [m.mask.clone() for m in layers]
+    tc = config.train_config()
+
+    def loss_fn(m: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return causal_lm_loss(m, batch, teacher, tc.distill, tc.temperature)
+
+    result = train(model, data, trainable_factors(model, (DenseSparseLinear,)), tc, loss_fn, progress=progress,
+                   desc="dsformer stf" if config.stf else "dsformer (masks frozen)")
+    final_masks = [magnitude_mask(m.coef, m.sparsity, m.pattern) if m.learn_mask else m.mask for m in layers]
+    moved = sum(int((m1 != m0).sum()) // 2 for m1, m0 in zip(final_masks, start_masks))
+    total = sum(m.out_features * m.sparsity for m in layers)
+    dtype = next(model.parameters()).dtype
+    for name, module in list(factor_modules(model)):
+        if isinstance(module, DenseSparseLinear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.export().to(dtype))
+    model.factorkit_fit = {"losses": result.losses, "train_s": result.seconds, "resumed_from": result.resumed_from,
+                           "support_moved": moved / max(total, 1)}
+    log.info("dsformer: %d steps in %.0f s, final loss %.4f, %.1f%% of the support moved", len(result.losses),
+             result.seconds, result.losses[-1] if result.losses else float("nan"), 100 * moved / max(total, 1))
+
+
+@register(DSFormerConfig, "dense x semi-structured sparse factors trained jointly (Straight-Through Factorizer)")
+def compress_dsformer(model: nn.Module, config: DSFormerConfig, data: Any, progress: bool) -> None:
+    _compress_dsformer(model, config, data, progress)

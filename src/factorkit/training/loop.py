@@ -1,0 +1,192 @@
+"""One training loop for every method that trains (DSFormer's STF, the
+fine-tuned baselines, and later SLTrain and WaRA).
+
+AdamW on the parameters it is given, linear warm-up then cosine decay
+(transformers' schedule), gradient accumulation, gradient clipping, and
+checkpoints that resume exactly: batch i is a function of the seed and i
+alone, and a checkpoint holds the parameters trained, the optimizer and
+schedule state, the RNG state and the loss history, written atomically. A run
+stopped anywhere and resumed from its last checkpoint ends where the
+uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from ..errors import FactorkitError
+
+log = logging.getLogger("factorkit")
+CHECKPOINT = "train_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    """steps: optimizer steps; each sees batch_size * grad_accum sequences.
+    lr, weight_decay, warmup (steps of linear warm-up), max_grad_norm (0: no clipping).
+    distill: weight of the distillation term, KL(teacher || student) on the
+        logits at ``temperature`` (times temperature^2), added to the task loss.
+    checkpoint_dir / checkpoint_every: where and how often to save the state
+        that resumes the run (None: no checkpoints).
+    seed: batch order and anything random in the model (dropout).
+    """
+
+    steps: int = 200
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup: int = 10
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    distill: float = 0.0
+    temperature: float = 2.0
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.distill < 0 or self.temperature <= 0:
+            raise ValueError("distill must be >= 0 and temperature > 0")
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)  # mean loss of each optimizer step
+    seconds: float = 0.0  # wall time of the steps run in this call
+    resumed_from: int = 0  # the step a checkpoint resumed from (0: a fresh start)
+
+
+def batch_rows(step: int, micro: int, config: TrainConfig, n_rows: int) -> torch.Tensor:
+    """Row indices of micro-batch ``micro`` of step ``step``: epochs of a seeded
+    permutation, so the order depends on nothing but the seed."""
+    per_step = config.batch_size * config.grad_accum
+    start = (step * per_step + micro * config.batch_size)
+    rows = []
+    for pos in range(start, start + config.batch_size):
+        epoch, i = divmod(pos, n_rows)
+        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
+        rows.append(int(perm[i]))
+    return torch.tensor(rows)
+
+
+def causal_lm_loss(model: nn.Module, batch: torch.Tensor, teacher: nn.Module | None = None,
+                   distill: float = 0.0, temperature: float = 2.0) -> torch.Tensor:
+    """Next-token cross-entropy, plus ``distill`` * T^2 * KL(teacher || student) at temperature T."""
+    out = model(input_ids=batch, labels=batch)
+    loss = out.loss
+    if teacher is not None and distill > 0:
+        with torch.no_grad():
+            target = teacher(input_ids=batch).logits
+        kl = F.kl_div(F.log_softmax(out.logits / temperature, -1), F.log_softmax(target / temperature, -1),
+                      log_target=True, reduction="batchmean") / batch.shape[1]
+        loss = loss + distill * temperature**2 * kl
+    return loss
+
+
+def _save(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def train(model: nn.Module, data: torch.Tensor, params: Sequence[tuple[str, nn.Parameter]], config: TrainConfig,
+          loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor], progress: bool = True,
+          stop_after: int | None = None, desc: str = "train") -> TrainResult:
+    """Train ``params`` (named, so a checkpoint can be matched to them) of
+    ``model`` on the rows of ``data`` with ``loss_fn(model, batch)``.
+
+    Everything else in the model is frozen for the run. ``stop_after`` ends
+    the call after that many steps in total (as an interruption would), for
+    resuming later from the checkpoint.
+    """
+    config.validate()
+    names = [n for n, _ in params]
+    tensors = [p for _, p in params]
+    frozen = [p for p in model.parameters() if p.requires_grad and not any(p is t for t in tensors)]
+    for p in frozen:
+        p.requires_grad_(False)
+    for p in tensors:
+        p.requires_grad_(True)
+    decay = [p for p in tensors if p.ndim >= 2]
+    no_decay = [p for p in tensors if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    schedule = get_cosine_schedule_with_warmup(optimizer, min(config.warmup, config.steps), config.steps)
+    result = TrainResult()
+    start = 0
+    ckpt = Path(config.checkpoint_dir) / CHECKPOINT if config.checkpoint_dir else None
+    buffers = {n: b for n, b in model.named_buffers() if n.endswith(".mask")}
+    if ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if state["names"] != names or [tuple(t.shape) for t in state["params"]] != [tuple(p.shape) for p in tensors]:
+            raise FactorkitError(f"the checkpoint in {config.checkpoint_dir} is of another run (other parameters "
+                                 "or shapes); use a fresh checkpoint folder or delete it.")
+        with torch.no_grad():
+            for p, saved in zip(tensors, state["params"]):
+                p.copy_(saved)
+            for n, saved in state["buffers"].items():
+                buffers[n].copy_(saved)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["rng"])
+        start = result.resumed_from = state["step"]
+        result.losses = list(state["losses"])
+        log.info("%s: resumed from step %d of %d", desc, start, config.steps)
+    elif ckpt is not None:
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(config.seed)
+    else:
+        torch.manual_seed(config.seed)
+
+    def checkpoint(step: int) -> None:
+        _save(ckpt, {"step": step, "names": names, "params": [p.detach().cpu() for p in tensors],
+                     "buffers": {n: b.cpu() for n, b in buffers.items()}, "optimizer": optimizer.state_dict(),
+                     "schedule": schedule.state_dict(), "rng": torch.get_rng_state(), "losses": result.losses})
+
+    was_training = model.training
+    model.train()
+    device = tensors[0].device
+    end = config.steps if stop_after is None else min(config.steps, stop_after)
+    t0 = time.perf_counter()
+    bar = tqdm(range(start, end), desc=desc, disable=not progress, unit="step", initial=start, total=config.steps)
+    try:
+        for step in bar:
+            total = 0.0
+            for micro in range(config.grad_accum):
+                batch = data[batch_rows(step, micro, config, data.shape[0])].to(device)
+                loss = loss_fn(model, batch) / config.grad_accum
+                loss.backward()
+                total += float(loss.detach())
+            if config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(tensors, config.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.losses.append(total)
+            bar.set_postfix(loss=f"{total:.3f}")
+            done = step + 1
+            if ckpt is not None and (done % config.checkpoint_every == 0 or done == end):
+                checkpoint(done)
+    finally:
+        bar.close()
+        model.train(was_training)
+        for p in frozen:
+            p.requires_grad_(True)
+    result.seconds = time.perf_counter() - t0
+    return result
