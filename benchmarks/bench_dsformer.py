@@ -1,30 +1,50 @@
-"""DSFormer's exported layer: latency against nn.Linear and LowRankLinear.
+"""DSFormer on SmolLM2-135M against fine-tuned low rank, and its layer's latency.
 
-At ratio 0.3 (the DSFormer comparison's budget), on the SmolLM2 shapes, the
-exported DenseSparseLinear (a DictionaryLinear with a 2:4 support over k)
-against the dense layer and LowRankLinear at the same parameter count: decode
-(1 token) and prefill (16 to 512 tokens), every kernel. On the CPU in float32;
-with ``--device cuda`` in bfloat16, including the 2:4 semi-structured kernel.
+1. Whole model, in one run at one stored-parameter budget (ratio 0.3, the
+   parameter count; the support bits are reported beside it): dense, SVD-LLM,
+   SVD-LLM fine-tuned with the same steps as DSFormer (its factors trained on
+   the same loss), DSFormer with the Straight-Through Factorizer from the
+   data-aware start, DSFormer with STF off (support frozen after the start),
+   DSFormer from a random start, and DSFormer with 4 row blocks; held-out
+   perplexity and training wall time. Training: next-token loss on windows of
+   the calibration plays, the same steps, batch and learning rate for all.
+2. Latency of the exported layer (a DictionaryLinear with a 2:4 support over
+   k atoms) against nn.Linear and LowRankLinear at the same parameter count,
+   SmolLM2 shapes, decode (1 token) and prefill (16 to 512 tokens), every
+   kernel; on the CPU in float32, with ``--device cuda`` in bfloat16 with the
+   2:4 semi-structured kernel (latency only).
+3. An encoder with a task head: all-MiniLM-L6-v2 with a 3-way Shakespeare
+   genre head, fine-tuned dense, then SVD-LLM, SVD-LLM fine-tuned and
+   DSFormer with and without STF at ratio 0.5; test accuracy.
 
 Resumable: results in benchmarks/results/dsformer[-cuda].json; writes the
-`dsformer-latency[-cuda]` section of BENCHMARKS.md.
+`dsformer`, `dsformer-encoder` and `dsformer-latency[-cuda]` sections of BENCHMARKS.md.
 
-    python benchmarks/bench_dsformer.py [--device cuda] [--fresh]
+    python benchmarks/bench_dsformer.py [--only model,encoder,latency] [--steps 200] [--device cuda] [--fresh]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS as RESULTS_DIR  # noqa: E402
 from common import Results, best_time, machine, today, write_section  # noqa: E402
 
+import factorkit as fk  # noqa: E402
+from factorkit.data import calibration_tokens, eval_tokens  # noqa: E402
+from factorkit.eval import perplexity  # noqa: E402
 from factorkit.factors import DenseSparseLinear, LowRankLinear  # noqa: E402
+from factorkit.methods.dsformer import trainable_factors  # noqa: E402
+from factorkit.training import TrainConfig, model_loss, train  # noqa: E402
 from factorkit.report import markdown_table  # noqa: E402
 from factorkit.solvers import rank_for_ratio  # noqa: E402
 from factorkit.solvers.sparsity import Pattern, dense_sparse_budget  # noqa: E402
@@ -79,23 +99,194 @@ def latency_section(results: Results, kernels: list[str]) -> str:
                           + kernels + ["auto", "fastest", "fastest / low-rank"], rows)
 
 
+TRAIN = {"samples": 1024, "seq_len": 128, "batch_size": 4, "lr": 1e-4}
+VARIANTS = {  # name: DSFormerConfig options
+    "dsformer": {},
+    "dsformer-no-stf": {"stf": False},
+    "dsformer-random-init": {"init": "random"},
+    "dsformer-4-blocks": {"blocks": 4},
+}
+
+
+def bench_model(results: Results, steps: int) -> None:
+    base, tok = fk.models.load("smollm2-135m")
+    data = calibration_tokens(tok, "shakespeare", TRAIN["samples"], TRAIN["seq_len"], seed=0)
+    chunks = eval_tokens(tok, "shakespeare", 2048, 16, seed=0)
+    tc = TrainConfig(steps=steps, lr=TRAIN["lr"], batch_size=TRAIN["batch_size"], seed=0)
+
+    def finish(key: str, model, row: dict) -> None:
+        summary = fk.summarize(model)
+        row.update(ratio=summary.ratio_targeted, ratio_storage=summary.ratio_targeted_storage,
+                   ppl=perplexity(model, chunks, desc=key).perplexity)
+        results.put(key, row)
+        print(key, {k: v for k, v in row.items() if k != "losses"}, flush=True)
+
+    if "dense" not in results:
+        results.put("dense", {"ppl": perplexity(base, chunks, desc="dense").perplexity})
+    if "svdllm" not in results or "svdllm+ft" not in results:
+        model = copy.deepcopy(base)
+        t = time.perf_counter()
+        fk.compress(model, fk.SVDLLMConfig(ratio=RATIO), data)
+        compress_s = time.perf_counter() - t
+        if "svdllm" not in results:
+            finish("svdllm", model, {"compress_s": compress_s, "train_s": 0.0})
+        fit = train(model, data, trainable_factors(model, (LowRankLinear,)), copy.deepcopy(tc), model_loss,
+                    desc="svdllm fine-tune")
+        finish("svdllm+ft", model, {"compress_s": compress_s, "train_s": fit.seconds, "losses": fit.losses})
+    for name, options in VARIANTS.items():
+        if name in results:
+            continue
+        model = copy.deepcopy(base)
+        config = fk.DSFormerConfig(ratio=RATIO, pattern="2:4", train_steps=steps, lr=TRAIN["lr"],
+                                   train_batch_size=TRAIN["batch_size"], seed=0, **options)
+        t = time.perf_counter()
+        fk.compress(model, config, data)
+        total_s = time.perf_counter() - t
+        fit = model.factorkit_fit
+        row = {"compress_s": total_s - fit["train_s"], "train_s": fit["train_s"], "losses": fit["losses"],
+               "support_moved": fit["support_moved"]}
+        if name == "dsformer":
+            with tempfile.TemporaryDirectory() as tmp:
+                fk.save(model, Path(tmp) / "m")
+                again = fk.load(Path(tmp) / "m")
+                with torch.no_grad():
+                    x = chunks[:1, :256]
+                    row["reload_max_abs_diff"] = float((again(x).logits - model(x).logits).abs().max())
+        finish(name, model, row)
+
+
+def model_section(results: Results, steps: int) -> str:
+    dense = results.items.get("dense")
+    rows = []
+    for name in ["svdllm", "svdllm+ft"] + list(VARIANTS):
+        r = results.items.get(name)
+        if r is None:
+            rows.append([name, "not run", "", "", "", "", ""])
+            continue
+        losses = r.get("losses") or []
+        rows.append([name, f"{r['ppl']:.2f}", f"{r['ppl'] / results['svdllm+ft']['ppl']:.2f}x"
+                     if "svdllm+ft" in results else "", f"{r['ratio']:.1%} / {r['ratio_storage']:.1%}",
+                     f"{losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "", f"{r['compress_s']:.0f} s",
+                     f"{r['train_s']:.0f} s" + (f", {r['support_moved']:.1%} of support moved"
+                                                 if "support_moved" in r else "")])
+    reload = results.items.get("dsformer", {}).get("reload_max_abs_diff")
+    return (f"### DSFormer against fine-tuned low rank\n\nSmolLM2-135M, ratio {RATIO} of the targeted parameters "
+            f"(numbers only / with the support bits), 2:4 pattern; all trained runs take {steps} AdamW steps of "
+            f"{TRAIN['batch_size']} x {TRAIN['seq_len']} tokens from the calibration plays at lr {TRAIN['lr']} "
+            "(warm-up, cosine decay). Perplexity on the held-out plays"
+            + (f" (dense {dense['ppl']:.2f})" if dense else "") + ".\n\n"
+            + markdown_table(["model", "ppl", "vs svdllm+ft", "removed", "train loss", "start", "training"], rows)
+            + (f"\n\nThe DSFormer model saved and reloaded gives logits within {reload:.1e}." if reload is not None
+               else ""))
+
+
+ENCODER = {"ratio": 0.5, "seq_len": 128, "train_per_class": 512, "test_per_class": 200, "steps": 300,
+           "batch_size": 16, "lr_dense": 5e-5, "lr": 3e-4}
+
+
+@torch.no_grad()
+def accuracy(model, data: dict) -> float:
+    model.eval()
+    hits = 0
+    for ids, labels in zip(data["input_ids"].split(64), data["labels"].split(64)):
+        hits += int((model(input_ids=ids).logits.argmax(-1) == labels).sum())
+    return hits / data["labels"].numel()
+
+
+def bench_encoder(results: Results) -> None:
+    """all-MiniLM-L6-v2 with a 3-way genre head: fine-tune dense, then compress the fine-tuned model."""
+    from factorkit.data import genre_passages
+
+    base, tok = fk.models.load("all-minilm-l6-v2", num_labels=3)
+    train_set = genre_passages(tok, "train", ENCODER["seq_len"], ENCODER["train_per_class"], seed=0)
+    test_set = genre_passages(tok, "test", ENCODER["seq_len"], ENCODER["test_per_class"], seed=0)
+    tc = TrainConfig(steps=ENCODER["steps"], lr=ENCODER["lr"], batch_size=ENCODER["batch_size"], seed=0)
+    dense_path = RESULTS_DIR / "minilm-genre-dense"
+    if "encoder/dense" not in results or not dense_path.exists():
+        t = time.perf_counter()
+        fit = train(base, train_set, list(base.named_parameters()), TrainConfig(
+            steps=ENCODER["steps"], lr=ENCODER["lr_dense"], batch_size=ENCODER["batch_size"], seed=0), desc="dense")
+        base.save_pretrained(dense_path)
+        results.put("encoder/dense", {"accuracy": accuracy(base, test_set), "train_s": time.perf_counter() - t,
+                                      "losses": fit.losses})
+    tuned = type(base).from_pretrained(dense_path).eval()
+
+    def finish(key: str, model, row: dict) -> None:
+        summary = fk.summarize(model)
+        row.update(accuracy=accuracy(model, test_set), ratio=summary.ratio_targeted,
+                   ratio_storage=summary.ratio_targeted_storage)
+        results.put(key, row)
+        print(key, {k: v for k, v in row.items() if k != "losses"}, flush=True)
+
+    if "encoder/svdllm+ft" not in results:
+        model = copy.deepcopy(tuned)
+        fk.compress(model, fk.SVDLLMConfig(ratio=ENCODER["ratio"]), train_set["input_ids"][:256])
+        finish("encoder/svdllm", model, {"train_s": 0.0})
+        fit = train(model, train_set, trainable_factors(model, (LowRankLinear,)), copy.deepcopy(tc),
+                    desc="svdllm fine-tune")
+        finish("encoder/svdllm+ft", model, {"train_s": fit.seconds, "losses": fit.losses})
+    for name, options in {"dsformer": {}, "dsformer-no-stf": {"stf": False}}.items():
+        key = f"encoder/{name}"
+        if key in results:
+            continue
+        model = copy.deepcopy(tuned)
+        fk.compress(model, fk.DSFormerConfig(ratio=ENCODER["ratio"], pattern="2:4", train_steps=tc.steps, lr=tc.lr,
+                                             train_batch_size=tc.batch_size, distill=0.5, seed=0, **options),
+                    [train_set])
+        fit = model.factorkit_fit
+        finish(key, model, {"train_s": fit["train_s"], "losses": fit["losses"], "support_moved": fit["support_moved"]})
+
+
+def encoder_section(results: Results) -> str:
+    rows = []
+    dense = results.items.get("encoder/dense")
+    for name in ("svdllm", "svdllm+ft", "dsformer", "dsformer-no-stf"):
+        r = results.items.get(f"encoder/{name}")
+        if r:
+            rows.append([name, f"{r['accuracy']:.1%}", f"{r['ratio']:.1%} / {r['ratio_storage']:.1%}",
+                         f"{r['train_s']:.0f} s" + (f", {r['support_moved']:.1%} of support moved"
+                                                     if "support_moved" in r else "")])
+    return (f"### DSFormer on an encoder with a task head\n\nall-MiniLM-L6-v2 with a new 3-way head (comedy / "
+            f"history / tragedy, passages of {ENCODER['seq_len']} tokens; train passages from the first 80% of "
+            f"every play, test passages from the rest, {ENCODER['test_per_class']} per genre). The dense model is "
+            f"fine-tuned first ({ENCODER['steps']} steps of {ENCODER['batch_size']}, lr {ENCODER['lr_dense']}"
+            + (f", test accuracy {dense['accuracy']:.1%}" if dense else "") + f"); each compressed model starts "
+            f"from it at ratio {ENCODER['ratio']} (2x, the paper's first point) and trains the same "
+            f"{ENCODER['steps']} steps at lr {ENCODER['lr']} (DSFormer with distillation from the fine-tuned model, "
+            "weight 0.5).\n\n" + markdown_table(["model", "test accuracy", "removed", "training"], rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--only", default="model,encoder,latency", help="comma-separated parts to run")
+    ap.add_argument("--steps", type=int, default=200, help="training steps of every trained model")
     ap.add_argument("--fresh", action="store_true", help="ignore results of an earlier, interrupted run")
     args = ap.parse_args()
     gpu = args.device != "cpu"
     dtype = torch.bfloat16 if gpu else torch.float32
     where = torch.cuda.get_device_name(args.device) if gpu else machine()
     suffix = "-cuda" if gpu else ""
-    results = Results(f"dsformer{suffix}", {"device": where, "dtype": str(dtype), "ratio": RATIO}, fresh=args.fresh)
-    kernels = bench_latency(results, args.device, dtype)
-    write_section(f"dsformer-latency{suffix}", f"### DSFormer layer latency{' on ' + where if gpu else ''}\n\n"
-                  f"`python benchmarks/bench_dsformer.py{' --device ' + args.device if gpu else ''}`, {today()}, "
-                  f"{where if not gpu else 'torch ' + torch.__version__}. Microseconds per call (best of many"
-                  f"{', synchronised' if gpu else ''}), batch 1, {str(dtype).replace('torch.', '')}, ratio {RATIO}: "
-                  "the exported DenseSparseLinear (2:4 support over k atoms) against nn.Linear and LowRankLinear "
-                  "at the same parameter count.\n\n" + latency_section(results, kernels))
+    settings = {"device": where, "dtype": str(dtype), "ratio": RATIO}
+    if not gpu:
+        settings.update(steps=args.steps, train=TRAIN, encoder=ENCODER)
+    results = Results(f"dsformer{suffix}", settings, fresh=args.fresh)
+    parts = set(args.only.split(","))
+    if "model" in parts and not gpu:
+        bench_model(results, args.steps)
+        write_section("dsformer", f"## DSFormer (dense x sparse, trained)\n\n`python benchmarks/bench_dsformer.py` "
+                      f"(part of `make bench`), {today()}, {where}.\n\n" + model_section(results, args.steps))
+    if "encoder" in parts and not gpu:
+        bench_encoder(results)
+        write_section("dsformer-encoder", encoder_section(results))
+    if "latency" in parts:
+        kernels = bench_latency(results, args.device, dtype)
+        write_section(f"dsformer-latency{suffix}", f"### DSFormer layer latency{' on ' + where if gpu else ''}\n\n"
+                      f"`python benchmarks/bench_dsformer.py --only latency{' --device ' + args.device if gpu else ''}`"
+                      f", {today()}, {where if not gpu else 'torch ' + torch.__version__}. Microseconds per call "
+                      f"(best of many{', synchronised' if gpu else ''}), batch 1, {str(dtype).replace('torch.', '')}, "
+                      f"ratio {RATIO}: the exported DenseSparseLinear (2:4 support over k atoms) against nn.Linear "
+                      "and LowRankLinear at the same parameter count.\n\n" + latency_section(results, kernels))
 
 
 if __name__ == "__main__":

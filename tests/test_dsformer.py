@@ -15,7 +15,7 @@ from factorkit.solvers.sparsity import (
     straight_through,
     whitened_dense_sparse,
 )
-from factorkit.training import TrainConfig, causal_lm_loss, train
+from factorkit.training import TrainConfig, model_loss, train
 
 from conftest import tiny_llama
 
@@ -102,7 +102,7 @@ def test_resume_after_an_interruption_ends_where_the_uninterrupted_run_ends(tmp_
         config = TrainConfig(steps=6, lr=1e-2, batch_size=2, grad_accum=2, checkpoint_dir=checkpoint_dir,
                              checkpoint_every=2, seed=7)
         params = [(n, p) for n, p in model.named_parameters() if ".mlp." in n or ".self_attn." in n]
-        return model, train(model, data, params, config, causal_lm_loss, progress=False, stop_after=stop_after)
+        return model, train(model, data, params, config, model_loss, progress=False, stop_after=stop_after)
 
     straight, full = run(None)
     interrupted, first = run(str(tmp_path / "ck"), stop_after=3)  # the last checkpoint is step 3
@@ -186,3 +186,45 @@ def test_dsformer_from_the_command_line_resumes_from_its_checkpoint(capsys, mode
                  "--out", str(tmp_path / "bad")])
     assert code == 2 and "--train-steps applies to --method dsformer only" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def _tiny_bert_classifier(seed=0, labels=3):
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64, num_labels=labels)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def test_dsformer_trains_an_encoder_with_a_task_head_on_labelled_batches(tmp_path):
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 256, (48, 16), generator=gen)
+    labels = (ids[:, 1] % 3)  # learnable from the tokens
+    batches = [{"input_ids": ids[i : i + 8], "labels": labels[i : i + 8]} for i in range(0, 48, 8)]
+    model = _tiny_bert_classifier()
+    fk.compress(model, fk.DSFormerConfig(ratio=0.3, train_steps=40, lr=3e-3, train_batch_size=8, distill=0.5),
+                batches, progress=False)
+    losses = model.factorkit_fit["losses"]
+    assert sum(losses[-5:]) < sum(losses[:5])  # the task loss (cross-entropy of the head) went down
+    assert fk.summarize(model).factor_modules == 12  # q, k, v, attention out, intermediate, output per layer
+    fk.save(model, tmp_path / "bert")
+    again = fk.load(tmp_path / "bert")
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids[:4]).logits, model(input_ids=ids[:4]).logits)
+    with pytest.raises(fk.FactorkitError, match="one length"):
+        uneven = [{"input_ids": ids[:4], "labels": labels[:4]}, {"input_ids": ids[4:8, :10], "labels": labels[4:8]}]
+        fk.compress(_tiny_bert_classifier(), fk.DSFormerConfig(ratio=0.3, train_steps=1), uneven, progress=False)
+
+
+def test_genre_passages_are_exact_length_balanced_and_split_by_position(tokenizer):
+    from factorkit.data import GENRES, genre_passages
+
+    train_set = genre_passages(tokenizer, "train", seq_len=24, per_class=40, seed=0)
+    test_set = genre_passages(tokenizer, "test", seq_len=24, per_class=40, seed=0)
+    assert train_set["input_ids"].shape == (3 * 40, 24) and train_set["input_ids"].dtype == torch.long
+    assert torch.bincount(train_set["labels"], minlength=len(GENRES)).tolist() == [40, 40, 40]
+    seen = {tuple(r) for r in train_set["input_ids"].tolist()}
+    assert not any(tuple(r) in seen for r in test_set["input_ids"].tolist())  # no passage in both splits
+    again = genre_passages(tokenizer, "train", seq_len=24, per_class=40, seed=0)
+    assert torch.equal(again["input_ids"], train_set["input_ids"])  # seeded

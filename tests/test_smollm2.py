@@ -105,3 +105,21 @@ def test_cospadi_on_real_model_beats_svdllm_per_matrix_and_reloads_identically(s
     assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
     dense = perplexity(base, chunks, progress=False).perplexity
     assert dense < perplexity(model, chunks, progress=False).perplexity < 1.5 * dense
+
+
+def test_dsformer_on_real_model_trains_lowers_the_loss_and_reloads_identically(smollm2, shakespeare, tmp_path):
+    base, tok = smollm2
+    calib, chunks = shakespeare
+    targets = ("k_proj", "v_proj")  # a short run that fits CI; bench_dsformer.py trains the whole model
+    model, _ = fk.models.load("smollm2-135m")
+    config = fk.DSFormerConfig(ratio=0.3, pattern="2:4", targets=targets, train_steps=6, lr=3e-4,
+                               train_batch_size=2)
+    fk.compress(model, config, calib[:, :128], progress=False)
+    fit = model.factorkit_fit
+    assert len(fit["losses"]) == 6 and fk.summarize(model).ratio_targeted >= 0.3
+    fk.save(model, tmp_path / "dsformer", tokenizer=tok)
+    again, _ = fk.models.load(tmp_path / "dsformer")
+    ids = chunks[:1, :128]
+    assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+    dense = perplexity(base, chunks, progress=False).perplexity
+    assert dense < perplexity(model, chunks, progress=False).perplexity < 1.5 * dense

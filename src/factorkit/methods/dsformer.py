@@ -14,7 +14,8 @@ Recipe:
    block), "cospadi" (the CoSpaDi dictionary and codes, cut to the pattern for
    n:m), or "random".
 2. Train all factorizations jointly on the task loss, next-token
-   cross-entropy on the calibration text (plus, with ``distill`` > 0, KL to
+   cross-entropy on the calibration text, or for a model with a task head
+   given labelled batches its own loss (plus, with ``distill`` > 0, KL to
    the dense model's logits): AdamW, warm-up and cosine decay, gradient
    accumulation, resumable checkpoints (``training.loop``). With ``stf`` the
    forward pass masks C to its current magnitude pattern and the backward
@@ -44,7 +45,7 @@ from ..factors import DenseSparseLinear, factor_modules
 from ..solvers.dictionary import sparse_dictionary
 from ..solvers.sparsity import Pattern, dense_sparse_budget, magnitude_mask, refit_coefficients, \
     whitened_dense_sparse
-from ..training import TrainConfig, causal_lm_loss, train
+from ..training import TrainConfig, model_loss, train
 from .base import CompressionConfig, check_targets, log, register
 
 INITS = ("svd", "cospadi", "random")
@@ -173,19 +174,36 @@ def trainable_factors(model: nn.Module, kinds: tuple[type, ...]) -> list[tuple[s
     return out
 
 
+def training_data(data: Any) -> tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor]]:
+    """(token ids for calibrating the start, rows to train on) from token ids
+    (causal LM) or a list of labelled batches (dicts of equal-length model
+    inputs with ``labels``, for a model with a task head)."""
+    if isinstance(data, torch.Tensor):
+        return data, data
+    if not all("labels" in b and "input_ids" in b for b in data):
+        raise FactorkitError("dsformer's labelled batches need 'input_ids' and 'labels' in every batch.")
+    try:
+        merged = {k: torch.cat([torch.as_tensor(b[k]) for b in data]) for k in data[0]}
+    except RuntimeError:
+        raise FactorkitError("dsformer's labelled batches must have sequences of one length (pad them to one "
+                             "length before passing them).") from None
+    return merged["input_ids"], merged
+
+
 def _compress_dsformer(model: nn.Module, config: DSFormerConfig, data: Any, progress: bool) -> None:
     if data is None:
         raise FactorkitError("dsformer trains on text; pass calibration data.")
+    tokens, rows = training_data(data)
     teacher = copy.deepcopy(model).eval() if config.distill > 0 else None
-    _replace(model, config, data, progress)
+    _replace(model, config, tokens, progress)
     layers = [m for _, m in factor_modules(model) if isinstance(m, DenseSparseLinear)]
     start_masks = [m.mask.clone() for m in layers]
     tc = config.train_config()
 
     def loss_fn(m: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        return causal_lm_loss(m, batch, teacher, tc.distill, tc.temperature)
+        return model_loss(m, batch, teacher, tc.distill, tc.temperature)
 
-    result = train(model, data, trainable_factors(model, (DenseSparseLinear,)), tc, loss_fn, progress=progress,
+    result = train(model, rows, trainable_factors(model, (DenseSparseLinear,)), tc, loss_fn, progress=progress,
                    desc="dsformer stf" if config.stf else "dsformer (masks frozen)")
     final_masks = [magnitude_mask(m.coef, m.sparsity, m.pattern) if m.learn_mask else m.mask for m in layers]
     moved = sum(int((m1 != m0).sum()) // 2 for m1, m0 in zip(final_masks, start_masks))

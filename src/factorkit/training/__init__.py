@@ -1,5 +1,5 @@
 """Training loops shared by the methods that train (DSFormer's STF, fine-tuned baselines)."""
 
-from .loop import TrainConfig, TrainResult, batch_rows, causal_lm_loss, train
+from .loop import TrainConfig, TrainResult, as_batch, batch_rows, model_loss, train
 
-__all__ = ["TrainConfig", "TrainResult", "batch_rows", "causal_lm_loss", "train"]
+__all__ = ["TrainConfig", "TrainResult", "as_batch", "batch_rows", "model_loss", "train"]

@@ -85,18 +85,43 @@ def batch_rows(step: int, micro: int, config: TrainConfig, n_rows: int) -> torch
     return torch.tensor(rows)
 
 
-def causal_lm_loss(model: nn.Module, batch: torch.Tensor, teacher: nn.Module | None = None,
-                   distill: float = 0.0, temperature: float = 2.0) -> torch.Tensor:
-    """Next-token cross-entropy, plus ``distill`` * T^2 * KL(teacher || student) at temperature T."""
-    out = model(input_ids=batch, labels=batch)
+Batch = dict[str, torch.Tensor]
+
+
+def as_batch(rows: torch.Tensor | Batch) -> Batch:
+    """Model inputs with labels: token ids become a causal LM batch (labels = inputs)."""
+    return {"input_ids": rows, "labels": rows} if isinstance(rows, torch.Tensor) else rows
+
+
+def model_loss(model: nn.Module, batch: torch.Tensor | Batch, teacher: nn.Module | None = None,
+               distill: float = 0.0, temperature: float = 2.0) -> torch.Tensor:
+    """The model's own loss on ``batch`` (next-token cross-entropy for token ids,
+    the task head's loss for labelled inputs), plus ``distill`` * T^2 *
+    KL(teacher || student) on the logits at temperature T, averaged over the
+    positions that have logits (tokens for an LM, samples for a classifier)."""
+    batch = as_batch(batch)
+    out = model(**batch)
     loss = out.loss
     if teacher is not None and distill > 0:
         with torch.no_grad():
-            target = teacher(input_ids=batch).logits
-        kl = F.kl_div(F.log_softmax(out.logits / temperature, -1), F.log_softmax(target / temperature, -1),
-                      log_target=True, reduction="batchmean") / batch.shape[1]
+            target = teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        logits = out.logits.flatten(0, -2)
+        kl = F.kl_div(F.log_softmax(logits / temperature, -1), F.log_softmax(target.flatten(0, -2) / temperature, -1),
+                      log_target=True, reduction="batchmean")
         loss = loss + distill * temperature**2 * kl
     return loss
+
+
+def rows_of(data: torch.Tensor | Batch) -> int:
+    return (data if isinstance(data, torch.Tensor) else next(iter(data.values()))).shape[0]
+
+
+def take(data: torch.Tensor | Batch, rows: torch.Tensor) -> torch.Tensor | Batch:
+    return data[rows] if isinstance(data, torch.Tensor) else {k: v[rows] for k, v in data.items()}
+
+
+def to_device(batch: torch.Tensor | Batch, device) -> torch.Tensor | Batch:
+    return batch.to(device) if isinstance(batch, torch.Tensor) else {k: v.to(device) for k, v in batch.items()}
 
 
 def _save(path: Path, state: dict) -> None:
@@ -105,11 +130,12 @@ def _save(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def train(model: nn.Module, data: torch.Tensor, params: Sequence[tuple[str, nn.Parameter]], config: TrainConfig,
-          loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor], progress: bool = True,
-          stop_after: int | None = None, desc: str = "train") -> TrainResult:
+def train(model: nn.Module, data: torch.Tensor | Batch, params: Sequence[tuple[str, nn.Parameter]],
+          config: TrainConfig, loss_fn: Callable[[nn.Module, torch.Tensor | Batch], torch.Tensor] = model_loss,
+          progress: bool = True, stop_after: int | None = None, desc: str = "train") -> TrainResult:
     """Train ``params`` (named, so a checkpoint can be matched to them) of
-    ``model`` on the rows of ``data`` with ``loss_fn(model, batch)``.
+    ``model`` on the rows of ``data`` (token ids (N, T), or a dict of tensors
+    with N rows each, such as input_ids and labels) with ``loss_fn(model, batch)``.
 
     Everything else in the model is frozen for the run. ``stop_after`` ends
     the call after that many steps in total (as an interruption would), for
@@ -169,7 +195,7 @@ def train(model: nn.Module, data: torch.Tensor, params: Sequence[tuple[str, nn.P
         for step in bar:
             total = 0.0
             for micro in range(config.grad_accum):
-                batch = data[batch_rows(step, micro, config, data.shape[0])].to(device)
+                batch = to_device(take(data, batch_rows(step, micro, config, rows_of(data))), device)
                 loss = loss_fn(model, batch) / config.grad_accum
                 loss.backward()
                 total += float(loss.detach())
