@@ -5,7 +5,9 @@ AdamW on the parameters it is given, linear warm-up then cosine decay
 (transformers' schedule), gradient accumulation, gradient clipping, and
 checkpoints that resume exactly: batch i is a function of the seed and i
 alone, and a checkpoint holds the parameters trained, the optimizer and
-schedule state, the RNG state and the loss history, written atomically. A run
+schedule state, the RNG state and the loss history, written atomically
+(anything else the run depends on, such as DSFormer's starting point, must
+be rebuilt deterministically by the caller). A run
 stopped anywhere and resumed from its last checkpoint ends where the
 uninterrupted run ends.
 """
@@ -157,7 +159,6 @@ def train(model: nn.Module, data: torch.Tensor | Batch, params: Sequence[tuple[s
     result = TrainResult()
     start = 0
     ckpt = Path(config.checkpoint_dir) / CHECKPOINT if config.checkpoint_dir else None
-    buffers = {n: b for n, b in model.named_buffers() if n.endswith(".mask")}
     if ckpt is not None and ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         if state["names"] != names or [tuple(t.shape) for t in state["params"]] != [tuple(p.shape) for p in tensors]:
@@ -166,8 +167,6 @@ def train(model: nn.Module, data: torch.Tensor | Batch, params: Sequence[tuple[s
         with torch.no_grad():
             for p, saved in zip(tensors, state["params"]):
                 p.copy_(saved)
-            for n, saved in state["buffers"].items():
-                buffers[n].copy_(saved)
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["rng"])
@@ -182,7 +181,7 @@ def train(model: nn.Module, data: torch.Tensor | Batch, params: Sequence[tuple[s
 
     def checkpoint(step: int) -> None:
         _save(ckpt, {"step": step, "names": names, "params": [p.detach().cpu() for p in tensors],
-                     "buffers": {n: b.cpu() for n, b in buffers.items()}, "optimizer": optimizer.state_dict(),
+                     "optimizer": optimizer.state_dict(),
                      "schedule": schedule.state_dict(), "rng": torch.get_rng_state(), "losses": result.losses})
 
     was_training = model.training
