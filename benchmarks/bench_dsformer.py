@@ -167,7 +167,7 @@ def model_section(results: Results, steps: int) -> str:
         rows.append([name, f"{r['ppl']:.2f}", f"{r['ppl'] / results['svdllm+ft']['ppl']:.2f}x"
                      if "svdllm+ft" in results else "", f"{r['ratio']:.1%} / {r['ratio_storage']:.1%}",
                      f"{losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "", f"{r['compress_s']:.0f} s",
-                     f"{r['train_s']:.0f} s" + (f", {r['support_moved']:.1%} of support moved"
+                     f"{r['train_s']:.0f} s" + (f", {r['support_moved']:.2%} of the support moved"
                                                  if "support_moved" in r else "")])
     reload = results.items.get("dsformer", {}).get("reload_max_abs_diff")
     return (f"### DSFormer against fine-tuned low rank\n\nSmolLM2-135M, ratio {RATIO} of the targeted parameters "
@@ -250,7 +250,7 @@ def encoder_section(results: Results) -> str:
         r = results.items.get(f"encoder/{name}")
         if r:
             rows.append([name, f"{r['accuracy']:.1%}", f"{r['ratio']:.1%} / {r['ratio_storage']:.1%}",
-                         f"{r['train_s']:.0f} s" + (f", {r['support_moved']:.1%} of support moved"
+                         f"{r['train_s']:.0f} s" + (f", {r['support_moved']:.2%} of the support moved"
                                                      if "support_moved" in r else "")])
     return (f"### DSFormer on an encoder with a task head\n\nall-MiniLM-L6-v2 with a new 3-way head (comedy / "
             f"history / tragedy, passages of {ENCODER['seq_len']} tokens; train passages from the first 80% of "
