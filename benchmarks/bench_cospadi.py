@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, Results, best_time, machine, today, write_section  # noqa: E402
+from common import RESULTS, Results, machine, time_kernels, today, write_section  # noqa: E402
 
 import factorkit as fk  # noqa: E402
 from factorkit.calibration import calibrate_blockwise, linear_weight  # noqa: E402
@@ -158,13 +158,7 @@ def bench_latency(results: Results, device: str = "cpu", dtype: torch.dtype = to
             if key in results:
                 continue
             x = torch.randn(1, tokens, in_f, generator=gen).to(device, dtype)
-            repeats = 200 if tokens == 1 else 30
-            row = {"dense": best_time(dense, x, repeats), "lowrank": best_time(lowrank, x, repeats)}
-            for kernel in ("gather", "sparse", "codes", "dense"):
-                dic.kernel = kernel
-                row[f"dict-{kernel}"] = best_time(dic, x, repeats)
-            dic.kernel = "auto"
-            row["dict-auto"] = best_time(dic, x, repeats)
+            row = time_kernels(dense, lowrank, dic, ("gather", "sparse", "codes", "dense"), x, prefix="dict-")
             row["auto-kernel"] = dic.pick_kernel(tokens)
             row["params"] = {"dense": out_f * in_f, "lowrank": r * (out_f + in_f), "dict": k * in_f + s * out_f}
             results.put(key, row)

@@ -37,7 +37,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS as RESULTS_DIR  # noqa: E402
-from common import Results, best_time, machine, today, write_section  # noqa: E402
+from common import Results, machine, time_kernels, today, write_section  # noqa: E402
 
 import factorkit as fk  # noqa: E402
 from factorkit.data import calibration_tokens, eval_tokens  # noqa: E402
@@ -72,13 +72,7 @@ def bench_latency(results: Results, device: str, dtype: torch.dtype) -> list[str
             if key in results:
                 continue
             x = torch.randn(1, tokens, in_f, generator=gen).to(device, dtype)
-            repeats = 200 if tokens == 1 else 30
-            row = {"dense": best_time(dense, x, repeats), "lowrank": best_time(lowrank, x, repeats)}
-            for kernel in kernels:
-                compact.kernel = kernel
-                row[kernel] = best_time(compact, x, repeats)
-            compact.kernel = "auto"
-            row["auto"] = best_time(compact, x, repeats)
+            row = time_kernels(dense, lowrank, compact, kernels, x)
             row["params"] = {"dense": out_f * in_f, "lowrank": r * (out_f + in_f), "dsformer": compact.param_count()}
             results.put(key, row)
             print(key, {k_: (f"{v * 1e6:.0f}us" if isinstance(v, float) else v) for k_, v in row.items()}, flush=True)

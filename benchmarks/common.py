@@ -75,6 +75,17 @@ def best_time(fn, x, repeats: int) -> float:
     return best
 
 
+def time_kernels(dense, lowrank, module, kernels, x, prefix: str = "") -> dict:
+    """One latency row: nn.Linear, LowRankLinear, and ``module`` with each of its
+    ``kernels`` forced and then on "auto" (keys ``prefix + kernel``)."""
+    repeats = 200 if x.shape[-2] == 1 else 30
+    row = {"dense": best_time(dense, x, repeats), "lowrank": best_time(lowrank, x, repeats)}
+    for kernel in list(kernels) + ["auto"]:
+        module.kernel = kernel
+        row[prefix + kernel] = best_time(module, x, repeats)
+    return row
+
+
 def write_section(name: str, body: str) -> None:
     """Replace the section between <!-- name:start --> and <!-- name:end --> in BENCHMARKS.md."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"

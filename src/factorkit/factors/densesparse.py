@@ -68,6 +68,10 @@ class DenseSparseLinear(FactorModule):
                 module.bias.copy_(bias)
         return module
 
+    def current_mask(self) -> torch.Tensor:
+        """The support in force now: the magnitude pattern of C while the mask learns, the frozen mask otherwise."""
+        return magnitude_mask(self.coef, self.sparsity, self.pattern) if self.learn_mask else self.mask
+
     def masked_coef(self) -> torch.Tensor:
         """C as the forward pass uses it (straight-through while the mask learns)."""
         if not self.learn_mask:
@@ -89,7 +93,7 @@ class DenseSparseLinear(FactorModule):
 
     def dense_weight(self) -> torch.Tensor:
         with torch.no_grad():
-            mask = magnitude_mask(self.coef, self.sparsity, self.pattern) if self.learn_mask else self.mask
+            mask = self.current_mask()
             g, k, rows = self.blocks, self.num_atoms, self.out_features // self.blocks
             coef = (self.coef * mask).view(g, rows, k)
             return torch.bmm(coef, self.basis.view(g, k, self.in_features)).reshape(self.out_features, -1)
@@ -111,8 +115,7 @@ class DenseSparseLinear(FactorModule):
     @torch.no_grad()
     def export(self) -> DictionaryLinear:
         """The compact inference module (values and a support bit mask)."""
-        mask = magnitude_mask(self.coef, self.sparsity, self.pattern) if self.learn_mask else self.mask
-        local = mask.nonzero()[:, 1].view(self.out_features, self.sparsity)
+        local = self.current_mask().nonzero()[:, 1].view(self.out_features, self.sparsity)
         values = torch.gather(self.coef, 1, local)
         offsets = DictionaryLinear._row_offsets(self.out_features, self.num_atoms, self.blocks, local.device)
         bias = self.bias.detach() if self.bias is not None else None

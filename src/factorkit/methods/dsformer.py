@@ -70,13 +70,13 @@ class DSFormerConfig(CompressionConfig):
     init: str = "svd"
     stf: bool = True
     count: str = "params"
-    train_steps: int = 200
-    lr: float = 1e-4
-    train_batch_size: int = 4
-    grad_accum: int = 1
-    warmup: int = 10
-    distill: float = 0.0
-    temperature: float = 2.0
+    train_steps: int = TrainConfig.steps
+    lr: float = TrainConfig.lr
+    train_batch_size: int = TrainConfig.batch_size
+    grad_accum: int = TrainConfig.grad_accum
+    warmup: int = TrainConfig.warmup
+    distill: float = TrainConfig.distill
+    temperature: float = TrainConfig.temperature
     checkpoint_dir: str | None = None
     seed: int = 0
 
@@ -205,14 +205,12 @@ def _compress_dsformer(model: nn.Module, config: DSFormerConfig, data: Any, prog
 
     result = train(model, rows, trainable_factors(model, (DenseSparseLinear,)), tc, loss_fn, progress=progress,
                    desc="dsformer stf" if config.stf else "dsformer (masks frozen)")
-    final_masks = [magnitude_mask(m.coef, m.sparsity, m.pattern) if m.learn_mask else m.mask for m in layers]
-    moved = sum(int((m1 != m0).sum()) // 2 for m1, m0 in zip(final_masks, start_masks))
+    moved = sum(int((m.current_mask() != m0).sum()) // 2 for m, m0 in zip(layers, start_masks))
     total = sum(m.out_features * m.sparsity for m in layers)
     dtype = next(model.parameters()).dtype
     for name, module in list(factor_modules(model)):
         if isinstance(module, DenseSparseLinear):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, module.export().to(dtype))
+            replace_module(model, name, module.export().to(dtype))
     model.factorkit_fit = {"losses": result.losses, "train_s": result.seconds, "resumed_from": result.resumed_from,
                            "support_moved": moved / max(total, 1)}
     log.info("dsformer: %d steps in %.0f s, final loss %.4f, %.1f%% of the support moved", len(result.losses),

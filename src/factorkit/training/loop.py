@@ -14,6 +14,7 @@ uninterrupted run ends.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -82,9 +83,13 @@ def batch_rows(step: int, micro: int, config: TrainConfig, n_rows: int) -> torch
     rows = []
     for pos in range(start, start + config.batch_size):
         epoch, i = divmod(pos, n_rows)
-        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
-        rows.append(int(perm[i]))
+        rows.append(int(_epoch_order(config.seed, epoch, n_rows)[i]))
     return torch.tensor(rows)
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, n_rows: int) -> torch.Tensor:
+    return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
 
 
 Batch = dict[str, torch.Tensor]
