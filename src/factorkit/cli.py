@@ -2,6 +2,8 @@
 
     factorkit compress --model smollm2-135m --method svdllm --ratio 0.2 --calib shakespeare --out out/svdllm
     factorkit eval --model out/svdllm --text shakespeare
+    factorkit pretrain --config llama-20m --param sltrain --rank 64 --delta 0.03 --steps 300 --out out/sltrain
+    torchrun --nproc-per-node 2 -m factorkit.cli pretrain ...   (data parallel, same loss curve)
 
 Errors a user can cause end in one sentence on stderr and exit status 2,
 with nothing written.
@@ -131,6 +133,46 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text", default="shakespeare", help="shakespeare, wikitext2, c4 or a text file (default shakespeare)")
     e.add_argument("--seed", type=int, default=0, help="seed of the shakespeare split (default 0)")
     _add_eval_args(e, default_max_chunks=None)
+
+    from .models.llama import PRETRAIN_CONFIGS
+
+    p = sub.add_parser(
+        "pretrain", help="pretrain a small LLaMA from scratch (full rank, low rank or SLTrain)",
+        description="Train a LLaMA-style model from scratch on --text with every Linear in its blocks full rank, "
+                    "low rank (U V) or SLTrain's sparse + low rank (B A + S on a fixed random support), evaluate "
+                    "held-out perplexity as it goes, and save it to --out. Under torchrun it trains data parallel "
+                    "(DistributedDataParallel; gloo on CPUs, NCCL on GPUs) with the same global batch.",
+    )
+    p.add_argument("--config", default="llama-20m",
+                   help=f"model shape: {', '.join(PRETRAIN_CONFIGS)} or a LlamaConfig JSON file (default llama-20m)")
+    p.add_argument("--param", choices=("full", "lowrank", "sltrain"), default="sltrain",
+                   help="parameterization of the block Linears (default sltrain)")
+    p.add_argument("--rank", type=_positive, help="rank of the low-rank part (default: a quarter of the hidden size)")
+    p.add_argument("--delta", type=float, default=0.03, help="sltrain: density of the sparse part (default 0.03)")
+    p.add_argument("--alpha", type=float, default=32.0, help="sltrain: the low-rank part is scaled by alpha/rank (default 32)")
+    p.add_argument("--steps", type=_positive, default=300, help="optimizer steps (default 300)")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate (default 3e-3, the paper's for SLTrain)")
+    p.add_argument("--warmup", type=int, help="steps of linear warm-up before the cosine decay (default 10%% of --steps)")
+    p.add_argument("--batch-size", type=_positive, default=16,
+                   help="sequences per micro-batch, all processes together (default 16)")
+    p.add_argument("--grad-accum", type=_positive, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--seq-len", type=_positive, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--text", default="shakespeare",
+                   help="training text: shakespeare (calibration plays; the others held out), wikitext2, c4 or a "
+                        "text file (its last 10%% held out) (default shakespeare)")
+    p.add_argument("--tokenizer", default="bpe-4096",
+                   help="bpe-N (trained on the training text) or a model's tokenizer, e.g. smollm2-135m (default bpe-4096)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype of weights, gradients and optimizer state (default float32)")
+    p.add_argument("--eval-every", type=_positive, default=100, help="held-out evaluation every N steps (default 100)")
+    p.add_argument("--eval-rows", type=_positive, default=64, help="held-out sequences evaluated (default 64)")
+    p.add_argument("--checkpoint-dir", help="save the training state here every --checkpoint-every steps; a rerun resumes")
+    p.add_argument("--checkpoint-every", type=_positive, default=100, help="default 100")
+    p.add_argument("--seed", type=int, default=0, help="model initialisation, sparse supports and batch order (default 0)")
+    p.add_argument("--memory", action="store_true",
+                   help="also measure the peak tensor memory of one training step (profiler on CPU; slower start)")
+    p.add_argument("--out", required=True, help="folder to write the trained model and its tokenizer to")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return parser
 
 
@@ -258,6 +300,47 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print_table(f"{args.model} on {args.text}", ["", "value"], rows)
 
 
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    import torch.distributed as tdist
+
+    from .models import save
+    from .models.files import check_writable_target
+    from .report import fmt_bytes, fmt_count, fmt_ppl, print_table
+    from .training.pretrain import PretrainConfig, pretrain
+
+    config = PretrainConfig(model=args.config, param=args.param, rank=args.rank, density=args.delta, alpha=args.alpha,
+                            text=args.text, tokenizer=args.tokenizer, seq_len=args.seq_len, batch_size=args.batch_size,
+                            grad_accum=args.grad_accum, steps=args.steps, lr=args.lr, warmup=args.warmup,
+                            dtype=args.dtype, eval_every=args.eval_every, eval_rows=args.eval_rows,
+                            checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, seed=args.seed)
+    config.validate()
+    out = Path(args.out)
+    check_writable_target(out, args.overwrite)  # fail before any long work
+    try:
+        result = pretrain(config, progress=not args.quiet, measure_memory=args.memory)
+        if tdist.is_initialized() and tdist.get_rank() != 0:
+            return
+        save(result.model, out, tokenizer=result.tokenizer, overwrite=args.overwrite)
+    finally:
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+    last = result.evals[-1] if result.evals else {}
+    info = result.params
+    rows = [
+        ["held-out perplexity", fmt_ppl(last["perplexity"]) if last else "not evaluated"],
+        ["final training loss", f"{result.losses[-1]:.4f}" if result.losses else "no step run"],
+        ["parameters (total / in the blocks)", f"{fmt_count(info['params_total'])} / {fmt_count(info['params_blocks'])}"],
+        ["trainable parameters", fmt_count(info["params_trainable"])],
+        ["training tokens (this call)", f"{result.tokens} in {result.seconds:.1f} s "
+                                        f"({result.tokens / max(result.seconds, 1e-9):.0f} tokens/s)"],
+    ]
+    if "optimizer_state_bytes" in info:
+        rows += [["AdamW state", fmt_bytes(info["optimizer_state_bytes"])],
+                 ["peak tensor memory of a step", fmt_bytes(info["peak_step_bytes"])]]
+    print_table(f"pretrain {args.config} ({args.param}) on {args.text}", ["", "value"], rows)
+    print(f"saved to {out}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -267,12 +350,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         transformers.utils.logging.disable_progress_bar()
     try:
-        {"compress": cmd_compress, "eval": cmd_eval}[args.command](args)
+        {"compress": cmd_compress, "eval": cmd_eval, "pretrain": cmd_pretrain}[args.command](args)
     except FactorkitError as exc:
         print(f"factorkit: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("factorkit: interrupted; nothing was written.", file=sys.stderr)
+        resume = getattr(args, "checkpoint_dir", None)
+        print("factorkit: interrupted; " + (f"rerun the same command to resume from the last checkpoint in {resume}."
+                                            if resume else "nothing was written."), file=sys.stderr)
         return 130
     return 0
 

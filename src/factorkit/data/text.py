@@ -109,3 +109,19 @@ def load_text(source: str | os.PathLike, split: str = "all", seed: int = 0) -> s
     if path.is_dir():
         raise FactorkitError(f"{path} is a folder; pass a text file or one of {', '.join(BUILTIN_CORPORA)}.")
     raise FactorkitError(f"text source {name!r} not found: pass a text file or one of {', '.join(BUILTIN_CORPORA)}.")
+
+
+def train_heldout_text(source: str | os.PathLike, seed: int = 0, heldout_fraction: float = 0.1) -> tuple[str, str]:
+    """Training and held-out text of a corpus, with nothing in both: the
+    calibration and evaluation plays of shakespeare, the train and test (or
+    validation) splits of wikitext2 and c4, or for a text file its last
+    ``heldout_fraction``, cut at a paragraph break where there is one."""
+    name = str(source)
+    if name in BUILTIN_CORPORA:
+        return load_text(name, "calib", seed), load_text(name, "eval", seed)
+    text = load_text(name, "all", seed)
+    cut = int(len(text) * (1.0 - heldout_fraction))
+    paragraph = text.rfind("\n\n", 0, cut)
+    if paragraph > len(text) // 2:
+        cut = paragraph
+    return text[:cut], text[cut:]

@@ -47,12 +47,21 @@ def eval_tokens(tokenizer, source: str | os.PathLike | torch.Tensor, seq_len: in
     if seq_len < 2:
         raise FactorkitError(f"seq_len must be at least 2 tokens, got {seq_len}.")
     ids = _source_ids(tokenizer, source, split, seed)
-    n = ids.numel() // seq_len
     if max_chunks is not None:
-        n = min(n, max_chunks)
+        ids = ids[: max_chunks * seq_len]
+    return chunk_rows(ids, seq_len, "evaluation text")
+
+
+def chunk_rows(ids: torch.Tensor, seq_len: int, what: str = "text") -> torch.Tensor:
+    """Consecutive non-overlapping rows of ``seq_len`` tokens (the tail is dropped)."""
+    n = ids.numel() // seq_len
     if n < 1:
-        raise FactorkitError(
-            f"the evaluation text has {ids.numel()} tokens, fewer than one chunk of {seq_len}; "
-            "give more text or a smaller --seq-len."
-        )
+        raise FactorkitError(f"the {what} has {ids.numel()} tokens, fewer than one sequence of {seq_len}; "
+                             "give more text or a smaller --seq-len.")
     return ids[: n * seq_len].view(n, seq_len)
+
+
+def pretrain_rows(tokenizer, train_text: str, heldout_text: str, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training and held-out rows of ``seq_len`` tokens, (N, seq_len) each."""
+    return (chunk_rows(tokenize(tokenizer, train_text), seq_len, "training text"),
+            chunk_rows(tokenize(tokenizer, heldout_text), seq_len, "held-out text"))

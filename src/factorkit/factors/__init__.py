@@ -4,6 +4,7 @@ from .base import FACTOR_TYPES, FactorModule, factor_modules
 from .densesparse import DenseSparseLinear
 from .dictionary import DictionaryLinear
 from .lowrank import LowRankLinear
+from .sparselowrank import SparseLowRankLinear
 
 __all__ = ["DenseSparseLinear", "DictionaryLinear", "FACTOR_TYPES", "FactorModule", "LowRankLinear",
-           "factor_modules"]
+           "SparseLowRankLinear", "factor_modules"]

@@ -178,3 +178,24 @@ def whitened_dense_sparse(W: torch.Tensor, atoms: int, sparsity: int, pattern: P
         B = refit_basis(W, C)
         C = refit_coefficients(W, B, mask, gram.to(torch.float64) if gram is not None else None)
     return C, B
+
+
+# --- SLTrain: a fixed random support, regenerated from a seed ---------------------------------
+
+def support_size(out_features: int, in_features: int, density: float) -> int:
+    """Nonzeros of a random support of ``density`` over an (out x in) matrix (at least 1)."""
+    if not 0.0 < density < 1.0:
+        raise ValueError(f"density must lie in (0, 1), got {density}")
+    return max(1, round(density * out_features * in_features))
+
+
+def random_support(out_features: int, in_features: int, density: float, seed: int) -> torch.Tensor:
+    """Flat row-major indices (sorted, int64) of ``support_size`` entries of an
+    (out x in) matrix, drawn uniformly without replacement. A function of its
+    arguments only: drawn on the CPU from its own generator, so the same seed
+    gives the same support on every device and after every reload, and the
+    support never needs to be stored."""
+    nnz = support_size(out_features, in_features, density)
+    generator = torch.Generator().manual_seed(int(seed))
+    chosen = torch.randperm(out_features * in_features, generator=generator)[:nnz]
+    return chosen.sort().values

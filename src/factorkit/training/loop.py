@@ -14,6 +14,7 @@ uninterrupted run ends.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -73,6 +74,18 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # mean loss of each optimizer step
     seconds: float = 0.0  # wall time of the steps run in this call
     resumed_from: int = 0  # the step a checkpoint resumed from (0: a fresh start)
+    evals: list[dict] = field(default_factory=list)  # what on_step returned, with the step
+    tokens: int = 0  # input tokens seen in this call, all processes together
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a data-parallel run: every optimizer step's
+    micro-batch rows are dealt out, rows[rank::world], so the global batch
+    (and with it the loss curve) is that of one process."""
+
+    rank: int = 0
+    world: int = 1
 
 
 def batch_rows(step: int, micro: int, config: TrainConfig, n_rows: int) -> torch.Tensor:
@@ -137,18 +150,35 @@ def _save(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def _input_tokens(batch: torch.Tensor | Batch) -> int:
+    return (batch if isinstance(batch, torch.Tensor) else batch.get("input_ids", next(iter(batch.values())))).numel()
+
+
 def train(model: nn.Module, data: torch.Tensor | Batch, params: Sequence[tuple[str, nn.Parameter]],
           config: TrainConfig, loss_fn: Callable[[nn.Module, torch.Tensor | Batch], torch.Tensor] = model_loss,
-          progress: bool = True, stop_after: int | None = None, desc: str = "train") -> TrainResult:
+          progress: bool = True, stop_after: int | None = None, desc: str = "train",
+          on_step: Callable[[int, float], dict | None] | None = None,
+          dist: Distributed = Distributed()) -> TrainResult:
     """Train ``params`` (named, so a checkpoint can be matched to them) of
     ``model`` on the rows of ``data`` (token ids (N, T), or a dict of tensors
     with N rows each, such as input_ids and labels) with ``loss_fn(model, batch)``.
 
     Everything else in the model is frozen for the run. ``stop_after`` ends
     the call after that many steps in total (as an interruption would), for
-    resuming later from the checkpoint.
+    resuming later from the checkpoint. ``on_step(done, loss)`` runs after
+    every optimizer step; a dict it returns (an evaluation) is kept, with the
+    step, in ``result.evals`` and in the checkpoint.
+
+    Data parallel: ``model`` is the DistributedDataParallel wrapper, ``params``
+    the wrapped module's parameters, ``dist`` this process's rank. Each
+    process runs its share of every micro-batch, the wrapper averages the
+    gradients, the logged loss is the mean over processes, and only rank 0
+    writes checkpoints.
     """
     config.validate()
+    if config.batch_size % dist.world:
+        raise FactorkitError(f"the batch of {config.batch_size} sequences does not split over {dist.world} "
+                             "processes; make --batch-size a multiple of the number of processes.")
     names = [n for n, _ in params]
     tensors = [p for _, p in params]
     frozen = [p for p in model.parameters() if p.requires_grad and not any(p is t for t in tensors)]
@@ -177,6 +207,7 @@ def train(model: nn.Module, data: torch.Tensor | Batch, params: Sequence[tuple[s
         torch.set_rng_state(state["rng"])
         start = result.resumed_from = state["step"]
         result.losses = list(state["losses"])
+        result.evals = list(state.get("evals", []))
         log.info("%s: resumed from step %d of %d", desc, start, config.steps)
     elif ckpt is not None:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
@@ -187,31 +218,47 @@ def train(model: nn.Module, data: torch.Tensor | Batch, params: Sequence[tuple[s
     def checkpoint(step: int) -> None:
         _save(ckpt, {"step": step, "names": names, "params": [p.detach().cpu() for p in tensors],
                      "optimizer": optimizer.state_dict(),
-                     "schedule": schedule.state_dict(), "rng": torch.get_rng_state(), "losses": result.losses})
+                     "schedule": schedule.state_dict(), "rng": torch.get_rng_state(), "losses": result.losses,
+                     "evals": result.evals})
 
     was_training = model.training
     model.train()
     device = tensors[0].device
     end = config.steps if stop_after is None else min(config.steps, stop_after)
     t0 = time.perf_counter()
-    bar = tqdm(range(start, end), desc=desc, disable=not progress, unit="step", initial=start, total=config.steps)
+    bar = tqdm(range(start, end), desc=desc, disable=not progress or dist.rank != 0, unit="step", initial=start,
+               total=config.steps)
     try:
         for step in bar:
-            total = 0.0
+            total = torch.zeros((), dtype=torch.float64, device=device)
             for micro in range(config.grad_accum):
-                batch = to_device(take(data, batch_rows(step, micro, config, rows_of(data))), device)
-                loss = loss_fn(model, batch) / config.grad_accum
-                loss.backward()
-                total += float(loss.detach())
+                rows = batch_rows(step, micro, config, rows_of(data))[dist.rank::dist.world]
+                batch = to_device(take(data, rows), device)
+                result.tokens += _input_tokens(batch) * dist.world
+                # gradients are averaged across processes on the last micro-batch only
+                last = micro == config.grad_accum - 1
+                sync = contextlib.nullcontext() if last or dist.world == 1 else model.no_sync()
+                with sync:
+                    loss = loss_fn(model, batch) / config.grad_accum
+                    loss.backward()
+                total += loss.detach()
+            if dist.world > 1:
+                torch.distributed.all_reduce(total)
+                total /= dist.world
+            total = float(total)
             if config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(tensors, config.max_grad_norm)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             result.losses.append(total)
-            bar.set_postfix(loss=f"{total:.3f}")
+            bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{result.tokens / (time.perf_counter() - t0):.0f}")
             done = step + 1
-            if ckpt is not None and (done % config.checkpoint_every == 0 or done == end):
+            if on_step is not None:
+                record = on_step(done, total)
+                if record:
+                    result.evals.append({"step": done, **record})
+            if ckpt is not None and dist.rank == 0 and (done % config.checkpoint_every == 0 or done == end):
                 checkpoint(done)
     finally:
         bar.close()

@@ -1,0 +1,61 @@
+"""Small LLaMA-style models to pretrain from scratch.
+
+The family follows the shapes the SLTrain and GaLore papers pretrain (their
+smallest, "60M", is hidden 512, 8 layers, 8 heads, MLP 1376 with a 32k
+vocabulary), scaled down to what a CPU trains in minutes. A name counts the
+parameters at the papers' 32k vocabulary; the real vocabulary comes from the
+tokenizer (a 4k one trained on Shakespeare makes llama-20m 6.8M parameters,
+4.7M of them in the blocks). Embeddings and the LM head are separate (untied), as
+in the papers.
+
+A name is one of ``PRETRAIN_CONFIGS`` or a path to a JSON file of
+``transformers.LlamaConfig`` fields (vocab_size is set from the tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import transformers
+
+from ..errors import FactorkitError
+
+PRETRAIN_CONFIGS: dict[str, dict] = {
+    # MLP width ~ 8/3 of hidden, a multiple of 16; llama-60m is the papers' own shape
+    "llama-5m": {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 176},
+    "llama-20m": {"hidden_size": 256, "num_hidden_layers": 6, "num_attention_heads": 4, "intermediate_size": 688},
+    "llama-60m": {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8, "intermediate_size": 1376},
+}
+COMMON = {"max_position_embeddings": 1024, "tie_word_embeddings": False, "rms_norm_eps": 1e-6,
+          "attention_dropout": 0.0, "hidden_act": "silu"}
+
+
+def llama_config(name: str, vocab_size: int, max_positions: int | None = None) -> transformers.LlamaConfig:
+    """The LlamaConfig of a family member or of a JSON file, with the tokenizer's vocabulary."""
+    if name in PRETRAIN_CONFIGS:
+        fields = {**COMMON, **PRETRAIN_CONFIGS[name]}
+    else:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise FactorkitError(f"unknown model config {name!r}; use one of {', '.join(PRETRAIN_CONFIGS)} "
+                                 "or a path to a JSON file of LlamaConfig fields.")
+        try:
+            fields = {**COMMON, **json.loads(path.read_text())}
+        except json.JSONDecodeError as exc:
+            raise FactorkitError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); fix the file.") from None
+    fields["vocab_size"] = vocab_size
+    if max_positions is not None:
+        fields["max_position_embeddings"] = max(max_positions, fields.get("max_position_embeddings", 0))
+    try:
+        return transformers.LlamaConfig(**fields)
+    except (TypeError, ValueError) as exc:
+        raise FactorkitError(f"model config {name!r} is not a valid LlamaConfig: {exc}") from None
+
+
+def build_llama(config: transformers.LlamaConfig, seed: int = 0, dtype: torch.dtype = torch.float32
+                ) -> transformers.LlamaForCausalLM:
+    """A randomly initialised LLaMA (transformers' own initialisation), seeded."""
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).to(dtype)
