@@ -141,6 +141,7 @@ def test_sparse_low_rank_on_the_gpu_matches_the_cpu_and_saves_memory():
 
 
 def test_pretrain_on_the_gpu_matches_the_cpu_loss_curve(tmp_path, monkeypatch):
+    import dataclasses
     import json
 
     from factorkit.training.pretrain import PretrainConfig, pretrain
@@ -153,9 +154,8 @@ def test_pretrain_on_the_gpu_matches_the_cpu_loss_curve(tmp_path, monkeypatch):
                                                  "num_attention_heads": 4, "num_key_value_heads": 2}))
     config = PretrainConfig(model=str(tmp_path / "c.json"), param="sltrain", rank=4, density=0.1,
                             text=str(tmp_path / "t.txt"), tokenizer="bpe-300", seq_len=16, batch_size=4, steps=5,
-                            warmup=1, eval_every=5, eval_rows=4)
+                            warmup=1, eval_every=5, eval_rows=4, device="cuda")
     gpu = pretrain(config, progress=False, measure_memory=True)
     assert next(gpu.model.parameters()).device.type == "cuda" and gpu.params["peak_step_bytes"] > 0
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    cpu = pretrain(config, progress=False)
+    cpu = pretrain(dataclasses.replace(config, device="cpu"), progress=False)
     torch.testing.assert_close(torch.tensor(gpu.losses), torch.tensor(cpu.losses), rtol=1e-3, atol=1e-3)

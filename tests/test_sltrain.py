@@ -139,7 +139,7 @@ def tiny_setup(tmp_path, monkeypatch):
 
 def _config(text, config, **kw) -> PretrainConfig:
     settings = dict(model=str(config), param="sltrain", rank=4, density=0.1, text=str(text), tokenizer="bpe-300",
-                    seq_len=16, batch_size=4, steps=6, lr=3e-3, warmup=2, eval_every=3, eval_rows=4, seed=0)
+                    seq_len=16, batch_size=4, steps=6, lr=3e-3, warmup=2, eval_every=3, eval_rows=4, seed=0, device="cpu")
     settings.update(kw)
     return PretrainConfig(**settings)
 
@@ -198,7 +198,7 @@ def test_cli_pretrain_saves_a_model_that_reloads(capsys, tiny_setup, tmp_path):
     out = tmp_path / "out"
     code, stdout, err = run(capsys, "pretrain", "--config", config, "--param", "sltrain", "--rank", 4, "--delta", 0.1,
                             "--text", text, "--tokenizer", "bpe-300", "--seq-len", 16, "--batch-size", 4,
-                            "--steps", 6, "--warmup", 2, "--eval-every", 3, "--eval-rows", 4, "--memory",
+                            "--steps", 6, "--warmup", 2, "--eval-every", 3, "--eval-rows", 4, "--memory", "--device", "cpu",
                             "--out", out)
     assert code == 0, err
     assert "held-out perplexity" in stdout and "AdamW state" in stdout

@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-dir", help="save the training state here every --checkpoint-every steps; a rerun resumes")
     p.add_argument("--checkpoint-every", type=_positive, default=100, help="default 100")
     p.add_argument("--seed", type=int, default=0, help="model initialisation, sparse supports and batch order (default 0)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to train: auto (a GPU when there is one; one per process under torchrun), cpu, cuda")
     p.add_argument("--memory", action="store_true",
                    help="also measure the peak tensor memory of one training step (profiler on CPU; slower start)")
     p.add_argument("--out", required=True, help="folder to write the trained model and its tokenizer to")
@@ -312,7 +314,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
                             text=args.text, tokenizer=args.tokenizer, seq_len=args.seq_len, batch_size=args.batch_size,
                             grad_accum=args.grad_accum, steps=args.steps, lr=args.lr, warmup=args.warmup,
                             dtype=args.dtype, eval_every=args.eval_every, eval_rows=args.eval_rows,
-                            checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, seed=args.seed)
+                            checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, seed=args.seed,
+                            device=args.device)
     config.validate()
     out = Path(args.out)
     check_writable_target(out, args.overwrite)  # fail before any long work

@@ -74,12 +74,15 @@ class PretrainConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 100
     seed: int = 0
+    device: str = "auto"  # auto (a GPU when there is one), cpu, cuda
     targets: tuple[str, ...] | None = None
 
     def validate(self) -> None:
         self.parameterization().validate()
         if self.dtype not in DTYPES:
             raise FactorkitError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise FactorkitError(f"device must be auto, cpu or cuda, got {self.device!r}.")
         for name in ("seq_len", "eval_every", "eval_rows"):
             if getattr(self, name) < 1:
                 raise FactorkitError(f"{name} must be at least 1, got {getattr(self, name)}.")
@@ -110,23 +113,28 @@ class PretrainResult:
                 **self.params}
 
 
-def distributed_from_env() -> Distributed:
+def distributed_from_env(device: torch.device) -> Distributed:
     """This process's rank and the world size that torchrun set (1 process without torchrun)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Distributed()
     if not tdist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        tdist.init_process_group(backend)
+        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Distributed(tdist.get_rank(), tdist.get_world_size())
 
 
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
+def _device(name: str) -> torch.device:
+    """cuda:LOCAL_RANK for "cuda" (and for "auto" when there is a GPU), else the CPU."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise FactorkitError("device cuda was asked for but PyTorch sees no GPU; use --device cpu or auto.")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if local >= torch.cuda.device_count():
+        raise FactorkitError(f"process {local} of this machine has no GPU of its own ({torch.cuda.device_count()} "
+                             "visible); start at most that many processes per node, or use --device cpu.")
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
 
 
 def build_model(config: PretrainConfig, vocab_size: int) -> nn.Module:
@@ -170,8 +178,8 @@ def pretrain(config: PretrainConfig, progress: bool = True, stop_after: int | No
              measure_memory: bool = False) -> PretrainResult:
     """Run (or resume, from ``config.checkpoint_dir``) one pretraining run."""
     config.validate()
-    dist = distributed_from_env()
-    device = _device()
+    device = _device(config.device)
+    dist = distributed_from_env(device)
     train_text, heldout_text = train_heldout_text(config.text, config.seed)
     if dist.rank == 0:  # rank 0 trains and caches the tokenizer; the others then read it
         tokenizer = load_tokenizer(config.tokenizer, train_text)
