@@ -14,7 +14,8 @@ approximation in the top-left corner, and at every level l (block R x C =
 shape / 2^l) the bands [[LL, LH], [HL, HH]] with the first letter for the
 rows (axis -2) and the second for the columns. Only LL is decomposed again,
 so the multi-level inverse is not a product of one matrix on each side: a
-rank-r coefficient matrix maps to a weight update of higher rank.
+rank-r coefficient matrix maps to a weight update of rank up to
+r * (2 * levels - 1) (one level alone is separable and keeps the rank).
 
 ``lowrank_idwt_apply`` computes x @ IDWT(B @ A).T without building the
 (out x in) update: it transforms the activations instead, at the cost of a

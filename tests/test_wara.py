@@ -1,0 +1,131 @@
+"""WaRA: the wavelet transforms against PyWavelets, the adapter's algebra, and
+the PEFT-shaped save / load / merge workflow."""
+
+import pytest
+import pywt
+import torch
+
+import factorkit as fk
+from factorkit.factors.wara import WaRALinear
+from factorkit.methods.wara import (
+    WaRAConfig,
+    get_wara_model,
+    load_adapter,
+    merge_and_unload,
+    save_adapter,
+    trainable_parameters,
+    wara_modules,
+)
+from factorkit.solvers.wavelets import dwt2, idwt2, lowrank_idwt_apply, max_levels
+
+from conftest import tiny_llama
+
+SMOLLM2_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
+
+
+@pytest.mark.parametrize("shape", SMOLLM2_SHAPES)
+@pytest.mark.parametrize("wavelet, levels", [("haar", 1), ("haar", 3), ("db2", 2), ("db4", 2)])
+def test_dwt2_agrees_with_pywavelets_and_inverts(shape, wavelet, levels):
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(sum(shape) + levels))
+    coeffs = dwt2(x, wavelet, levels)
+    reference, _ = pywt.coeffs_to_array(pywt.wavedec2(x.numpy(), wavelet, mode="periodization", level=levels))
+    torch.testing.assert_close(coeffs, torch.from_numpy(reference), rtol=0, atol=1e-12)
+    torch.testing.assert_close(idwt2(coeffs, wavelet, levels), x, rtol=0, atol=1e-12)
+    # orthogonal: the energy is the same in both domains
+    torch.testing.assert_close(coeffs.norm(), x.norm(), rtol=1e-12, atol=0)
+
+
+def test_transform_limits_are_explicit():
+    assert max_levels((576, 192), "haar") == 6 and max_levels((576, 192), "db4") == 5
+    with pytest.raises(ValueError, match="not divisible by 2\\^3"):
+        dwt2(torch.randn(12, 16), "haar", 3)
+    with pytest.raises(ValueError, match="not orthogonal"):
+        dwt2(torch.randn(16, 16), "bior2.2", 1)
+
+
+@pytest.mark.parametrize("levels", [1, 2, 3])
+def test_lowrank_apply_matches_the_materialised_update_and_raises_its_rank(levels):
+    gen = torch.Generator().manual_seed(levels)
+    B = torch.randn(192, 4, dtype=torch.float64, generator=gen)
+    A = torch.randn(4, 576, dtype=torch.float64, generator=gen)
+    x = torch.randn(3, 7, 576, dtype=torch.float64, generator=gen)
+    delta = idwt2(B @ A, "db2", levels)
+    torch.testing.assert_close(lowrank_idwt_apply(x, B, A, "db2", levels), x @ delta.T, rtol=1e-10, atol=1e-10)
+    # One level is separable (S_o^T C S_i keeps the rank). Every further level adds the two
+    # rank-r corrections of its top-left block: rank 4 * (2 * levels - 1), multi-scale structure.
+    assert int(torch.linalg.matrix_rank(delta)) == 4 * (2 * levels - 1)
+
+
+def _adapted(seed=0, **kw):
+    config = WaRAConfig(target_modules=("q_proj", "v_proj", "down_proj"), r=4, alpha=8.0, wavelet="db2", levels=2, **kw)
+    return get_wara_model(tiny_llama(seed), config)
+
+
+def test_update_is_zero_at_start_and_only_a_b_train():
+    base = tiny_llama(0)
+    model = _adapted(0)
+    ids = torch.randint(0, 256, (2, 12))
+    assert torch.equal(model(ids).logits, base(ids).logits)  # B = 0: the adapted model is the base model
+    for module in wara_modules(model).values():
+        assert torch.count_nonzero(module.delta_weight()) == 0
+    trainable, total = trainable_parameters(model)
+    assert trainable == sum(4 * (m.in_features + m.out_features) for m in wara_modules(model).values())
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    for name, p in model.named_parameters():
+        if name.endswith((".A", ".B")):
+            assert p.requires_grad and p.grad is not None
+        else:
+            assert not p.requires_grad and p.grad is None, name
+    assert any(bool(p.grad.abs().sum() > 0) for n, p in model.named_parameters() if n.endswith(".B"))
+
+
+def _train_a_little(model):
+    with torch.no_grad():  # a trained-looking adapter
+        for m in wara_modules(model).values():
+            m.B.normal_(0, 0.05)
+
+
+def test_adapter_saves_loads_onto_a_fresh_base_and_merges(tmp_path):
+    model = _adapted(0)
+    _train_a_little(model)
+    model.eval()
+    ids = torch.randint(0, 256, (2, 12))
+    adapted = model(ids).logits
+    save_adapter(model, tmp_path / "adapter")
+    files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    reloaded = load_adapter(tiny_llama(0), tmp_path / "adapter").eval()
+    assert torch.equal(reloaded(ids).logits, adapted)  # identical logits
+    # merge / unmerge on one layer: the merged weight applies the same map, unmerge restores it exactly
+    layer = next(iter(wara_modules(reloaded).values()))
+    before = layer.base.weight.clone()
+    x = torch.randn(5, layer.in_features)
+    y = layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-6)
+    layer.unmerge()
+    assert torch.equal(layer.base.weight, before)
+    merged = merge_and_unload(reloaded)
+    assert not wara_modules(merged) and all(p.requires_grad for p in merged.parameters())
+    torch.testing.assert_close(merged(ids).logits, adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_bad_input(tmp_path):
+    with pytest.raises(fk.FactorkitError, match="no Linear layer"):
+        get_wara_model(tiny_llama(), WaRAConfig(target_modules=("nonexistent",)))
+    with pytest.raises(fk.FactorkitError, match="not divisible"):
+        get_wara_model(tiny_llama(), WaRAConfig(target_modules=("q_proj",), levels=6))
+    with pytest.raises(fk.FactorkitError, match="not a WaRA adapter folder"):
+        load_adapter(tiny_llama(), tmp_path)
+    model = _adapted(0)
+    save_adapter(model, tmp_path / "a")
+    with pytest.raises(fk.FactorkitError, match="does not fit this model"):
+        load_adapter(tiny_llama(0, hidden=64), tmp_path / "a")
+    with pytest.raises(fk.FactorkitError, match="already exists"):
+        save_adapter(model, tmp_path / "a")
+
+
+def test_wara_linear_rejects_non_linear():
+    with pytest.raises(TypeError):
+        WaRALinear(torch.nn.Conv1d(4, 4, 1), 2)
