@@ -2,6 +2,7 @@
 
     factorkit compress --model smollm2-135m --method svdllm --ratio 0.2 --calib shakespeare --out out/svdllm
     factorkit eval --model out/svdllm --text shakespeare
+    factorkit finetune --model smollm2-135m --adapter wara --r 8 --text my_notes.txt --out out/wara
     factorkit pretrain --config llama-20m --param sltrain --rank 64 --delta 0.03 --steps 300 --out out/sltrain
     torchrun --nproc-per-node 2 -m factorkit.cli pretrain ...   (data parallel, same loss curve)
 
@@ -175,6 +176,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also measure the peak tensor memory of one training step (profiler on CPU; slower start)")
     p.add_argument("--out", required=True, help="folder to write the trained model and its tokenizer to")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+    f = sub.add_parser(
+        "finetune", help="fine-tune a causal LM with a WaRA or LoRA adapter (or fully) on a text",
+        description="Fine-tune --model on the training part of --text with a WaRA adapter (low rank in the wavelet "
+                    "domain), a LoRA adapter (PEFT) or all weights, report held-out perplexity before and after, and "
+                    "save the adapter (or the model, for full) to --out.",
+    )
+    f.add_argument("--model", default="smollm2-135m", help="model to fine-tune (default smollm2-135m)")
+    f.add_argument("--adapter", choices=("wara", "lora", "full"), default="wara", help="default wara")
+    f.add_argument("--r", type=_positive, default=8, help="adapter rank (default 8)")
+    f.add_argument("--alpha", type=float, default=16.0, help="the update is scaled by alpha / r (default 16)")
+    f.add_argument("--dropout", type=float, default=0.0, help="adapter input dropout (default 0)")
+    f.add_argument("--wavelet", default="db2", help="wara: orthogonal wavelet, e.g. haar, db2, db4, sym4 (default db2)")
+    f.add_argument("--levels", type=_positive, default=2, help="wara: levels of the 2-D transform (default 2)")
+    f.add_argument("--targets", help="comma-separated Linear names to adapt, e.g. q_proj,v_proj (default: all)")
+    f.add_argument("--text", default="shakespeare",
+                   help="shakespeare (calibration plays; the others held out), wikitext2, c4 or a text file "
+                        "(its last 10%% held out) (default shakespeare)")
+    f.add_argument("--seq-len", type=_positive, default=256, help="tokens per sequence (default 256)")
+    f.add_argument("--batch-size", type=_positive, default=4, help="sequences per micro-batch (default 4)")
+    f.add_argument("--grad-accum", type=_positive, default=1, help="micro-batches per optimizer step (default 1)")
+    f.add_argument("--steps", type=_positive, default=200, help="optimizer steps (default 200)")
+    f.add_argument("--lr", type=float, default=2e-4, help="AdamW peak learning rate (default 2e-4)")
+    f.add_argument("--eval-rows", type=_positive, default=32, help="held-out sequences evaluated (default 32)")
+    f.add_argument("--checkpoint-dir", help="save the training state here every 50 steps; a rerun resumes")
+    f.add_argument("--seed", type=int, default=0, help="batch order and text split (default 0)")
+    f.add_argument("--out", required=True, help="folder for the adapter (wara, lora) or the model (full)")
+    f.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return parser
 
 
@@ -344,6 +373,31 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     print(f"saved to {out}")
 
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from .models.files import check_writable_target
+    from .report import fmt_count, fmt_ppl, print_table
+    from .training.finetune import FinetuneConfig, finetune, save_finetuned
+
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip()) if args.targets else None
+    config = FinetuneConfig(model=args.model, adapter=args.adapter, r=args.r, alpha=args.alpha, dropout=args.dropout,
+                            wavelet=args.wavelet, levels=args.levels, target_modules=targets, text=args.text,
+                            seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                            steps=args.steps, lr=args.lr, eval_rows=args.eval_rows,
+                            checkpoint_dir=args.checkpoint_dir, seed=args.seed)
+    config.validate()
+    out = Path(args.out)
+    check_writable_target(out, args.overwrite)  # fail before any long work
+    result = finetune(config, progress=not args.quiet)
+    save_finetuned(result, config, out, args.overwrite)
+    rows = [
+        ["held-out perplexity", fmt_ppl(result.perplexity_before), fmt_ppl(result.perplexity_after)],
+        ["trainable parameters", "", f"{fmt_count(result.trainable)} of {fmt_count(result.total)}"],
+        ["training wall time", "", f"{result.seconds:.1f} s ({result.seconds / max(1, result.steps_run):.2f} s/step)"],
+    ]
+    print_table(f"finetune {args.model} with {args.adapter} (r={args.r}) on {args.text}", ["", "before", "after"], rows)
+    print(f"saved to {out}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -353,7 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         transformers.utils.logging.disable_progress_bar()
     try:
-        {"compress": cmd_compress, "eval": cmd_eval, "pretrain": cmd_pretrain}[args.command](args)
+        {"compress": cmd_compress, "eval": cmd_eval, "pretrain": cmd_pretrain,
+         "finetune": cmd_finetune}[args.command](args)
     except FactorkitError as exc:
         print(f"factorkit: error: {exc}", file=sys.stderr)
         return 2

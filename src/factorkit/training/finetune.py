@@ -1,0 +1,157 @@
+"""Fine-tuning a causal LM on a text with a WaRA adapter, a LoRA adapter (the
+real ``peft`` package) or all of its weights, through the shared loop.
+
+    result = finetune(FinetuneConfig(model="smollm2-135m", adapter="wara", r=8, text="my.txt"))
+
+The text is split into training and held-out text (``data.train_heldout_text``:
+for shakespeare the calibration plays and the held-out plays), cut into rows
+of ``seq_len`` tokens; perplexity on the first ``eval_rows`` held-out rows is
+measured before and after training. WaRA and LoRA target the same Linears at
+the same rank and alpha, so they train the same number of parameters.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from ..calibration import model_targets
+from ..data import pretrain_rows, train_heldout_text
+from ..errors import FactorkitError
+from ..eval import perplexity
+from ..methods.wara import WaRAConfig, get_wara_model, save_adapter, trainable_parameters
+from .loop import TrainConfig, model_loss, train
+
+ADAPTERS = ("wara", "lora", "full")
+
+
+@dataclass
+class FinetuneConfig:
+    """adapter: wara, lora (PEFT's LoraConfig) or full (every weight trains).
+    target_modules: Linear names in the blocks (None: all of them), for both adapters.
+    r / alpha / dropout: rank, scale alpha / r and input dropout of the adapters.
+    wavelet / levels: WaRA's transform.
+    """
+
+    model: str = "smollm2-135m"
+    adapter: str = "wara"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    wavelet: str = "db2"
+    levels: int = 2
+    target_modules: tuple[str, ...] | None = None
+    text: str = "shakespeare"
+    seq_len: int = 256
+    batch_size: int = 4
+    grad_accum: int = 1
+    steps: int = 200
+    lr: float = 2e-4
+    warmup: int | None = None  # None: 10% of the steps
+    eval_rows: int = 32
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.adapter not in ADAPTERS:
+            raise FactorkitError(f"unknown adapter {self.adapter!r}; use one of {', '.join(ADAPTERS)}.")
+        if self.r < 1 or self.seq_len < 2 or self.eval_rows < 1:
+            raise FactorkitError("r and eval_rows must be at least 1 and seq_len at least 2.")
+
+    def train_config(self) -> TrainConfig:
+        warmup = self.warmup if self.warmup is not None else max(1, self.steps // 10)
+        return TrainConfig(steps=self.steps, lr=self.lr, warmup=warmup, batch_size=self.batch_size,
+                           grad_accum=self.grad_accum, checkpoint_dir=self.checkpoint_dir,
+                           checkpoint_every=self.checkpoint_every, seed=self.seed)
+
+
+@dataclass
+class FinetuneResult:
+    model: nn.Module
+    tokenizer: object
+    perplexity_before: float
+    perplexity_after: float
+    trainable: int
+    total: int
+    seconds: float  # wall time of the training steps run in this call
+    steps_run: int
+    losses: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {"perplexity_before": self.perplexity_before, "perplexity_after": self.perplexity_after,
+                "trainable": self.trainable, "total": self.total, "seconds": self.seconds,
+                "step_seconds": self.seconds / max(1, self.steps_run), "losses": self.losses}
+
+
+def target_names(model: nn.Module, targets: tuple[str, ...] | None) -> list[str]:
+    """The Linear names (inside a block) both adapters target, e.g. ["q_proj", "v_proj"]."""
+    found = model_targets(model, targets)
+    if not found:
+        raise FactorkitError(f"no Linear layer in the blocks matches target_modules {targets}; "
+                             "name layers such as q_proj, v_proj, or pass None for all.")
+    return sorted({name.rsplit(".", 1)[-1] for name in found})
+
+
+def attach(model: nn.Module, config: FinetuneConfig) -> nn.Module:
+    """The model to train: WaRA or LoRA adapters on the targets, or the model itself (full)."""
+    names = target_names(model, config.target_modules)
+    if config.adapter == "wara":
+        return get_wara_model(model, WaRAConfig(tuple(names), config.r, config.alpha, config.wavelet, config.levels,
+                                                config.dropout))
+    if config.adapter == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        return get_peft_model(model, LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                                                target_modules=names, task_type="CAUSAL_LM"))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def finetune(config: FinetuneConfig, progress: bool = True, stop_after: int | None = None,
+             model: nn.Module | None = None, tokenizer=None) -> FinetuneResult:
+    """Fine-tune (or resume, from ``config.checkpoint_dir``); ``model`` / ``tokenizer``
+    may be given already loaded, otherwise ``config.model`` is loaded."""
+    config.validate()
+    if model is None:
+        from ..models import load
+
+        model, tokenizer = load(config.model)
+    if tokenizer is None:
+        raise FactorkitError(f"{config.model} has no tokenizer files; save the tokenizer beside the model.")
+    train_text, heldout_text = train_heldout_text(config.text, config.seed)
+    rows, heldout = pretrain_rows(tokenizer, train_text, heldout_text, config.seq_len)
+    heldout = heldout[: config.eval_rows]
+    if rows.shape[0] < config.batch_size:
+        raise FactorkitError(f"the training text has {rows.shape[0]} sequences of {config.seq_len} tokens, fewer "
+                             f"than one batch of {config.batch_size}; give more text or a smaller --batch-size.")
+    before = perplexity(model, heldout, batch_size=4, progress=False).perplexity
+    model = attach(model, config)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    trained = train(model, rows, named, config.train_config(), model_loss, progress=progress, stop_after=stop_after,
+                    desc=f"finetune {config.adapter}")
+    trainable, total = trainable_parameters(model)
+    after = perplexity(model, heldout, batch_size=4, progress=False).perplexity
+    return FinetuneResult(model, tokenizer, before, after, trainable, total, trained.seconds,
+                          len(trained.losses) - trained.resumed_from, trained.losses)
+
+
+def save_finetuned(result: FinetuneResult, config: FinetuneConfig, out: str | os.PathLike,
+                   overwrite: bool = False) -> Path:
+    """Only the adapter for wara (factorkit's folder) and lora (PEFT's folder); the whole model for full."""
+    if config.adapter == "wara":
+        return save_adapter(result.model, out, overwrite, base_model=config.model)
+    if config.adapter == "lora":
+        from ..models.files import atomic_dir
+
+        with atomic_dir(out, overwrite) as tmp:
+            result.model.save_pretrained(tmp)
+        return Path(out)
+    from ..models import save
+
+    return save(result.model, out, tokenizer=result.tokenizer, overwrite=overwrite)
+
