@@ -16,7 +16,7 @@ from factorkit.methods.wara import (
     trainable_parameters,
     wara_modules,
 )
-from factorkit.solvers.wavelets import dwt2, idwt2, lowrank_idwt_apply, max_levels
+from factorkit.solvers.wavelets import dwt2, idwt2, lowrank_idwt_factors, max_levels
 
 from conftest import tiny_llama
 
@@ -44,13 +44,14 @@ def test_transform_limits_are_explicit():
 
 
 @pytest.mark.parametrize("levels", [1, 2, 3])
-def test_lowrank_apply_matches_the_materialised_update_and_raises_its_rank(levels):
+def test_transformed_factors_give_the_inverse_transform_and_raise_its_rank(levels):
     gen = torch.Generator().manual_seed(levels)
     B = torch.randn(192, 4, dtype=torch.float64, generator=gen)
     A = torch.randn(4, 576, dtype=torch.float64, generator=gen)
-    x = torch.randn(3, 7, 576, dtype=torch.float64, generator=gen)
     delta = idwt2(B @ A, "db2", levels)
-    torch.testing.assert_close(lowrank_idwt_apply(x, B, A, "db2", levels), x @ delta.T, rtol=1e-10, atol=1e-10)
+    Bt, At = lowrank_idwt_factors(B, A, "db2", levels)
+    assert Bt.shape == (192, 4 * (2 * levels - 1)) and At.shape == (4 * (2 * levels - 1), 576)
+    torch.testing.assert_close(Bt @ At, delta, rtol=0, atol=1e-12)
     # One level is separable (S_o^T C S_i keeps the rank). Every further level adds the two
     # rank-r corrections of its top-left block: rank 4 * (2 * levels - 1), multi-scale structure.
     assert int(torch.linalg.matrix_rank(delta)) == 4 * (2 * levels - 1)

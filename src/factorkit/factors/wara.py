@@ -6,8 +6,10 @@ B (out x r) and A (r x in) hold the update's wavelet coefficients; IDWT is the
 multi-level periodized 2-D inverse transform of ``solvers.wavelets``. B starts
 at zero and A as a Linear's weight (Kaiming uniform), so the update is zero
 at the start, as LoRA's is. The forward pass never forms the (out x in)
-update: the activations go through the wavelet transform instead (a few
-low-rank products per level). ``merge()`` adds the update to the base weight
+update: the wavelet pyramid is applied to the thin factors, which gives
+IDWT(B @ A) as one product Bt @ At of rank r * (2 * levels - 1)
+(``solvers.wavelets.lowrank_idwt_factors``), and the layer applies it as
+LoRA applies B @ A. ``merge()`` adds the update to the base weight
 and keeps the weight it replaced, so ``unmerge()`` restores the base weight
 bit for bit (subtracting the update again would round); unloading a merged
 model (``methods.wara.merge_and_unload``) drops that copy.
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..solvers.wavelets import check_levels, idwt2, lowrank_idwt_apply
+from ..solvers.wavelets import check_levels, lowrank_idwt_factors
 
 
 class WaRALinear(nn.Module):
@@ -52,14 +54,20 @@ class WaRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """The (out x in) update this adapter adds: scale * IDWT(B @ A)."""
-        return self.scale * idwt2(self.B @ self.A, self.wavelet, self.levels)
+        Bt, At = self.factors()
+        return self.scale * (Bt @ At)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Bt, At) with Bt @ At = IDWT(B @ A), differentiable in B and A."""
+        return lowrank_idwt_factors(self.B, self.A, self.wavelet, self.levels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if self.merged:
             return y
-        update = lowrank_idwt_apply(self.dropout(x).to(self.A.dtype), self.B, self.A, self.wavelet, self.levels)
-        return y + (self.scale * update).to(y.dtype)
+        Bt, At = self.factors()
+        update = (self.dropout(x).to(At.dtype) @ At.T) @ (self.scale * Bt).T
+        return y + update.to(y.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:

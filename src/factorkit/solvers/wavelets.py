@@ -17,9 +17,9 @@ so the multi-level inverse is not a product of one matrix on each side: a
 rank-r coefficient matrix maps to a weight update of rank up to
 r * (2 * levels - 1) (one level alone is separable and keeps the rank).
 
-``lowrank_idwt_apply`` computes x @ IDWT(B @ A).T without building the
-(out x in) update: it transforms the activations instead, at the cost of a
-few LoRA products per level.
+``lowrank_idwt_factors`` writes IDWT(B @ A) as one low-rank product of
+transformed factors, so a layer applies it as LoRA does, without ever
+forming the (out x in) update.
 """
 
 from __future__ import annotations
@@ -132,23 +132,24 @@ def idwt2(c: torch.Tensor, wavelet: str = "haar", levels: int = 1) -> torch.Tens
     return out
 
 
-def lowrank_idwt_apply(x: torch.Tensor, B: torch.Tensor, A: torch.Tensor, wavelet: str, levels: int) -> torch.Tensor:
-    """x @ idwt2(B @ A, wavelet, levels).T for x (..., in), B (out x r), A (r x in),
-    without forming the (out x in) matrix.
+def lowrank_idwt_factors(B: torch.Tensor, A: torch.Tensor, wavelet: str, levels: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (Bt, At) with Bt @ At == idwt2(B @ A, wavelet, levels), of rank
+    r * (2 * levels - 1), computed from B (out x r) and A (r x in) alone.
 
-    One level of the inverse is W = S_o^T M S_i with S the 1-D DWT matrices and
-    M the coefficients whose top-left quadrant is itself the inverse of the
-    next level. So x @ W.T = idwt1(dwt1(x) @ M.T), and M = B @ A with its
-    top-left block B1 @ A1 swapped for the next level's inverse of B1 @ A1:
-    two low-rank products per level plus the recursion on the low halves.
+    One level of the inverse is W = S_o^T M S_i (S: the 1-D DWT matrices) where
+    M is B @ A with its top-left block B1 @ A1 (B1, A1: the first halves)
+    replaced by the deeper levels' inverse of B1 @ A1. Written as one product,
+    M = [B, -B1, Bd] @ [A; A1; Ad] (B1, A1, Bd, Ad padded with zeros to the
+    full size), with (Bd, Ad) the factors of the deeper levels, so W is the
+    product of S_o^T [B, -B1, Bd] and [A; A1; Ad] S_i: only the thin factors
+    are transformed, never an (out x in) matrix, and a layer applies the
+    update as x @ At.T @ Bt.T.
     """
-    if levels == 0:
-        return (x @ A.T) @ B.T
-    xs = dwt1(x, wavelet)
-    half_in, half_out = A.shape[1] // 2, B.shape[0] // 2
-    z = (xs @ A.T) @ B.T
-    low = xs[..., :half_in]
-    B1, A1 = B[:half_out], A[:, :half_in]
-    correction = lowrank_idwt_apply(low, B1, A1, wavelet, levels - 1) - (low @ A1.T) @ B1.T
-    z = torch.cat([z[..., :half_out] + correction, z[..., half_out:]], dim=-1)
-    return idwt1(z, wavelet)
+    if levels > 1:
+        half_out, half_in = B.shape[0] // 2, A.shape[1] // 2
+        B1, A1 = B[:half_out], A[:, :half_in]
+        Bd, Ad = lowrank_idwt_factors(B1, A1, wavelet, levels - 1)
+        B = torch.cat([B, F.pad(torch.cat([-B1, Bd], dim=1), (0, 0, 0, B.shape[0] - half_out))], dim=1)
+        A = torch.cat([A, F.pad(torch.cat([A1, Ad], dim=0), (0, A.shape[1] - half_in))], dim=0)
+    return idwt1(B.T, wavelet).T, idwt1(A, wavelet)
