@@ -31,6 +31,8 @@ bench: install
 	$(PY) benchmarks/bench_lowrank.py
 	$(PY) benchmarks/bench_cospadi.py
 	$(PY) benchmarks/bench_dsformer.py
+	$(PY) benchmarks/bench_sltrain.py
+	$(PY) benchmarks/bench_wara.py
 
 clean:
 	rm -rf out $(VENV) .pytest_cache
