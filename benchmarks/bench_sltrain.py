@@ -133,8 +133,8 @@ def plot(results: Results) -> Path:
     return path
 
 
-def section(results: Results) -> str:
-    lines = [f"Measured {today()} on {machine()} with `python benchmarks/bench_sltrain.py`.", ""]
+def section(results: Results, command: str) -> str:
+    lines = [f"Measured {today()} on {machine()} with `{command}`.", ""]
     if "steps" in results:
         info = results["steps"]
         lines += [f"### Pretraining from scratch: llama-20m (hidden 256, 6 layers), {info['steps']} steps each", "",
@@ -189,7 +189,7 @@ def main() -> None:
     if "pretrain" in parts:
         bench_pretrain(results, args.minutes)
         plot(results)
-    write_section("sltrain", section(results))
+    write_section("sltrain", section(results, " ".join(["python benchmarks/bench_sltrain.py", *sys.argv[1:]])))
 
 
 if __name__ == "__main__":

@@ -84,12 +84,12 @@ def parameterize(model: nn.Module, config: SLTrainConfig) -> nn.Module:
         weight = linear_weight(linear)
         out_f, in_f = weight.shape
         has_bias = getattr(linear, "bias", None) is not None
+        seed = layer_seed(config.seed, name)
         # drawn on the CPU from (seed, layer name) alone: the same start on every device and process
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(layer_seed(config.seed, name))
+            torch.manual_seed(seed)
             if config.param == "sltrain":
-                new = SparseLowRankLinear(in_f, out_f, rank, config.density, layer_seed(config.seed, name),
-                                          config.alpha, has_bias)
+                new = SparseLowRankLinear(in_f, out_f, rank, config.density, seed, config.alpha, has_bias)
             else:
                 new = LowRankLinear(in_f, out_f, rank, has_bias)
                 with torch.no_grad():

@@ -63,8 +63,7 @@ class FinetuneConfig:
             raise FactorkitError("r and eval_rows must be at least 1 and seq_len at least 2.")
 
     def train_config(self) -> TrainConfig:
-        warmup = self.warmup if self.warmup is not None else max(1, self.steps // 10)
-        return TrainConfig(steps=self.steps, lr=self.lr, warmup=warmup, batch_size=self.batch_size,
+        return TrainConfig(steps=self.steps, lr=self.lr, warmup=self.warmup, batch_size=self.batch_size,
                            grad_accum=self.grad_accum, checkpoint_dir=self.checkpoint_dir,
                            checkpoint_every=self.checkpoint_every, seed=self.seed)
 

@@ -38,7 +38,8 @@ CHECKPOINT = "train_state.pt"
 @dataclass
 class TrainConfig:
     """steps: optimizer steps; each sees batch_size * grad_accum sequences.
-    lr, weight_decay, warmup (steps of linear warm-up), max_grad_norm (0: no clipping).
+    lr, weight_decay, warmup (steps of linear warm-up; None: 10% of the steps),
+    max_grad_norm (0: no clipping).
     distill: weight of the distillation term, KL(teacher || student) on the
         logits at ``temperature`` (times temperature^2), added to the task loss.
     checkpoint_dir / checkpoint_every: where and how often to save the state
@@ -49,7 +50,7 @@ class TrainConfig:
     steps: int = 200
     lr: float = 1e-4
     weight_decay: float = 0.0
-    warmup: int = 10
+    warmup: int | None = 10
     batch_size: int = 4
     grad_accum: int = 1
     max_grad_norm: float = 1.0
@@ -65,6 +66,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.warmup is not None and self.warmup < 0:
+            raise ValueError(f"warmup must be at least 0, got {self.warmup}")
         if self.distill < 0 or self.temperature <= 0:
             raise ValueError("distill must be >= 0 and temperature > 0")
 
@@ -190,7 +193,8 @@ def train(model: nn.Module, data: torch.Tensor | Batch, params: Sequence[tuple[s
     no_decay = [p for p in tensors if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
-    schedule = get_cosine_schedule_with_warmup(optimizer, min(config.warmup, config.steps), config.steps)
+    warmup = max(1, config.steps // 10) if config.warmup is None else min(config.warmup, config.steps)
+    schedule = get_cosine_schedule_with_warmup(optimizer, warmup, config.steps)
     result = TrainResult()
     start = 0
     ckpt = Path(config.checkpoint_dir) / CHECKPOINT if config.checkpoint_dir else None

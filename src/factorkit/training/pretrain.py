@@ -91,8 +91,7 @@ class PretrainConfig:
         return SLTrainConfig(self.param, self.rank, self.density, self.alpha, self.seed, self.targets)
 
     def train_config(self) -> TrainConfig:
-        warmup = self.warmup if self.warmup is not None else max(1, self.steps // 10)
-        return TrainConfig(steps=self.steps, lr=self.lr, weight_decay=self.weight_decay, warmup=warmup,
+        return TrainConfig(steps=self.steps, lr=self.lr, weight_decay=self.weight_decay, warmup=self.warmup,
                            batch_size=self.batch_size, grad_accum=self.grad_accum, max_grad_norm=self.max_grad_norm,
                            checkpoint_dir=self.checkpoint_dir, checkpoint_every=self.checkpoint_every,
                            seed=self.seed)
