@@ -300,8 +300,8 @@ def report(results: Results) -> None:
     if dense and model_rows:
         extra = ""
         if any(r.get("contended") for key, r in results.items.items() if key.startswith("model/")):
-            extra += ("\n\n\\* Taken while other work (test runs, a dry run) shared the two cores: an upper bound, not "
-                      "comparable with the other times.")
+            extra += ("\n\n\\* Taken while other work (test runs, a dry run) shared the two cores: an upper "
+                      "bound, not comparable with the other times.")
         gaps, svdllm_x = [], []
         for ratio in RATIOS:
             if f"model/svdllm/{ratio}" in results:
