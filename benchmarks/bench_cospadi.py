@@ -13,7 +13,9 @@
    and CoSpaDi (per layer, and group=2) at ratios 0.2 / 0.3 / 0.4; the
    CoSpaDi 0.2 model is saved, reloaded and its logits compared.
 
-Resumable: results go to benchmarks/results/cospadi.json after every item.
+Resumable: results go to benchmarks/results/cospadi.json after every item, and
+a CoSpaDi item cut off mid-model resumes from its finished blocks (kept in
+benchmarks/results/cospadi-finished/ until the item is saved).
 Writes the `cospadi` section of BENCHMARKS.md and cospadi_error_vs_T.png.
 
     python benchmarks/bench_cospadi.py [--max-chunks 16] [--only solver,latency,model] [--fresh]
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shutil
 import sys
 import tempfile
 import time
@@ -192,6 +195,10 @@ def bench_model(results: Results, base, calib, chunks, ratios=RATIOS, cospadi=tu
         row = {"compress_s": compress_s, "ratio_targeted": summary.ratio_targeted,
                "ratio_storage": summary.ratio_targeted_storage, "ratio_model": summary.ratio_model}
         fit = getattr(model, "factorkit_fit", None)
+        restored = [f for f in (fit or {}).values() if f.get("restored")]
+        if restored:  # resumed after an interruption: add what the finished groups took
+            row["compress_s"] += sum(f["seconds"] for f in restored)
+            row["resumed"] = True
         if fit:
             curves = torch.tensor([f["errors"] for f in fit.values()])
             row["mean_error_curve"] = curves.mean(0).tolist()
@@ -207,6 +214,8 @@ def bench_model(results: Results, base, calib, chunks, ratios=RATIOS, cospadi=tu
         result = perplexity(model, chunks, desc=key)
         row["ppl"] = result.perplexity
         results.put(key, row)
+        if getattr(config, "checkpoint_dir", None):  # the item is saved: its finished blocks are no longer needed
+            shutil.rmtree(config.checkpoint_dir, ignore_errors=True)
         print(key, {k: v for k, v in row.items() if k != "mean_error_curve"}, flush=True)
 
     if "dense" not in results:
@@ -215,7 +224,10 @@ def bench_model(results: Results, base, calib, chunks, ratios=RATIOS, cospadi=tu
         for name, cls in BASELINES.items():
             evaluate(f"model/{name}/{ratio}", cls(ratio=ratio))
         for name in cospadi:
-            evaluate(f"model/{name}/{ratio}", fk.CoSpaDiConfig(ratio=ratio, **COSPADI[name]),
+            # the finished blocks are kept, so a run cut off mid-model resumes where it stopped
+            finished = RESULTS / "cospadi-finished" / f"{name}-{ratio}"
+            evaluate(f"model/{name}/{ratio}",
+                     fk.CoSpaDiConfig(ratio=ratio, **COSPADI[name], checkpoint_dir=str(finished)),
                      check_reload=(name == "cospadi" and ratio == 0.2))
 
 
@@ -294,7 +306,8 @@ def report(results: Results) -> None:
         times = [results.items.get(f"model/{name}/{ratio}") for ratio in RATIOS]
         # a time is None where the run shared the cores with other work (rerun it); "contended": true keeps
         # the time but marks it as taken while other work shared the two cores
-        cells += [(f"{t['compress_s']:.0f} s" + (" *" if t.get("contended") else ""))
+        cells += [(f"{t['compress_s']:.0f} s" + (" *" if t.get("contended") else "")
+                   + (" †" if t.get("resumed") else ""))
                   if t and t["compress_s"] is not None else "" for t in times]
         model_rows.append([name] + cells)
     if dense and model_rows:
@@ -302,6 +315,9 @@ def report(results: Results) -> None:
         if any(r.get("contended") for key, r in results.items.items() if key.startswith("model/")):
             extra += ("\n\n\\* Taken while other work (test runs, a dry run) shared the two cores: an upper "
                       "bound, not comparable with the other times.")
+        if any(r.get("resumed") for key, r in results.items.items() if key.startswith("model/")):
+            extra += ("\n\n† Resumed after an interruption: the solver time of the blocks finished before it "
+                      "plus the wall time of the rest.")
         gaps, svdllm_x = [], []
         for ratio in RATIOS:
             if f"model/svdllm/{ratio}" in results:

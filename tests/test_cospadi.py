@@ -8,8 +8,10 @@ import torch
 from safetensors import safe_open
 
 import factorkit as fk
+import factorkit.methods.cospadi as cospadi_method
 from factorkit.cli import main
 from factorkit.factors import DictionaryLinear, factor_modules
+from factorkit.models.partial import FinishedGroups
 from factorkit.solvers.dictionary import (
     batch_omp,
     codes_to_dense,
@@ -204,6 +206,48 @@ def test_grouped_mode_shares_one_dictionary_per_projection(calib, tmp_path):
     assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+def test_an_interrupted_compression_resumes_to_the_same_model(calib, tmp_path, monkeypatch):
+    settings = {"ratio": 0.3, "iterations": 3, "group": 2}  # groups: blocks 0-1 (shared dictionaries), block 2
+    reference = tiny_llama(layers=3, hidden=32)
+    fk.compress(reference, fk.CoSpaDiConfig(**settings), calib, progress=False)
+
+    solve, solved = cospadi_method.sparse_dictionary, []
+
+    def solver(stop_at):
+        def run(*args, **kwargs):
+            if len(solved) == stop_at:
+                raise KeyboardInterrupt
+            solved.append(1)
+            return solve(*args, **kwargs)
+        return run
+
+    folder = tmp_path / "finished"
+    config = fk.CoSpaDiConfig(**settings, checkpoint_dir=str(folder))
+    monkeypatch.setattr(cospadi_method, "sparse_dictionary", solver(stop_at=9))  # 7 per group: stops in group 2
+    with pytest.raises(KeyboardInterrupt):
+        fk.compress(tiny_llama(layers=3, hidden=32), config, calib, progress=False)
+    assert FinishedGroups(folder, json.loads((folder / "run.json").read_text())).finished() == ["blocks-0000-0001"]
+
+    solved.clear()
+    monkeypatch.setattr(cospadi_method, "sparse_dictionary", solver(stop_at=None))
+    model = fk.compress(tiny_llama(layers=3, hidden=32), config, calib, progress=False)
+    assert len(solved) == 7  # only the unfinished group was solved again
+    assert _layer(model, 0, "self_attn.q_proj").atoms is _layer(model, 1, "self_attn.q_proj").atoms
+    fit, ref = model.factorkit_fit, reference.factorkit_fit
+    assert fit.keys() == ref.keys() and all(fit[k]["errors"] == ref[k]["errors"] for k in ref)
+    assert {k for k, v in fit.items() if v.get("restored")} == {
+        k for k in ref if k.startswith(("model.layers.0.", "model.layers.1."))}
+    ids = calib[:2]
+    assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+    assert "checkpoint_dir" not in model.factorkit_compression["config"]
+
+    with pytest.raises(fk.FactorkitError, match="another run"):
+        fk.compress(tiny_llama(layers=3, hidden=32), fk.CoSpaDiConfig(**{**settings, "iterations": 2},
+                    checkpoint_dir=str(folder)), calib, progress=False)
+    with pytest.raises(fk.FactorkitError, match="another run"):
+        fk.compress(tiny_llama(seed=1, layers=3, hidden=32), config, calib, progress=False)
+
+
 def test_without_whitening_no_data_is_needed():
     model = tiny_llama()
     fk.compress(model, fk.CoSpaDiConfig(ratio=0.3, iterations=2, whiten=False), None, progress=False)
@@ -227,13 +271,14 @@ def test_cospadi_from_the_command_line(capsys, model_dir, tmp_path):
     capsys.readouterr()
     code = main(["-q", "compress", "--model", str(model_dir), "--method", "cospadi", "--ratio", "0.3",
                  "--iterations", "3", "--group", "2", "--calib-samples", "4", "--calib-seq-len", "32",
-                 "--out", str(out_dir)])
+                 "--checkpoint-dir", str(tmp_path / "finished"), "--out", str(out_dir)])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "support masks" in out
     model = fk.load(out_dir)
     assert {type(m) for _, m in factor_modules(model)} == {DictionaryLinear}
     assert model.factorkit_compression["config"]["group"] == 2
+    assert sorted(p.name for p in (tmp_path / "finished").glob("*.json")) == ["blocks-0000-0001.json", "run.json"]
     code = main(["-q", "compress", "--model", str(model_dir), "--method", "svdllm", "--group", "2",
                  "--out", str(tmp_path / "bad")])
     assert code == 2 and "--group applies to --method cospadi only" in capsys.readouterr().err

@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--grad-accum", type=_positive, help="dsformer: micro-batches per optimizer step (default 1)")
     c.add_argument("--distill", type=float, help="dsformer: weight of the KL to the dense model's logits (default 0)")
     c.add_argument("--checkpoint-dir",
-                   help="dsformer: save the training state here every 50 steps; a rerun resumes from it")
+                   help="dsformer: save the training state here every 50 steps; cospadi: keep every finished "
+                   "group of blocks here; a rerun resumes from it")
     c.add_argument("--fisher-samples", type=_positive,
                    help="fwsvd / global allocation: calibration sequences used for the gradient pass (default all)")
     c.add_argument("--batch-size", type=_positive, default=4, help="calibration sequences per forward pass (default 4)")
@@ -226,9 +227,10 @@ def _method_config(args: argparse.Namespace):
                "checkpoint_dir": args.checkpoint_dir}
     # options only some methods have: an explicit value for another method is a mistake
     specific = {"fisher_axis": "fwsvd", "group": "cospadi", "iterations": "cospadi", "refresh": "cospadi",
-                "rho": "cospadi or dsformer", "count": "cospadi or dsformer"}
+                "rho": "cospadi or dsformer", "count": "cospadi or dsformer",
+                "checkpoint_dir": "cospadi or dsformer"}
     specific.update({name: "dsformer" for name in ("pattern", "blocks", "init", "train_steps", "lr",
-                                                   "train_batch_size", "grad_accum", "distill", "checkpoint_dir")})
+                                                   "train_batch_size", "grad_accum", "distill")})
     fields = method.config_cls.__dataclass_fields__
     for name, value in options.items():
         if name in fields:

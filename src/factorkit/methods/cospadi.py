@@ -24,6 +24,10 @@ Shared dictionaries: ``group=g`` fits one dictionary per projection type
 for g consecutive layers (their weights side by side, Grams averaged), with
 per-layer codes; the budget then counts the dictionary once for the group.
 
+Resume: with ``checkpoint_dir`` every finished group of blocks is kept on
+disk (``models.partial``); a rerun with the same model, data and settings
+restores those groups and solves only the rest, to the same result.
+
 Speed: OMP from scratch at every alternation (``refresh="every"``, the paper's
 schedule) costs k s^2 / 2 per output neuron each time; the default
 ``refresh="doubling"`` re-codes at alternations 0, 1, 2, 4, 8, 16, 32 and the
@@ -33,7 +37,8 @@ BENCHMARKS.md compares the two.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,6 +48,7 @@ from ..calibration import LinearStats, calibrate_groupwise, find_blocks, linear_
 from ..calibration.blocks import replace_module
 from ..errors import FactorkitError
 from ..factors import DictionaryLinear
+from ..models.partial import FinishedGroups, fingerprint
 from ..solvers.dictionary import dictionary_budget, refresh_schedule, sparse_dictionary
 from .base import CompressionConfig, check_targets, log, register
 
@@ -63,6 +69,8 @@ class CoSpaDiConfig(CompressionConfig):
     seed: for the dictionary initialisation.
     eps: relative diagonal shift used when X^T X is not positive definite.
     sequential: calibrate each block on the compressed model's outputs.
+    checkpoint_dir: keep every finished group of blocks here; a rerun of the
+        same compression resumes from them (not part of the recorded settings).
     """
 
     method = "cospadi"
@@ -76,6 +84,7 @@ class CoSpaDiConfig(CompressionConfig):
     seed: int = 0
     eps: float = 1e-6
     sequential: bool = True
+    checkpoint_dir: str | None = field(default=None, metadata={"record": False})
 
     def validate(self) -> None:
         super().validate()
@@ -114,9 +123,26 @@ def _compress_cospadi(model: nn.Module, config: CoSpaDiConfig, data: Any, progre
     dtype = next(model.parameters()).dtype
     value_bits = torch.finfo(dtype).bits
     report: dict[str, dict] = {}
+    finished = None
+    if config.checkpoint_dir:
+        weights = [linear_weight(m) for block in find_blocks(model)[1] for m in
+                   (block.get_submodule(n) for n in names)]
+        finished = FinishedGroups(config.checkpoint_dir, {
+            "method": config.method, "config": config.record(), "dtype": str(dtype),
+            "weights": fingerprint(weights), "data": fingerprint(data)})
+    restored = []
 
     def on_group(indices: list[int], block_names: list[str], group: list[nn.Module], stats: list) -> None:
+        key = f"blocks-{indices[0]:04d}-{indices[-1]:04d}"
+        if finished is not None:
+            info = finished.restore(key, group, dtype)
+            if info is not None:
+                report.update({matrix: {**entry, "restored": True} for matrix, entry in info.items()})
+                restored.append(key)
+                return
+        group_report = {}
         for name in names:
+            start = time.perf_counter()
             linears = [block.get_submodule(name) for block in group]
             weights = [linear_weight(linear).detach() for linear in linears]
             out_f, in_f = weights[0].shape
@@ -142,9 +168,13 @@ def _compress_cospadi(model: nn.Module, config: CoSpaDiConfig, data: Any, progre
                                                      shared_atoms=shared)
                 shared = module.atoms
                 replace_module(block, name, module)
-                report[f"{block_name}.{name}"] = {
+                group_report[f"{block_name}.{name}"] = {
                     "atoms": k, "sparsity": s, "group": block_names, "error": fit.errors[-1], "errors": fit.errors,
-                    "omp_s": fit.omp_seconds, "ksvd_s": fit.ksvd_seconds}
+                    "omp_s": fit.omp_seconds, "ksvd_s": fit.ksvd_seconds,
+                    "seconds": (time.perf_counter() - start) / len(group)}
+        report.update(group_report)
+        if finished is not None:
+            finished.store(key, group, group_report)
 
     desc = f"cospadi r={config.ratio}" + (f" group={config.group}" if config.group > 1 else "")
     if config.whiten:
@@ -153,6 +183,9 @@ def _compress_cospadi(model: nn.Module, config: CoSpaDiConfig, data: Any, progre
                             progress=progress, desc=desc)
     else:
         _groups_without_data(model, config.group, on_group)
+    if restored:
+        log.info("cospadi: %d group(s) of blocks restored from %s, the rest solved", len(restored),
+                 config.checkpoint_dir)
     errors = [r["error"] for r in report.values()]
     log.info("cospadi: %d matrices, mean relative %s error %.4f", len(errors),
              "output" if config.whiten else "weight", sum(errors) / len(errors))
