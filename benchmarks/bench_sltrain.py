@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, Results, machine, today, write_section  # noqa: E402
+from common import RESULTS, Results, machine, write_section  # noqa: E402
 
 from factorkit.data import pretrain_rows, train_heldout_text  # noqa: E402
 from factorkit.models.tokenizer import load_tokenizer  # noqa: E402
@@ -134,7 +134,7 @@ def plot(results: Results) -> Path:
 
 
 def section(results: Results, command: str) -> str:
-    lines = [f"Measured {today()} on {machine()} with `{command}`.", ""]
+    lines = [f"Measured {results.measured()} on {machine()} with `{command}`.", ""]
     if "steps" in results:
         info = results["steps"]
         lines += [f"### Pretraining from scratch: llama-20m (hidden 256, 6 layers), {info['steps']} steps each", "",

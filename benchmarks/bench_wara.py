@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, Results, machine, today, write_section  # noqa: E402
+from common import RESULTS, Results, machine, write_section  # noqa: E402
 
 from factorkit.models import load  # noqa: E402
 from factorkit.report import markdown_table  # noqa: E402
@@ -55,7 +55,7 @@ def run_all(results: Results, steps: int) -> None:
 
 
 def section(results: Results, steps: int) -> str:
-    lines = [f"Measured {today()} on {machine()} with `python benchmarks/bench_wara.py --steps {steps}`.", "",
+    lines = [f"Measured {results.measured()} on {machine()} with `python benchmarks/bench_wara.py --steps {steps}`.", "",
              f"SmolLM2-135M fine-tuned for {steps} steps of 4 x 256 tokens from the calibration plays (AdamW, 10% "
              "warm-up then cosine, the same batches for every run); perplexity on 32 x 256 tokens of the held-out "
              f"plays. Adapters on every Linear in the blocks, alpha / r = {ALPHA / R:g}, learning rate 5e-4; full "

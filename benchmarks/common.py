@@ -45,6 +45,11 @@ class Results:
         self.settings = settings
         data = json.loads(self.path.read_text()) if self.path.exists() and not fresh else {}
         self.items: dict = data.get("items", {}) if data.get("settings") == settings else {}
+        # the day each item was measured; items stored before dates were kept count as measured on the day
+        # the file was last written
+        undated = _dt.date.fromtimestamp(self.path.stat().st_mtime).isoformat() if self.items else today()
+        dates = data.get("dates", {}) if self.items else {}
+        self.dates: dict = {key: dates.get(key, undated) for key in self.items}
 
     def __contains__(self, key: str) -> bool:
         return key in self.items
@@ -54,9 +59,17 @@ class Results:
 
     def put(self, key: str, value: dict) -> None:
         self.items[key] = value
+        self.dates[key] = today()
         tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"settings": self.settings, "items": self.items}, indent=2))
+        tmp.write_text(json.dumps({"settings": self.settings, "items": self.items, "dates": self.dates}, indent=2))
         os.replace(tmp, self.path)
+
+
+    def measured(self) -> str:
+        """The day (or first and last day) the stored items were measured, for the report's header; a report
+        rewritten later from stored results keeps the dates of the measurements."""
+        days = sorted(set(self.dates.values())) or [today()]
+        return days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
 
 
 def best_time(fn, x, repeats: int) -> float:
