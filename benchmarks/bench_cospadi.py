@@ -376,7 +376,8 @@ def gpu_latency(device: str, fresh: bool) -> None:
     results = Results(name, {"device": torch.cuda.get_device_name(device), "dtype": "bfloat16"}, fresh=fresh)
     bench_latency(results, device, torch.bfloat16)
     write_section(name, f"### DictionaryLinear latency on {results.settings['device']}\n\n"
-                  f"`python benchmarks/bench_cospadi.py --device {device}`, {results.measured()}, torch {torch.__version__}. "
+                  f"`python benchmarks/bench_cospadi.py --device {device}`, {results.measured()}, "
+                  f"torch {torch.__version__}. "
                   "Microseconds per call (best of many, synchronised), batch 1, bfloat16, ratio 0.2 for both "
                   "factorizations. `auto` takes the gather kernel for one token and the code GEMM beyond.\n\n"
                   + latency_table(results))

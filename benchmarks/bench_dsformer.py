@@ -298,7 +298,8 @@ def main() -> None:
         bench_model(results, args.steps)
     if parts & {"model", "report"} and not gpu:  # --only report rewrites BENCHMARKS.md from the stored results
         write_section("dsformer", f"## DSFormer (dense x sparse, trained)\n\n`python benchmarks/bench_dsformer.py` "
-                      f"(part of `make bench`), {results.measured()}, {where}.\n\n" + model_section(results, args.steps))
+                      f"(part of `make bench`), {results.measured()}, {where}.\n\n"
+                      + model_section(results, args.steps))
     if "encoder" in parts and not gpu:
         bench_encoder(results)
     if parts & {"encoder", "report"} and not gpu:
@@ -307,7 +308,8 @@ def main() -> None:
         kernels = bench_latency(results, args.device, dtype)
         write_section(f"dsformer-latency{suffix}", f"### DSFormer layer latency{' on ' + where if gpu else ''}\n\n"
                       f"`python benchmarks/bench_dsformer.py --only latency{' --device ' + args.device if gpu else ''}`"
-                      f", {results.measured()}, {where if not gpu else 'torch ' + torch.__version__}. Microseconds per call "
+                      f", {results.measured()}, {where if not gpu else 'torch ' + torch.__version__}. "
+                      "Microseconds per call "
                       f"(best of many{', synchronised' if gpu else ''}), batch 1, {str(dtype).replace('torch.', '')}, "
                       f"ratio {RATIO}: the exported DenseSparseLinear (2:4 support over k atoms) against nn.Linear "
                       "and LowRankLinear at the same parameter count.\n\n" + latency_section(results, kernels))
