@@ -172,3 +172,70 @@ def test_cli_finetune_saves_adapters_that_reload(capsys, model_dir, text_file, t
     code = main(args + ["--adapter", "wara", "--levels", "9", "--out", str(tmp_path / "bad")])
     _, err = capsys.readouterr()
     assert code == 2 and "not divisible" in err and not (tmp_path / "bad").exists()
+
+
+# --- WaRA from PEFT itself (methods.wara_peft) ---------------------------------------------------------------
+
+def _peft_wara(model, **kw):
+    from peft import get_peft_model
+
+    from factorkit.methods.wara_peft import WaRALoraConfig
+
+    options = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], wavelet="db2", levels=2)
+    return get_peft_model(model, WaRALoraConfig(**{**options, **kw}))
+
+
+def test_peft_wara_is_the_same_adapter_and_round_trips_through_peft(tmp_path):
+    from peft import PeftModel
+
+    from factorkit.methods.wara_peft import WaRALoraConfig, WaRALoraLinear
+
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    peft_model = _peft_wara(tiny_llama(0))
+    layers = {n: m for n, m in peft_model.named_modules() if isinstance(m, WaRALoraLinear)}
+    assert len(layers) == 3 * 2
+    assert torch.equal(peft_model(ids).logits, tiny_llama(0)(ids).logits)  # B = 0: the update starts at zero
+    # the same parameters as factorkit's WaRALinear, and the same function once they hold the same values
+    ours = _adapted(0)
+    assert peft_model.get_nb_trainable_parameters()[0] == trainable_parameters(ours)[0]
+    with torch.no_grad():
+        for name, module in wara_modules(ours).items():
+            module.B.normal_(0, 0.05)
+            peft_layer = next(m for n, m in layers.items() if n.endswith(name))
+            peft_layer.lora_A["default"].weight.copy_(module.A)
+            peft_layer.lora_B["default"].weight.copy_(module.B)
+            plain = peft_layer.scaling["default"] * module.B @ module.A  # what a plain LoRA would add
+            assert not torch.allclose(peft_layer.get_delta_weight("default"), plain, atol=1e-3)
+            torch.testing.assert_close(peft_layer.get_delta_weight("default"), module.delta_weight())
+    adapted = peft_model(ids).logits
+    torch.testing.assert_close(adapted, ours(ids).logits, rtol=1e-5, atol=1e-5)
+    # only the adapter's factors get gradients
+    peft_model.train()
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    assert {n for n, p in peft_model.named_parameters() if p.grad is not None} == {
+        n for n, _ in peft_model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+    peft_model.eval()
+    # PEFT's own save / load, with the config class, gives identical logits on a fresh base
+    peft_model.save_pretrained(tmp_path / "adapter")
+    config = WaRALoraConfig.from_pretrained(tmp_path / "adapter")
+    assert (config.wavelet, config.levels) == ("db2", 2)
+    reloaded = PeftModel.from_pretrained(tiny_llama(0), tmp_path / "adapter", config=config)
+    assert torch.equal(reloaded(ids).logits, adapted)
+    # PEFT's merge: the merged plain model computes the same function
+    merged = reloaded.merge_and_unload()
+    assert not any(isinstance(m, WaRALoraLinear) for m in merged.modules())
+    torch.testing.assert_close(merged(ids).logits, adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_wara_bad_input():
+    from factorkit.errors import FactorkitError
+    from factorkit.methods.wara_peft import WaRALoraConfig
+
+    with pytest.raises(FactorkitError, match="not orthogonal"):
+        WaRALoraConfig(wavelet="bior2.2")
+    with pytest.raises(FactorkitError, match="needs a wavelet"):
+        WaRALoraConfig(wavelet="")
+    with pytest.raises(FactorkitError, match="use fewer levels"):  # a 32-wide layer holds at most 3 db2 levels
+        _peft_wara(tiny_llama(0), levels=4)
+    with pytest.raises(FactorkitError, match="adapts nn.Linear layers"):
+        _peft_wara(tiny_llama(0), target_modules=["q_proj", "embed_tokens"])

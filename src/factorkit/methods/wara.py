@@ -15,10 +15,9 @@ One level alone is separable, S_o^T (B A) S_i, so it is LoRA in a rotated
 basis: the gain needs levels >= 2 (the default is 2).
 At the same rank WaRA and LoRA train the same number of parameters.
 
-Why not a PEFT tuner: PEFT registers a tuner only for a name in its own
-PeftType enum, so a package outside PEFT cannot add one; the file layout
-and verbs here follow PEFT's (adapter_config.json, adapter_model.safetensors,
-merge_and_unload) so the workflow is the same.
+This module needs nothing from PEFT; its file layout and verbs follow PEFT's
+(adapter_config.json, adapter_model.safetensors, merge_and_unload). The same
+adapter inside PEFT itself, as a LoRA variant: ``methods.wara_peft``.
 """
 
 from __future__ import annotations
