@@ -182,6 +182,9 @@ def test_resume_gives_the_uninterrupted_run(tiny_setup, tmp_path):
     assert len(first.losses) == 4 and [e["step"] for e in first.evals] == [3]
     resumed = pretrain(cfg, progress=False)
     assert resumed.losses == full.losses
+    # the summary covers the whole run: the tokens of the steps before the resume count too
+    assert resumed.summary()["tokens"] == full.summary()["tokens"] > resumed.tokens
+    assert resumed.summary()["seconds"] > resumed.seconds
     assert resumed.evals == full.evals and [e["step"] for e in resumed.evals] == [3, 6]
     for key, value in full.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
@@ -223,3 +226,35 @@ def test_cli_pretrain_bad_input(capsys, tiny_setup, tmp_path, args, expected):
     errors = [line for line in err.splitlines() if "error" in line]
     assert len(errors) == 1 and expected in errors[0], err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def _fsdp_worker(rank: int, world: int, port: int, config: PretrainConfig, out: str, cache: str) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "FACTORKIT_CACHE": cache})
+    torch.set_num_threads(1)
+    first = pretrain(config, progress=False, stop_after=2)  # interrupted after step 2 ...
+    result = pretrain(config, progress=False)  # ... and resumed from the gathered checkpoint, sharded again
+    torch.save({"state": result.model.state_dict(), "losses": result.losses, "first": first.losses,
+                "resumed_from_sharded": any(type(p).__name__ == "DTensor" for p in first.model.parameters())},
+               f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_fsdp_resumes_and_matches_one_process(tiny_setup, tmp_path):
+    text, config = tiny_setup
+    single = pretrain(_config(text, config, steps=4, grad_accum=2), progress=False)
+    ckpt = tmp_path / "ckpt"
+    cfg = _config(text, config, steps=4, grad_accum=2, parallel="fsdp", checkpoint_dir=str(ckpt), checkpoint_every=1)
+    mp.spawn(_fsdp_worker, args=(2, _free_port(), cfg, str(tmp_path), os.environ["FACTORKIT_CACHE"]), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert not ranks[0]["resumed_from_sharded"]  # the result is a whole, plain model on every process
+    assert ranks[0]["first"] == ranks[0]["losses"][:2] and len(ranks[0]["losses"]) == 4
+    for key, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][key]), key
+        torch.testing.assert_close(value, single.model.state_dict()[key], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(single.losses), rtol=1e-5, atol=1e-6)
+    # the gathered checkpoint is whole: one process reads it back (here: a finished run, nothing left to train)
+    again = pretrain(_config(text, config, steps=4, grad_accum=2, checkpoint_dir=str(ckpt)), progress=False)
+    assert again.losses == ranks[0]["losses"]
+    for key, value in ranks[0]["state"].items():
+        assert torch.equal(value, again.model.state_dict()[key]), key

@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a LLaMA-style model from scratch on --text with every Linear in its blocks full rank, "
                     "low rank (U V) or SLTrain's sparse + low rank (B A + S on a fixed random support), evaluate "
                     "held-out perplexity as it goes, and save it to --out. Under torchrun it trains data parallel "
-                    "(DistributedDataParallel; gloo on CPUs, NCCL on GPUs) with the same global batch.",
+                    "(DistributedDataParallel, or FSDP2 with --parallel fsdp; gloo on CPUs, NCCL on GPUs) with the "
+                    "same global batch.",
     )
     p.add_argument("--config", default="llama-20m",
                    help=f"model shape: {', '.join(PRETRAIN_CONFIGS)} or a LlamaConfig JSON file (default llama-20m)")
@@ -173,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="model initialisation, sparse supports and batch order (default 0)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where to train: auto (a GPU when there is one; one per process under torchrun), cpu, cuda")
+    p.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
+                   help="under torchrun: ddp replicates the model on every process, fsdp shards parameters, "
+                        "gradients and optimizer state over them (FSDP2) (default ddp)")
     p.add_argument("--memory", action="store_true",
                    help="also measure the peak tensor memory of one training step (profiler on CPU; slower start)")
     p.add_argument("--out", required=True, help="folder to write the trained model and its tokenizer to")
@@ -346,7 +350,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
                             grad_accum=args.grad_accum, steps=args.steps, lr=args.lr, warmup=args.warmup,
                             dtype=args.dtype, eval_every=args.eval_every, eval_rows=args.eval_rows,
                             checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, seed=args.seed,
-                            device=args.device)
+                            device=args.device, parallel=args.parallel)
     config.validate()
     out = Path(args.out)
     check_writable_target(out, args.overwrite)  # fail before any long work

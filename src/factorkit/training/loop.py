@@ -26,6 +26,9 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -78,6 +81,8 @@ class TrainResult:
     seconds: float = 0.0  # wall time of the steps run in this call
     resumed_from: int = 0  # the step a checkpoint resumed from (0: a fresh start)
     evals: list[dict] = field(default_factory=list)  # what on_step returned, with the step
+    seconds_before: float = 0.0  # wall time of the steps before a resume (from the checkpoint)
+    tokens_before: int = 0  # training tokens of the steps before a resume
     tokens: int = 0  # input tokens seen in this call, all processes together
 
 
@@ -176,7 +181,11 @@ def train(model: nn.Module, data: torch.Tensor | Batch, params: Sequence[tuple[s
     the wrapped module's parameters, ``dist`` this process's rank. Each
     process runs its share of every micro-batch, the wrapper averages the
     gradients, the logged loss is the mean over processes, and only rank 0
-    writes checkpoints.
+    writes checkpoints. Sharded (FSDP2, ``torch.distributed.fsdp.fully_shard``):
+    ``model`` is the sharded model itself and ``params`` its DTensor
+    parameters; a checkpoint gathers the full parameters and optimizer state
+    (every process takes part, rank 0 writes), so it resumes on any number of
+    processes, and loading shards it again.
     """
     config.validate()
     if config.batch_size % dist.world:
@@ -184,6 +193,7 @@ def train(model: nn.Module, data: torch.Tensor | Batch, params: Sequence[tuple[s
                              "processes; make --batch-size a multiple of the number of processes.")
     names = [n for n, _ in params]
     tensors = [p for _, p in params]
+    sharded = any(isinstance(p, DTensor) for p in tensors)
     frozen = [p for p in model.parameters() if p.requires_grad and not any(p is t for t in tensors)]
     for p in frozen:
         p.requires_grad_(False)
@@ -203,15 +213,24 @@ def train(model: nn.Module, data: torch.Tensor | Batch, params: Sequence[tuple[s
         if state["names"] != names or [tuple(t.shape) for t in state["params"]] != [tuple(p.shape) for p in tensors]:
             raise FactorkitError(f"the checkpoint in {config.checkpoint_dir} is of another run (other parameters "
                                  "or shapes); use a fresh checkpoint folder or delete it.")
-        with torch.no_grad():
-            for p, saved in zip(tensors, state["params"]):
-                p.copy_(saved)
-        optimizer.load_state_dict(state["optimizer"])
+        if sharded:  # names are the model's own: the sharded parameters load through torch's state-dict API
+            set_model_state_dict(model, dict(zip(names, state["params"])),
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
+        else:
+            with torch.no_grad():
+                for p, saved in zip(tensors, state["params"]):
+                    p.copy_(saved)
+        if sharded or state.get("sharded"):  # a gathered optimizer state, keyed by parameter name
+            set_optimizer_state_dict(model, optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["rng"])
         start = result.resumed_from = state["step"]
         result.losses = list(state["losses"])
         result.evals = list(state.get("evals", []))
+        result.seconds_before, result.tokens_before = state.get("seconds", 0.0), state.get("tokens", 0)
         log.info("%s: resumed from step %d of %d", desc, start, config.steps)
     elif ckpt is not None:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
@@ -220,10 +239,17 @@ def train(model: nn.Module, data: torch.Tensor | Batch, params: Sequence[tuple[s
         torch.manual_seed(config.seed)
 
     def checkpoint(step: int) -> None:
-        _save(ckpt, {"step": step, "names": names, "params": [p.detach().cpu() for p in tensors],
-                     "optimizer": optimizer.state_dict(),
-                     "schedule": schedule.state_dict(), "rng": torch.get_rng_state(), "losses": result.losses,
-                     "evals": result.evals})
+        if sharded:  # collectives: every process gathers, rank 0 writes
+            saved = [p.full_tensor().detach().cpu() for p in tensors]
+            optim = get_optimizer_state_dict(model, optimizer,
+                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            saved, optim = [p.detach().cpu() for p in tensors], optimizer.state_dict()
+        if dist.rank == 0:
+            _save(ckpt, {"step": step, "names": names, "params": saved, "optimizer": optim, "sharded": sharded,
+                         "schedule": schedule.state_dict(), "rng": torch.get_rng_state(), "losses": result.losses,
+                         "evals": result.evals, "seconds": result.seconds_before + time.perf_counter() - t0,
+                         "tokens": result.tokens_before + result.tokens})
 
     was_training = model.training
     model.train()
@@ -241,7 +267,9 @@ def train(model: nn.Module, data: torch.Tensor | Batch, params: Sequence[tuple[s
                 result.tokens += _input_tokens(batch) * dist.world
                 # gradients are averaged across processes on the last micro-batch only
                 last = micro == config.grad_accum - 1
-                sync = contextlib.nullcontext() if last or dist.world == 1 else model.no_sync()
+                if sharded:
+                    model.set_requires_gradient_sync(last)
+                sync = contextlib.nullcontext() if last or dist.world == 1 or sharded else model.no_sync()
                 with sync:
                     loss = loss_fn(model, batch) / config.grad_accum
                     loss.backward()
@@ -262,7 +290,8 @@ def train(model: nn.Module, data: torch.Tensor | Batch, params: Sequence[tuple[s
                 record = on_step(done, total)
                 if record:
                     result.evals.append({"step": done, **record})
-            if ckpt is not None and dist.rank == 0 and (done % config.checkpoint_every == 0 or done == end):
+            due = done % config.checkpoint_every == 0 or done == end
+            if ckpt is not None and due and (dist.rank == 0 or sharded):
                 checkpoint(done)
     finally:
         bar.close()

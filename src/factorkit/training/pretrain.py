@@ -14,7 +14,11 @@ Distributed: under ``torchrun`` (WORLD_SIZE > 1) every process builds the
 same model from the same seed, joins a process group (NCCL on GPUs, gloo on
 CPUs) and trains its share of each global batch inside PyTorch's
 DistributedDataParallel; the loss curve is that of one process with the
-same global batch. Multi-node runs are torchrun's business, nothing here.
+same global batch. ``parallel="fsdp"`` shards the model instead with FSDP2
+(``torch.distributed.fsdp.fully_shard``, every decoder layer and then the
+root): each process holds 1/N of the parameters, gradients and AdamW state,
+for models whose training state outgrows one device; the loss curve is the
+same. Multi-node runs are torchrun's business, nothing here.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ class PretrainConfig:
     seed: int = 0
     device: str = "auto"  # auto (a GPU when there is one), cpu, cuda
     targets: tuple[str, ...] | None = None
+    parallel: str = "ddp"  # under torchrun: ddp (replicated) or fsdp (FSDP2, sharded)
 
     def validate(self) -> None:
         self.parameterization().validate()
@@ -83,6 +88,8 @@ class PretrainConfig:
             raise FactorkitError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
         if self.device not in ("auto", "cpu", "cuda"):
             raise FactorkitError(f"device must be auto, cpu or cuda, got {self.device!r}.")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise FactorkitError(f"parallel must be ddp or fsdp, got {self.parallel!r}.")
         for name in ("seq_len", "eval_every", "eval_rows"):
             if getattr(self, name) < 1:
                 raise FactorkitError(f"{name} must be at least 1, got {getattr(self, name)}.")
@@ -106,10 +113,13 @@ class PretrainResult:
     seconds: float  # wall time of the training steps run in this call
     tokens: int  # training tokens seen in this call
     params: dict = field(default_factory=dict)  # total / trainable / in the blocks, bytes of weights and AdamW state
+    seconds_before: float = 0.0  # wall time and tokens of the steps before a resume (from the checkpoint)
+    tokens_before: int = 0
 
     def summary(self) -> dict:
-        return {"losses": self.losses, "evals": self.evals, "seconds": self.seconds, "tokens": self.tokens,
-                **self.params}
+        """The whole run, resumed or not: seconds and tokens count the steps before a resume too."""
+        return {"losses": self.losses, "evals": self.evals, "seconds": self.seconds_before + self.seconds,
+                "tokens": self.tokens_before + self.tokens, **self.params}
 
 
 def distributed_from_env(device: torch.device) -> Distributed:
@@ -195,12 +205,15 @@ def pretrain(config: PretrainConfig, progress: bool = True, stop_after: int | No
     params = dict(count_parameters(model))
     if measure_memory:
         params.update(step_memory(model, rows, config, dist))
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     wrapped = model
-    if dist.world > 1:
+    sharded = dist.world > 1 and config.parallel == "fsdp"
+    if sharded:
+        shard(model, device, dist)
+    elif dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # (sharding replaces them)
 
     def evaluate(done: int, loss: float) -> dict | None:
         if not math.isfinite(loss):
@@ -208,12 +221,37 @@ def pretrain(config: PretrainConfig, progress: bool = True, stop_after: int | No
         if done % config.eval_every and done != config.steps:
             return None
         result = perplexity(model, heldout, batch_size=8, progress=False)
+        if sharded:  # FSDP2 keeps the root's parameters gathered after a forward with no backward
+            model.reshard()
         return {"loss": result.nll, "perplexity": result.perplexity}
 
     trained = train(wrapped, rows, named, config.train_config(), model_loss, progress=progress,
                     stop_after=stop_after, desc=f"pretrain {config.param}", on_step=evaluate, dist=dist)
-    return PretrainResult(model, tokenizer, trained.losses, trained.evals, trained.seconds, trained.tokens, params)
+    if sharded:  # hand back a whole, plain model on every process, as DDP does
+        model = unshard(model, build_model(config, len(tokenizer)).to(device))
+    return PretrainResult(model, tokenizer, trained.losses, trained.evals, trained.seconds, trained.tokens, params,
+                          trained.seconds_before, trained.tokens_before)
+
+
+def shard(model: nn.Module, device: torch.device, dist: Distributed) -> None:
+    """FSDP2 in place: every decoder layer is a unit of its own (gathered just for its forward and backward),
+    the root holds the embeddings, final norm and head."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.world,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def unshard(model: nn.Module, plain: nn.Module) -> nn.Module:
+    """``plain`` (the same architecture, unsharded) with the full parameters of the sharded ``model``."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    plain.load_state_dict(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)))
+    return plain
 
 
 __all__ = ["PretrainConfig", "PretrainResult", "build_model", "count_parameters", "distributed_from_env",
-           "pretrain", "step_memory"]
+           "pretrain", "shard", "step_memory", "unshard"]
