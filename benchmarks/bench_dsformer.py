@@ -169,7 +169,7 @@ def model_section(results: Results, steps: int) -> str:
                      f"{r['train_s']:.0f} s" + (f", {r['support_moved']:.2%} of the support moved"
                                                  if "support_moved" in r else "")])
         jump = next((i for i, m in enumerate(means) if m > means[0] + 1.0), None)
-        if jump is not None:  # a loss spike the run did not recover from within its steps
+        if jump is not None and means[-1] > means[0]:  # a loss spike the run did not recover from
             notes.append(f"{name}'s training loss jumped from {means[jump - 1]:.2f} to {means[jump]:.2f} in steps "
                          f"{10 * jump}-{10 * jump + 9} and ended at {means[-1]:.2f}, above its start")
     text = (f"### DSFormer against fine-tuned low rank\n\nSmolLM2-135M, ratio {RATIO} of the targeted parameters "

@@ -64,7 +64,6 @@ class Results:
         tmp.write_text(json.dumps({"settings": self.settings, "items": self.items, "dates": self.dates}, indent=2))
         os.replace(tmp, self.path)
 
-
     def measured(self) -> str:
         """The day (or first and last day) the stored items were measured, for the report's header; a report
         rewritten later from stored results keeps the dates of the measurements."""
