@@ -227,7 +227,9 @@ def test_peft_wara_is_the_same_adapter_and_round_trips_through_peft(tmp_path):
     torch.testing.assert_close(merged(ids).logits, adapted, rtol=1e-5, atol=1e-5)
 
 
-def test_peft_wara_bad_input():
+def test_peft_wara_bad_input(monkeypatch):
+    from peft.tuners.lora.layer import LoraLayer
+
     from factorkit.errors import FactorkitError
     from factorkit.methods.wara_peft import WaRALoraConfig
 
@@ -239,3 +241,7 @@ def test_peft_wara_bad_input():
         _peft_wara(tiny_llama(0), levels=4)
     with pytest.raises(FactorkitError, match="adapts nn.Linear layers"):
         _peft_wara(tiny_llama(0), target_modules=["q_proj", "embed_tokens"])
+    # a peft whose LoRA layers ignore variants would silently train a plain LoRA: refused instead
+    monkeypatch.delattr(LoraLayer, "lora_variants")
+    with pytest.raises(FactorkitError, match="upgrade peft"):
+        WaRALoraConfig()

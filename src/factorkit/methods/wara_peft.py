@@ -31,14 +31,29 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import peft
 import torch
 from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
-from peft.tuners.lora.layer import LoraVariant
+from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
 from ..errors import FactorkitError
 from ..solvers.wavelets import check_levels, lowrank_idwt_factors
+
+try:
+    from peft.tuners.lora.layer import LoraVariant
+except ImportError:  # an older peft: check_peft() says so when a config is built
+    LoraVariant = object
+
+
+def check_peft() -> None:
+    """Refuse a peft without the extension points WaRA uses: there its layers would run as a plain LoRA."""
+    if LoraVariant is object or not hasattr(LoraLayer, "lora_variants") or \
+            not hasattr(LoraConfig, "_register_custom_module"):
+        raise FactorkitError(f"WaRA through PEFT needs peft's LoRA variant registry, which peft {peft.__version__} "
+                             "lacks; upgrade peft (0.21 works) or use factorkit.methods.wara.WaRAConfig, "
+                             "which does not need it.")
 
 
 @dataclass
@@ -51,6 +66,7 @@ class WaRALoraConfig(LoraConfig):
     levels: int = field(default=2, metadata={"help": "levels of the 2-D inverse wavelet transform"})
 
     def __post_init__(self) -> None:
+        check_peft()
         super().__post_init__()
         if not self.wavelet:
             raise FactorkitError("WaRALoraConfig needs a wavelet, for example wavelet='db2'; "
