@@ -16,7 +16,7 @@ from factorkit.eval import peak_memory
 from factorkit.factors import LowRankLinear, SparseLowRankLinear, factor_modules
 from factorkit.methods.sltrain import SLTrainConfig, parameterize
 from factorkit.solvers.sparsity import random_support
-from factorkit.training.pretrain import PretrainConfig, pretrain
+from factorkit.training.pretrain import PretrainConfig, leave_distributed, pretrain
 
 from conftest import SAMPLE_TEXT, tiny_llama
 
@@ -156,7 +156,7 @@ def _ddp_worker(rank: int, world: int, port: int, config: PretrainConfig, out: s
     torch.set_num_threads(1)
     result = pretrain(config, progress=False)
     torch.save({"state": result.model.state_dict(), "losses": result.losses}, f"{out}/rank{rank}.pt")
-    torch.distributed.destroy_process_group()
+    leave_distributed()
 
 
 def test_two_process_ddp_matches_one_process(tiny_setup, tmp_path):
@@ -237,7 +237,7 @@ def _fsdp_worker(rank: int, world: int, port: int, config: PretrainConfig, out: 
     torch.save({"state": result.model.state_dict(), "losses": result.losses, "first": first.losses,
                 "resumed_from_sharded": any(type(p).__name__ == "DTensor" for p in first.model.parameters())},
                f"{out}/rank{rank}.pt")
-    torch.distributed.destroy_process_group()
+    leave_distributed()
 
 
 def test_two_process_fsdp_resumes_and_matches_one_process(tiny_setup, tmp_path):

@@ -343,7 +343,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from .models import save
     from .models.files import check_writable_target
     from .report import fmt_bytes, fmt_count, fmt_ppl, print_table
-    from .training.pretrain import PretrainConfig, pretrain
+    from .training.pretrain import PretrainConfig, leave_distributed, pretrain
 
     config = PretrainConfig(model=args.config, param=args.param, rank=args.rank, density=args.delta, alpha=args.alpha,
                             text=args.text, tokenizer=args.tokenizer, seq_len=args.seq_len, batch_size=args.batch_size,
@@ -354,14 +354,17 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     config.validate()
     out = Path(args.out)
     check_writable_target(out, args.overwrite)  # fail before any long work
+    failed = True
     try:
         result = pretrain(config, progress=not args.quiet, measure_memory=args.memory)
-        if tdist.is_initialized() and tdist.get_rank() != 0:
-            return
-        save(result.model, out, tokenizer=result.tokenizer, overwrite=args.overwrite)
+        rank = tdist.get_rank() if tdist.is_initialized() else 0
+        if rank == 0:  # only rank 0 writes and reports
+            save(result.model, out, tokenizer=result.tokenizer, overwrite=args.overwrite)
+        failed = False
     finally:
-        if tdist.is_initialized():
-            tdist.destroy_process_group()
+        leave_distributed(failed)
+    if rank != 0:
+        return
     last = result.evals[-1] if result.evals else {}
     info = result.params
     rows = [

@@ -132,6 +132,18 @@ def distributed_from_env(device: torch.device) -> Distributed:
     return Distributed(tdist.get_rank(), tdist.get_world_size())
 
 
+def leave_distributed(failed: bool = False) -> None:
+    """End this process's part in a torchrun job. After a clean run every process
+    waits for the others first, so none tears down gloo's connections while a peer
+    still sends (which can abort the process at exit); after a failure it leaves
+    at once, since the peers may never reach the barrier."""
+    if not tdist.is_initialized():
+        return
+    if not failed:
+        tdist.barrier()
+    tdist.destroy_process_group()
+
+
 def _device(name: str) -> torch.device:
     """cuda:LOCAL_RANK for "cuda" (and for "auto" when there is a GPU), else the CPU."""
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
