@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -157,7 +158,7 @@ def verdict(results: Results) -> str:
                  f"{BASE['batch_size']} x {BASE['seq_len']} tokens dominate a step; at the 60M shape below SLTrain's "
                  f"peak is {peak60:.0%} of full rank's, and the saving grows with the width.")
     epochs = results["steps"]["steps"] * BASE["batch_size"] / results["steps"]["train_rows"]
-    tail = {p: sum(item[p]["losses"][-50:]) / len(item[p]["losses"][-50:]) for p in PARAMS}
+    tail = {p: statistics.fmean(item[p]["losses"][-50:]) for p in PARAMS}
     text += (f" Each run passes over the training plays {epochs:.1f} times: the steps in the training curves are the "
              "starts of new passes, where the models meet rows they have already fitted, and the held-out curves "
              f"flatten. Over the last 50 steps the training loss is {tail['full']:.2f} for full rank, "
@@ -170,8 +171,8 @@ def verdict(results: Results) -> str:
     for p in PARAMS:
         best = min(item[p]["evals"], key=lambda e: e["perplexity"])
         if ppl[p] > 1.02 * best["perplexity"]:
-            text += (f" {p} overfits the {epochs:.1f} passes over the training plays: its held-out perplexity "
-                     f"bottomed at {best['perplexity']:.2f} at step {best['step']} and ended at {ppl[p]:.2f}.")
+            text += (f" {p} overfits: its held-out perplexity bottomed at {best['perplexity']:.2f} at step "
+                     f"{best['step']} and ended at {ppl[p]:.2f}.")
     if not close:
         text += (" The gap to full rank is wider than the paper's (34.15 against 34.06 at 60M after 1.1B tokens); "
                  f"this run sees {item['full']['tokens'] / 1e6:.0f}M tokens of a single small corpus, "
