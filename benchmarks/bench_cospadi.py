@@ -43,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, Results, machine, time_kernels, write_section  # noqa: E402
 
 import factorkit as fk  # noqa: E402
-from factorkit.calibration import calibrate_blockwise, linear_weight  # noqa: E402
+from factorkit.calibration import calibrate_blockwise
+from factorkit.surgery import linear_weight  # noqa: E402
 from factorkit.data import calibration_tokens, eval_tokens  # noqa: E402
 from factorkit.eval import perplexity  # noqa: E402
 from factorkit.factors import DictionaryLinear, LowRankLinear  # noqa: E402

@@ -28,7 +28,8 @@ from common import RESULTS, Results, machine, write_section  # noqa: E402
 import factorkit as fk  # noqa: E402
 from factorkit.data import calibration_tokens, eval_tokens, shakespeare_plays  # noqa: E402
 from factorkit.eval import perplexity  # noqa: E402
-from factorkit.calibration import calibrate_blockwise, linear_weight, target_linears  # noqa: E402
+from factorkit.calibration import calibrate_blockwise
+from factorkit.surgery import linear_weight, target_linears  # noqa: E402
 from factorkit.report import markdown_table  # noqa: E402
 from factorkit.solvers import rank_for_ratio, scaled_svd, truncated_svd, whitened_svd  # noqa: E402
 
@@ -296,7 +297,7 @@ def plot_ppl(results: Results, dense: dict) -> None:
 
 
 def plot_ranks(results: Results, base) -> None:
-    from factorkit.calibration import linear_weight, model_targets
+    from factorkit.surgery import linear_weight, model_targets
 
     shapes = {n: tuple(linear_weight(m).shape) for n, m in model_targets(base).items()}
     fig, axes = plt.subplots(1, len(RATIOS), figsize=(5 * len(RATIOS), 4), sharey=True)

@@ -42,7 +42,7 @@ from factorkit.data import pretrain_rows, train_heldout_text  # noqa: E402
 from factorkit.models.tokenizer import load_tokenizer  # noqa: E402
 from factorkit.report import markdown_table  # noqa: E402
 from factorkit.training import model_loss  # noqa: E402
-from factorkit.training.pretrain import PretrainConfig, build_model, count_parameters, pretrain, step_memory  # noqa: E402
+from factorkit.workflows.pretrain import PretrainConfig, build_model, count_parameters, pretrain, step_memory  # noqa: E402
 
 PARAMS = ("full", "lowrank", "sltrain")
 # Learning rates as the papers tune them for their 60M model: 1e-3 for full and

@@ -27,7 +27,7 @@ from common import RESULTS, Results, machine, write_section  # noqa: E402
 
 from factorkit.models import load  # noqa: E402
 from factorkit.report import markdown_table  # noqa: E402
-from factorkit.training.finetune import FinetuneConfig, finetune  # noqa: E402
+from factorkit.workflows.finetune import FinetuneConfig, finetune  # noqa: E402
 
 R, ALPHA, LEVELS, WAVELET = 8, 16.0, 2, "db2"
 BASE = dict(model="smollm2-135m", text="shakespeare", seq_len=256, batch_size=4, eval_rows=32, seed=0)

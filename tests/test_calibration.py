@@ -7,7 +7,8 @@ from torch import nn
 from conftest import tiny_llama
 
 import factorkit as fk
-from factorkit.calibration import calibrate_blockwise, find_blocks, linear_weight, target_linears
+from factorkit.calibration import calibrate_blockwise
+from factorkit.surgery import find_blocks, linear_weight, target_linears
 from factorkit.errors import FactorkitError
 
 
@@ -61,7 +62,7 @@ def test_sequential_calibration_sees_the_compressed_model_inputs(llama, calib):
         for layer, lin in target_linears(block).items():  # compress the block: rank-2 SVD
             W = linear_weight(lin).detach()
             f = fk.solvers.truncated_svd(W, 2)
-            fk.calibration.blocks.replace_module(block, layer, fk.factors.LowRankLinear.from_factors(f.U, f.V, dtype=W.dtype))
+            fk.surgery.replace_module(block, layer, fk.factors.LowRankLinear.from_factors(f.U, f.V, dtype=W.dtype))
 
     calibrate_blockwise(llama, calib, on_block, stats=("gram",), batch_size=4, progress=False)
     want = {}

@@ -144,7 +144,7 @@ def test_pretrain_on_the_gpu_matches_the_cpu_loss_curve(tmp_path, monkeypatch):
     import dataclasses
     import json
 
-    from factorkit.training.pretrain import PretrainConfig, pretrain
+    from factorkit.workflows.pretrain import PretrainConfig, pretrain
 
     from conftest import SAMPLE_TEXT
 

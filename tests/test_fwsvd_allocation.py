@@ -8,7 +8,8 @@ import torch
 import transformers
 
 import factorkit as fk
-from factorkit.calibration import collect_fisher, linear_weight, model_targets
+from factorkit.calibration import collect_fisher
+from factorkit.surgery import linear_weight, model_targets
 from factorkit.calibration.fisher import FisherStats
 from factorkit.factors import LowRankLinear
 from factorkit.solvers import AllocationItem, allocate, truncated_svd, weighted_svd, whitened_svd

@@ -14,9 +14,9 @@ import factorkit as fk
 from factorkit.cli import main
 from factorkit.eval import peak_memory
 from factorkit.factors import LowRankLinear, SparseLowRankLinear, factor_modules
-from factorkit.methods.sltrain import SLTrainConfig, parameterize
+from factorkit.training.sltrain import SLTrainConfig, parameterize
 from factorkit.solvers.sparsity import random_support
-from factorkit.training.pretrain import PretrainConfig, leave_distributed, pretrain
+from factorkit.workflows.pretrain import PretrainConfig, leave_distributed, pretrain
 
 from conftest import SAMPLE_TEXT, tiny_llama
 

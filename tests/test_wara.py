@@ -7,7 +7,7 @@ import torch
 
 import factorkit as fk
 from factorkit.factors.wara import WaRALinear
-from factorkit.methods.wara import (
+from factorkit.adapters.wara import (
     WaRAConfig,
     get_wara_model,
     load_adapter,
@@ -135,7 +135,7 @@ def test_wara_linear_rejects_non_linear():
 # --- fine-tuning: WaRA against PEFT's LoRA through the same loop ------------------------------
 
 def _finetune_config(adapter, text_file, **kw):
-    from factorkit.training.finetune import FinetuneConfig
+    from factorkit.workflows.finetune import FinetuneConfig
 
     settings = dict(model="tiny", adapter=adapter, r=4, alpha=8.0, wavelet="db2", levels=2, text=str(text_file),
                     seq_len=16, batch_size=4, steps=20, lr=1e-2, eval_rows=4)
@@ -144,7 +144,7 @@ def _finetune_config(adapter, text_file, **kw):
 
 
 def test_wara_and_lora_train_the_same_number_of_parameters_and_learn(tokenizer, text_file):
-    from factorkit.training.finetune import finetune
+    from factorkit.workflows.finetune import finetune
 
     results = {a: finetune(_finetune_config(a, text_file), progress=False, model=tiny_llama(0), tokenizer=tokenizer)
                for a in ("wara", "lora")}
@@ -174,12 +174,12 @@ def test_cli_finetune_saves_adapters_that_reload(capsys, model_dir, text_file, t
     assert code == 2 and "not divisible" in err and not (tmp_path / "bad").exists()
 
 
-# --- WaRA from PEFT itself (methods.wara_peft) ---------------------------------------------------------------
+# --- WaRA from PEFT itself (adapters.wara_peft) ---------------------------------------------------------------
 
 def _peft_wara(model, **kw):
     from peft import get_peft_model
 
-    from factorkit.methods.wara_peft import WaRALoraConfig
+    from factorkit.adapters.wara_peft import WaRALoraConfig
 
     options = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], wavelet="db2", levels=2)
     return get_peft_model(model, WaRALoraConfig(**{**options, **kw}))
@@ -188,7 +188,7 @@ def _peft_wara(model, **kw):
 def test_peft_wara_is_the_same_adapter_and_round_trips_through_peft(tmp_path):
     from peft import PeftModel
 
-    from factorkit.methods.wara_peft import WaRALoraConfig, WaRALoraLinear
+    from factorkit.adapters.wara_peft import WaRALoraConfig, WaRALoraLinear
 
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     peft_model = _peft_wara(tiny_llama(0))
@@ -231,7 +231,7 @@ def test_peft_wara_bad_input(monkeypatch):
     from peft.tuners.lora.layer import LoraLayer
 
     from factorkit.errors import FactorkitError
-    from factorkit.methods.wara_peft import WaRALoraConfig
+    from factorkit.adapters.wara_peft import WaRALoraConfig
 
     with pytest.raises(FactorkitError, match="not orthogonal"):
         WaRALoraConfig(wavelet="bior2.2")

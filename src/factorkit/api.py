@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .calibration import find_blocks, linear_weight, model_targets
+from .surgery import find_blocks, linear_weight, model_targets
 from .errors import FactorkitError
 from .factors import FactorModule, factor_modules
 from .methods import CompressionConfig, get_method

@@ -343,7 +343,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from .models import save
     from .models.files import check_writable_target
     from .report import fmt_bytes, fmt_count, fmt_ppl, print_table
-    from .training.pretrain import PretrainConfig, leave_distributed, pretrain
+    from .workflows.pretrain import PretrainConfig, leave_distributed, pretrain
 
     config = PretrainConfig(model=args.config, param=args.param, rank=args.rank, density=args.delta, alpha=args.alpha,
                             text=args.text, tokenizer=args.tokenizer, seq_len=args.seq_len, batch_size=args.batch_size,
@@ -385,7 +385,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 def cmd_finetune(args: argparse.Namespace) -> None:
     from .models.files import check_writable_target
     from .report import fmt_count, fmt_ppl, print_table
-    from .training.finetune import FinetuneConfig, finetune, save_finetuned
+    from .workflows.finetune import FinetuneConfig, finetune, save_finetuned
 
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip()) if args.targets else None
     config = FinetuneConfig(model=args.model, adapter=args.adapter, r=args.r, alpha=args.alpha, dropout=args.dropout,

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .blocks import find_blocks, linear_weight, target_linears
+from ..surgery import find_blocks, linear_weight, target_linears
 
 STAT_KINDS = ("gram", "abs_mean")
 

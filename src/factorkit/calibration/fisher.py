@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import FactorkitError
-from .blocks import linear_weight, model_targets
+from ..surgery import linear_weight, model_targets
 
 
 @dataclass

@@ -12,7 +12,7 @@ IDWT(B @ A) as one product Bt @ At of rank r * (2 * levels - 1)
 LoRA applies B @ A. ``merge()`` adds the update to the base weight
 and keeps the weight it replaced, so ``unmerge()`` restores the base weight
 bit for bit (subtracting the update again would round); unloading a merged
-model (``methods.wara.merge_and_unload``) drops that copy.
+model (``adapters.wara.merge_and_unload``) drops that copy.
 """
 
 from __future__ import annotations

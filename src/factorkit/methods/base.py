@@ -9,7 +9,7 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-from ..calibration import find_blocks, target_linears
+from ..surgery import find_blocks, target_linears
 from ..errors import FactorkitError
 
 log = logging.getLogger("factorkit")

@@ -44,8 +44,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibration import LinearStats, calibrate_groupwise, find_blocks, linear_weight
-from ..calibration.blocks import replace_module
+from ..calibration import LinearStats, calibrate_groupwise
+from ..surgery import find_blocks, linear_weight, replace_module
 from ..errors import FactorkitError
 from ..factors import DictionaryLinear
 from ..models.partial import FinishedGroups, fingerprint

@@ -38,8 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibration import calibrate_blockwise, find_blocks, linear_weight
-from ..calibration.blocks import replace_module
+from ..calibration import calibrate_blockwise
+from ..surgery import find_blocks, linear_weight, replace_module
 from ..errors import FactorkitError
 from ..factors import DenseSparseLinear, factor_modules
 from ..solvers.dictionary import sparse_dictionary

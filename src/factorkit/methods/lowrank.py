@@ -31,8 +31,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration import LinearStats, calibrate_blockwise, find_blocks, linear_weight, model_targets, target_linears
-from ..calibration.blocks import replace_module
+from ..calibration import LinearStats, calibrate_blockwise
+from ..surgery import find_blocks, linear_weight, model_targets, replace_module, target_linears
 from ..calibration.fisher import FisherStats, collect_fisher
 from ..errors import FactorkitError
 from ..factors import LowRankLinear

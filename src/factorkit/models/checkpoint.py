@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 from .. import __version__
-from ..calibration.blocks import replace_module
+from ..surgery import replace_module
 from ..errors import FactorkitError
 from ..factors import FACTOR_TYPES, factor_modules
 from .files import atomic_dir

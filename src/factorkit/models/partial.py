@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..calibration.blocks import replace_module
+from ..surgery import replace_module
 from ..errors import FactorkitError
 from ..factors import FACTOR_TYPES, factor_modules
 from .checkpoint import _tie, _tied_factor_parameters

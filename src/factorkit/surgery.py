@@ -7,8 +7,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..errors import FactorkitError
-from ..factors import FactorModule
+from .errors import FactorkitError
+from .factors import FactorModule
 
 try:  # GPT-2 style models use a transposed Linear called Conv1D
     from transformers.pytorch_utils import Conv1D

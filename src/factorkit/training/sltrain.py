@@ -26,8 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..calibration import model_targets
-from ..calibration.blocks import linear_weight, replace_module
+from ..surgery import linear_weight, model_targets, replace_module
 from ..errors import FactorkitError
 from ..factors import LowRankLinear, SparseLowRankLinear
 

@@ -18,12 +18,12 @@ from pathlib import Path
 
 from torch import nn
 
-from ..calibration import model_targets
+from ..surgery import model_targets
 from ..data import pretrain_rows, train_heldout_text
 from ..errors import FactorkitError
 from ..eval import perplexity
-from ..methods.wara import WaRAConfig, get_wara_model, save_adapter, trainable_parameters
-from .loop import TrainConfig, model_loss, train
+from ..adapters.wara import WaRAConfig, get_wara_model, save_adapter, trainable_parameters
+from ..training.loop import TrainConfig, model_loss, train
 
 ADAPTERS = ("wara", "lora", "full")
 

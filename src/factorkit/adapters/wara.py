@@ -17,7 +17,7 @@ At the same rank WaRA and LoRA train the same number of parameters.
 
 This module needs nothing from PEFT; its file layout and verbs follow PEFT's
 (adapter_config.json, adapter_model.safetensors, merge_and_unload). The same
-adapter inside PEFT itself, as a LoRA variant: ``methods.wara_peft``.
+adapter inside PEFT itself, as a LoRA variant: ``adapters.wara_peft``.
 """
 
 from __future__ import annotations
@@ -32,8 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import __version__
-from ..calibration import model_targets
-from ..calibration.blocks import replace_module
+from ..surgery import model_targets, replace_module
 from ..errors import FactorkitError
 from ..factors.wara import WaRALinear
 from ..models.files import atomic_dir

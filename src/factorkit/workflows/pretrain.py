@@ -6,7 +6,7 @@ weights, on one process or many (``torchrun``).
 The recipe: training and held-out text (``data.train_heldout_text``), a
 tokenizer (by default a BPE trained on the training text), rows of
 ``seq_len`` tokens, a seeded LLaMA from the family in ``models.llama`` with
-its block Linears reparameterized (``methods.sltrain``), then the shared loop
+its block Linears reparameterized (``training.sltrain``), then the shared loop
 (``training.loop``: AdamW, warm-up + cosine, clipping, resumable
 checkpoints) with a held-out evaluation every ``eval_every`` steps.
 
@@ -36,10 +36,10 @@ from torch import nn
 from ..data import pretrain_rows, train_heldout_text
 from ..errors import FactorkitError
 from ..eval import optimizer_state_bytes, parameter_bytes, peak_memory, perplexity
-from ..methods.sltrain import SLTrainConfig, parameterize
+from ..training.sltrain import SLTrainConfig, parameterize
 from ..models.llama import build_llama, llama_config
 from ..models.tokenizer import load_tokenizer
-from .loop import Distributed, TrainConfig, model_loss, train
+from ..training.loop import Distributed, TrainConfig, model_loss, train
 
 log = logging.getLogger("factorkit")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -48,7 +48,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 @dataclass
 class PretrainConfig:
     """model: a name in models.llama.PRETRAIN_CONFIGS or a LlamaConfig JSON file.
-    param / rank / density / alpha: the parameterization (methods.sltrain).
+    param / rank / density / alpha: the parameterization (training.sltrain).
     text: training text (shakespeare: the calibration plays, the others held out).
     tokenizer: bpe-N trained on the training text, or a model's tokenizer (smollm2-135m).
     batch_size: sequences per micro-batch, all processes together; grad_accum
@@ -166,7 +166,7 @@ def build_model(config: PretrainConfig, vocab_size: int) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> dict:
-    from ..calibration import find_blocks
+    from ..surgery import find_blocks
 
     _, blocks = find_blocks(model)
     return {"params_total": sum(p.numel() for p in model.parameters()),

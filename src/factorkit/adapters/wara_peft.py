@@ -1,7 +1,7 @@
 """WaRA from PEFT itself: a LoRA variant whose factors hold wavelet coefficients.
 
     from peft import get_peft_model, PeftModel
-    from factorkit.methods.wara_peft import WaRALoraConfig
+    from factorkit.adapters.wara_peft import WaRALoraConfig
 
     config = WaRALoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], wavelet="db2", levels=2)
     model = get_peft_model(model, config)               # a PeftModel: train, save_pretrained, merge_and_unload ...
@@ -52,7 +52,7 @@ def check_peft() -> None:
     if LoraVariant is object or not hasattr(LoraLayer, "lora_variants") or \
             not hasattr(LoraConfig, "_register_custom_module"):
         raise FactorkitError(f"WaRA through PEFT needs peft's LoRA variant registry, which peft {peft.__version__} "
-                             "lacks; upgrade peft (0.21 works) or use factorkit.methods.wara.WaRAConfig, "
+                             "lacks; upgrade peft (0.21 works) or use factorkit.adapters.wara.WaRAConfig, "
                              "which does not need it.")
 
 

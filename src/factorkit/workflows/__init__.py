@@ -1,0 +1,1 @@
+"""Whole jobs that train: pretraining from scratch and fine-tuning with adapters."""
