@@ -46,6 +46,18 @@ def tiny_mistral(seed: int = 0, vocab: int = 256) -> transformers.MistralForCaus
     return _tiny_gqa(transformers.MistralConfig, transformers.MistralForCausalLM, seed, vocab, sliding_window=16)
 
 
+def with_train(cls, **settings):
+    """``cls`` (PretrainConfig, FinetuneConfig) from flat settings: those of the training loop go into
+    its nested TrainConfig, on top of the owner's own training defaults."""
+    import dataclasses
+
+    from factorkit.training import TrainConfig
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    train = {k: settings.pop(k) for k in list(settings) if k in names}
+    return cls(**settings, train=dataclasses.replace(cls().train, **train))
+
+
 @pytest.fixture
 def qwen2():
     return tiny_qwen2()

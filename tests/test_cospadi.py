@@ -168,11 +168,12 @@ def _layer(model, i, name):
 
 def test_cospadi_compresses_saves_and_reloads_identically(calib, tmp_path):
     model = tiny_llama(layers=2, hidden=32)
-    fk.compress(model, fk.CoSpaDiConfig(ratio=0.3, iterations=4), calib, progress=False)
+    report = fk.compress(model, fk.CoSpaDiConfig(ratio=0.3, iterations=4), calib, progress=False)
     summary = fk.summarize(model)
+    assert summary == report.summary
     assert summary.factor_modules == 14 and summary.ratio_targeted >= 0.3
     assert summary.ratio_targeted_storage < summary.ratio_targeted  # the masks cost bits
-    fit = model.factorkit_fit
+    fit = report.fit
     assert all(f["error"] < 1.0 for f in fit.values())
     fk.save(model, tmp_path / "m")
     again = fk.load(tmp_path / "m")
@@ -189,14 +190,14 @@ def test_storage_count_reaches_the_ratio_with_the_masks(calib):
 
 def test_grouped_mode_shares_one_dictionary_per_projection(calib, tmp_path):
     model = tiny_llama(layers=3, hidden=32)
-    fk.compress(model, fk.CoSpaDiConfig(ratio=0.3, iterations=3, group=2), calib, progress=False)
+    report = fk.compress(model, fk.CoSpaDiConfig(ratio=0.3, iterations=3, group=2), calib, progress=False)
     q0, q1, q2 = (_layer(model, i, "self_attn.q_proj") for i in range(3))
     assert q0.atoms is q1.atoms and q2.atoms is not q0.atoms  # layers 0-1 share; layer 2 is its own group
     assert not torch.equal(q0.values, q1.values)  # codes are per layer
     assert _layer(model, 0, "mlp.up_proj").atoms is not q0.atoms
     summary = fk.summarize(model)
     assert summary.ratio_targeted >= 0.3  # the shared dictionary is counted once
-    for entry in model.factorkit_fit.values():  # each layer carries its share of the one shared solve, not all of it
+    for entry in report.fit.values():  # each layer carries its share of the one shared solve, not all of it
         assert entry["omp_s"] + entry["ksvd_s"] <= entry["seconds"]
     fk.save(model, tmp_path / "g")
     with safe_open(str(tmp_path / "g" / "model.safetensors"), "pt") as f:
@@ -211,7 +212,7 @@ def test_grouped_mode_shares_one_dictionary_per_projection(calib, tmp_path):
 def test_an_interrupted_compression_resumes_to_the_same_model(calib, tmp_path, monkeypatch):
     settings = {"ratio": 0.3, "iterations": 3, "group": 2}  # groups: blocks 0-1 (shared dictionaries), block 2
     reference = tiny_llama(layers=3, hidden=32)
-    fk.compress(reference, fk.CoSpaDiConfig(**settings), calib, progress=False)
+    ref = fk.compress(reference, fk.CoSpaDiConfig(**settings), calib, progress=False).fit
 
     solve, solved = cospadi_method.sparse_dictionary, []
 
@@ -232,16 +233,16 @@ def test_an_interrupted_compression_resumes_to_the_same_model(calib, tmp_path, m
 
     solved.clear()
     monkeypatch.setattr(cospadi_method, "sparse_dictionary", solver(stop_at=None))
-    model = fk.compress(tiny_llama(layers=3, hidden=32), config, calib, progress=False)
+    model = tiny_llama(layers=3, hidden=32)
+    fit = fk.compress(model, config, calib, progress=False).fit
     assert len(solved) == 7  # only the unfinished group was solved again
     assert _layer(model, 0, "self_attn.q_proj").atoms is _layer(model, 1, "self_attn.q_proj").atoms
-    fit, ref = model.factorkit_fit, reference.factorkit_fit
     assert fit.keys() == ref.keys() and all(fit[k]["errors"] == ref[k]["errors"] for k in ref)
     assert {k for k, v in fit.items() if v.get("restored")} == {
         k for k in ref if k.startswith(("model.layers.0.", "model.layers.1."))}
     ids = calib[:2]
     assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
-    assert "checkpoint_dir" not in model.factorkit_compression["config"]
+    assert "checkpoint_dir" not in fk.compression_record(model)["config"]
 
     with pytest.raises(fk.FactorkitError, match="another run"):
         fk.compress(tiny_llama(layers=3, hidden=32), fk.CoSpaDiConfig(**{**settings, "iterations": 2},
@@ -279,7 +280,7 @@ def test_cospadi_from_the_command_line(capsys, model_dir, tmp_path):
     assert "support masks" in out
     model = fk.load(out_dir)
     assert {type(m) for _, m in factor_modules(model)} == {DictionaryLinear}
-    assert model.factorkit_compression["config"]["group"] == 2
+    assert fk.compression_record(model)["config"]["group"] == 2
     assert sorted(p.name for p in (tmp_path / "finished").glob("*.json")) == ["blocks-0000-0001.json", "run.json"]
     code = main(["-q", "compress", "--model", str(model_dir), "--method", "svdllm", "--group", "2",
                  "--out", str(tmp_path / "bad")])

@@ -11,7 +11,7 @@ import factorkit as fk
 from factorkit.factors import DictionaryLinear
 from factorkit.solvers.dictionary import batch_omp, codes_to_dense, learn_dictionary
 
-from conftest import tiny_llama
+from conftest import with_train, tiny_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -152,7 +152,7 @@ def test_pretrain_on_the_gpu_matches_the_cpu_loss_curve(tmp_path, monkeypatch):
     (tmp_path / "t.txt").write_text(SAMPLE_TEXT)
     (tmp_path / "c.json").write_text(json.dumps({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                                                  "num_attention_heads": 4, "num_key_value_heads": 2}))
-    config = PretrainConfig(model=str(tmp_path / "c.json"), param="sltrain", rank=4, density=0.1,
+    config = with_train(PretrainConfig, model=str(tmp_path / "c.json"), param="sltrain", rank=4, density=0.1,
                             text=str(tmp_path / "t.txt"), tokenizer="bpe-300", seq_len=16, batch_size=4, steps=5,
                             warmup=1, eval_every=5, eval_rows=4, device="cuda")
     gpu = pretrain(config, progress=False, measure_memory=True)

@@ -131,9 +131,9 @@ def test_frozen_masks_do_not_move_and_learned_ones_do(calib):
     moved = {}
     for stf in (True, False):
         model = tiny_llama(layers=2, hidden=32)
-        fk.compress(model, fk.DSFormerConfig(ratio=0.3, stf=stf, train_steps=15, lr=3e-2, init="random"), calib,
-                    progress=False)
-        moved[stf] = model.factorkit_fit["support_moved"]
+        report = fk.compress(model, fk.DSFormerConfig(ratio=0.3, stf=stf, train=TrainConfig(steps=15, lr=3e-2),
+                                                      init="random"), calib, progress=False)
+        moved[stf] = report.fit["support_moved"]
         assert all(isinstance(m, DictionaryLinear) for _, m in factor_modules(model))
     assert moved[False] == 0.0 and moved[True] > 0.0
 
@@ -143,9 +143,10 @@ def test_dsformer_trains_saves_and_reloads_identically(calib, tmp_path):
     ids = calib[:2]
     with torch.no_grad():
         dense_loss = float(model(input_ids=ids, labels=ids).loss)
-    fk.compress(model, fk.DSFormerConfig(ratio=0.3, pattern="2:4", train_steps=30, lr=1e-2, distill=0.5), calib,
-                progress=False)
-    losses = model.factorkit_fit["losses"]
+    report = fk.compress(model, fk.DSFormerConfig(ratio=0.3, pattern="2:4", train=TrainConfig(steps=30, lr=1e-2,
+                                                                                               distill=0.5)),
+                         calib, progress=False)
+    losses = report.fit["losses"]
     assert losses[-1] < losses[0]
     summary = fk.summarize(model)
     assert summary.ratio_targeted >= 0.3 and summary.factor_modules == 14
@@ -158,28 +159,28 @@ def test_dsformer_trains_saves_and_reloads_identically(calib, tmp_path):
 
 @pytest.mark.parametrize("options,message", [
     ({"pattern": "3:2"}, "n:m"),
-    ({"init": "kmeans"}, "init 'kmeans' is unknown"),
+    ({"init": "kmeans"}, "init must be one of svd, cospadi, random, got 'kmeans'"),
     ({"blocks": 5}, "does not divide"),
-    ({"train_steps": 0}, "steps must be at least 1"),
+    ({"train": {"steps": 0}}, "steps must be"),
 ])
 def test_bad_dsformer_settings_raise_one_clear_error(calib, options, message):
     with pytest.raises(fk.FactorkitError, match=message):
-        fk.compress(tiny_llama(), fk.DSFormerConfig(ratio=0.3, **options), calib, progress=False)
+        fk.compress(tiny_llama(), fk.DSFormerConfig.from_dict({"ratio": 0.3, **options}), calib, progress=False)
 
 
 def test_dsformer_from_the_command_line_resumes_from_its_checkpoint(capsys, model_dir, tmp_path):
     from factorkit.cli import main
 
     args = ["-q", "compress", "--model", str(model_dir), "--method", "dsformer", "--ratio", "0.3",
-            "--pattern", "topk", "--blocks", "2", "--train-steps", "4", "--lr", "1e-2", "--calib-samples", "4", "--calib-seq-len",
-            "32", "--checkpoint-dir", str(tmp_path / "ck")]
+            "--pattern", "topk", "--blocks", "2", "--train-steps", "4", "--train-lr", "1e-2", "--calib-samples", "4", "--calib-seq-len",
+            "32", "--train-checkpoint-dir", str(tmp_path / "ck")]
     capsys.readouterr()
     assert main(args + ["--out", str(tmp_path / "a")]) == 0, capsys.readouterr().err
-    assert (tmp_path / "ck" / "train_state.pt").exists()
+    assert (tmp_path / "ck" / "train_state.json").exists()
     # the state of the finished run is there: a rerun trains nothing and writes the same model
     assert main(args + ["--out", str(tmp_path / "b")]) == 0, capsys.readouterr().err
     a, b = fk.load(tmp_path / "a"), fk.load(tmp_path / "b")
-    assert a.factorkit_compression["config"]["blocks"] == 2
+    assert fk.compression_record(a)["config"]["blocks"] == 2
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
     code = main(["-q", "compress", "--model", str(model_dir), "--method", "svdllm", "--train-steps", "5",
@@ -203,9 +204,10 @@ def test_dsformer_trains_an_encoder_with_a_task_head_on_labelled_batches(tmp_pat
     labels = (ids[:, 1] % 3)  # learnable from the tokens
     batches = [{"input_ids": ids[i : i + 8], "labels": labels[i : i + 8]} for i in range(0, 48, 8)]
     model = _tiny_bert_classifier()
-    fk.compress(model, fk.DSFormerConfig(ratio=0.3, train_steps=40, lr=3e-3, train_batch_size=8, distill=0.5),
-                batches, progress=False)
-    losses = model.factorkit_fit["losses"]
+    report = fk.compress(model, fk.DSFormerConfig(ratio=0.3, train=TrainConfig(steps=40, lr=3e-3, batch_size=8,
+                                                                                distill=0.5)),
+                         batches, progress=False)
+    losses = report.fit["losses"]
     assert sum(losses[-5:]) < sum(losses[:5])  # the task loss (cross-entropy of the head) went down
     assert fk.summarize(model).factor_modules == 12  # q, k, v, attention out, intermediate, output per layer
     fk.save(model, tmp_path / "bert")
@@ -214,7 +216,7 @@ def test_dsformer_trains_an_encoder_with_a_task_head_on_labelled_batches(tmp_pat
         assert torch.equal(again(input_ids=ids[:4]).logits, model(input_ids=ids[:4]).logits)
     with pytest.raises(fk.FactorkitError, match="one length"):
         uneven = [{"input_ids": ids[:4], "labels": labels[:4]}, {"input_ids": ids[4:8, :10], "labels": labels[4:8]}]
-        fk.compress(_tiny_bert_classifier(), fk.DSFormerConfig(ratio=0.3, train_steps=1), uneven, progress=False)
+        fk.compress(_tiny_bert_classifier(), fk.DSFormerConfig(ratio=0.3, train=TrainConfig(steps=1)), uneven, progress=False)
 
 
 def test_genre_passages_are_exact_length_balanced_and_split_by_position(tokenizer):

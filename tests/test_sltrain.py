@@ -18,7 +18,7 @@ from factorkit.training.sltrain import SLTrainConfig, parameterize
 from factorkit.solvers.sparsity import random_support
 from factorkit.workflows.pretrain import PretrainConfig, leave_distributed, pretrain
 
-from conftest import SAMPLE_TEXT, tiny_llama
+from conftest import with_train, SAMPLE_TEXT, tiny_llama
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "max_position_embeddings": 64}
@@ -141,7 +141,7 @@ def _config(text, config, **kw) -> PretrainConfig:
     settings = dict(model=str(config), param="sltrain", rank=4, density=0.1, text=str(text), tokenizer="bpe-300",
                     seq_len=16, batch_size=4, steps=6, lr=3e-3, warmup=2, eval_every=3, eval_rows=4, seed=0, device="cpu")
     settings.update(kw)
-    return PretrainConfig(**settings)
+    return with_train(PretrainConfig, **settings)
 
 
 def _free_port() -> int:

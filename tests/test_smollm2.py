@@ -87,8 +87,9 @@ def test_fwsvd_global_from_the_command_line_on_real_model(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     model = fk.load(out)
     summary = fk.summarize(model)
-    assert summary.ratio_targeted >= 0.2 and summary.factor_modules + len(model.factorkit_compression["kept_dense"]) == 210
-    assert model.factorkit_compression["config"]["fisher_axis"] == "in"
+    record = fk.compression_record(model)
+    assert summary.ratio_targeted >= 0.2 and summary.factor_modules + len(record["kept_dense"]) == 210
+    assert record["config"]["fisher_axis"] == "in"
 
 
 def test_cospadi_on_real_model_beats_svdllm_per_matrix_and_reloads_identically(smollm2, shakespeare, tmp_path):
@@ -96,8 +97,8 @@ def test_cospadi_on_real_model_beats_svdllm_per_matrix_and_reloads_identically(s
     calib, chunks = shakespeare
     targets = ("k_proj", "v_proj")  # small matrices keep this quick; bench_cospadi.py runs the whole model
     model, _ = fk.models.load("smollm2-135m")
-    fk.compress(model, fk.CoSpaDiConfig(ratio=0.2, iterations=4, targets=targets), calib, progress=False)
-    errors = [f["error"] for f in model.factorkit_fit.values()]
+    report = fk.compress(model, fk.CoSpaDiConfig(ratio=0.2, iterations=4, targets=targets), calib, progress=False)
+    errors = [f["error"] for f in report.fit.values()]
     assert len(errors) == 60 and fk.summarize(model).ratio_targeted >= 0.2
     _assert_reloads_identically_and_stays_near_dense(model, base, tok, chunks, tmp_path / "cospadi")
 
@@ -116,9 +117,8 @@ def test_dsformer_on_real_model_trains_and_reloads_identically(smollm2, shakespe
     calib, chunks = shakespeare
     targets = ("k_proj", "v_proj")  # a short run that fits CI; bench_dsformer.py trains the whole model
     model, _ = fk.models.load("smollm2-135m")
-    config = fk.DSFormerConfig(ratio=0.3, pattern="2:4", targets=targets, train_steps=6, lr=3e-4,
-                               train_batch_size=2)
-    fk.compress(model, config, calib[:, :128], progress=False)
-    fit = model.factorkit_fit
+    config = fk.DSFormerConfig(ratio=0.3, pattern="2:4", targets=targets,
+                               train=fk.TrainConfig(steps=6, lr=3e-4, batch_size=2))
+    fit = fk.compress(model, config, calib[:, :128], progress=False).fit
     assert len(fit["losses"]) == 6 and fk.summarize(model).ratio_targeted >= 0.3
     _assert_reloads_identically_and_stays_near_dense(model, base, tok, chunks, tmp_path / "dsformer")

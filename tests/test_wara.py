@@ -18,7 +18,7 @@ from factorkit.adapters.wara import (
 )
 from factorkit.solvers.wavelets import dwt2, idwt2, lowrank_idwt_factors, max_levels
 
-from conftest import tiny_llama
+from conftest import with_train, tiny_llama
 
 SMOLLM2_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 
@@ -140,7 +140,7 @@ def _finetune_config(adapter, text_file, **kw):
     settings = dict(model="tiny", adapter=adapter, r=4, alpha=8.0, wavelet="db2", levels=2, text=str(text_file),
                     seq_len=16, batch_size=4, steps=20, lr=1e-2, eval_rows=4)
     settings.update(kw)
-    return FinetuneConfig(**settings)
+    return with_train(FinetuneConfig, **settings)
 
 
 def test_wara_and_lora_train_the_same_number_of_parameters_and_learn(tokenizer, text_file):

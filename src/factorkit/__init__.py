@@ -3,15 +3,31 @@
     import factorkit
     model, tok = factorkit.models.load("smollm2-135m")
     data = factorkit.data.calibration_tokens(tok, "shakespeare", n_samples=32, seq_len=512)
-    factorkit.compress(model, factorkit.SVDLLMConfig(ratio=0.2), data)
+    report = factorkit.compress(model, factorkit.SVDLLMConfig(ratio=0.2), data)
     factorkit.save(model, "out/smollm2-svdllm", tokenizer=tok)
     model = factorkit.load("out/smollm2-svdllm")
+
+    # or the whole job (load, calibrate, compress, evaluate, save) in one call:
+    report = factorkit.run(factorkit.CompressJob(method=factorkit.SVDLLMConfig(ratio=0.2), eval="shakespeare",
+                                                 out="out/smollm2-svdllm"))
 """
 
 __version__ = "0.1.0"
 
 from . import data, models  # noqa: E402
-from .api import compress, load, save, summarize  # noqa: E402
+from .api import (  # noqa: E402
+    CompressionReport,
+    CompressJob,
+    EvalJob,
+    FinetuneJob,
+    PretrainJob,
+    compress,
+    compression_record,
+    load,
+    run,
+    save,
+    summarize,
+)
 from .errors import FactorkitError  # noqa: E402
 from .methods import (  # noqa: E402
     ASVDConfig,
@@ -25,9 +41,18 @@ from .methods import (  # noqa: E402
     fisher_information,
     rank_profile,
 )
+from .training import TrainConfig  # noqa: E402
 
 __all__ = [
     "ASVDConfig",
+    "CompressJob",
+    "CompressionReport",
+    "EvalJob",
+    "FinetuneJob",
+    "PretrainJob",
+    "TrainConfig",
+    "compression_record",
+    "run",
     "CoSpaDiConfig",
     "CompressionConfig",
     "DSFormerConfig",

@@ -1,74 +1,44 @@
-"""The library's verbs: compress, save, load, summarize."""
+"""The library's verbs: compress, save, load, summarize, and run(job).
+
+``compress`` changes a model in place and returns what the method measured
+(a :class:`CompressionReport`). ``run`` does a whole job, the way the command
+line does it, and returns a typed report:
+
+    report = factorkit.run(CompressJob(method=SVDLLMConfig(ratio=0.2), eval="shakespeare", out="out/svdllm"))
+    report.perplexity_after, report.compression.summary.ratio_targeted
+
+Jobs: :class:`CompressJob` (load, calibrate, compress, evaluate, save),
+:class:`EvalJob` (perplexity of any model), :class:`PretrainJob`,
+:class:`FinetuneJob` (the workflows, plus saving).
+"""
 
 from __future__ import annotations
 
 import os
+import time
+import weakref
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from .surgery import find_blocks, linear_weight, model_targets
+from .config import Config, ConfigError, nested, option, optional, positive_int, whole
 from .errors import FactorkitError
+from .eval import PerplexityResult, perplexity
 from .factors import FactorModule, factor_modules
-from .methods import CompressionConfig, get_method
+from .report import fmt_bytes, fmt_count, fmt_ppl
+from .methods import DEFAULT_METHOD, METHODS, CompressionConfig, get_method
 from .models import load_compressed, save as _save
-from .models.checkpoint import is_factorkit_dir
+from .models.checkpoint import is_factorkit_dir, parse_dtype, read_compression
+from .surgery import find_blocks, linear_weight, model_targets
+from .workflows.finetune import FinetuneConfig, FinetuneResult, finetune, save_finetuned
+from .workflows.pretrain import PretrainConfig, PretrainResult, leave_distributed, pretrain
 
 
-def compress(model: nn.Module, config: CompressionConfig, data: torch.Tensor | None = None,
-             *, progress: bool = True) -> nn.Module:
-    """Compress ``model`` in place with the method ``config`` names and return it.
 
-    ``data`` holds calibration token ids, shape (samples, seq_len); see
-    :func:`factorkit.data.calibration_tokens`. Models with a task head may
-    instead get a list of labelled batches (dicts of model inputs with
-    ``labels``): FWSVD's Fisher information then comes from the task loss.
-    Data-free methods ignore it.
-    """
-    if not isinstance(config, CompressionConfig):
-        raise FactorkitError(f"config must be a method config such as SVDLLMConfig(ratio=0.2), got {type(config).__name__}.")
-    method = get_method(config.method)
-    config.validate()
-    find_blocks(model)  # fails with a clear message on a model without Linear blocks
-    if any(True for _ in factor_modules(model)):
-        raise FactorkitError("this model is already compressed; load the original model to compress it again.")
-    if config.uses_data():
-        if data is None:
-            raise FactorkitError(f"{config.method} is data-aware and needs calibration tokens; pass data=calibration_tokens(...).")
-        _check_data(data)
-    targeted = list(model_targets(model, config.targets))
-    method.fn(model, config, data, progress)
-    # Targeted matrices a method chose to keep dense (global allocation does
-    # when a factorization would store as much); summarize() counts them.
-    kept = [name for name in targeted if not isinstance(model.get_submodule(name), FactorModule)]
-    model.factorkit_compression = {"method": config.method, "config": config.record(), "kept_dense": kept}
-    return model
-
-
-def _check_data(data) -> None:
-    if isinstance(data, torch.Tensor):
-        if data.ndim == 2 and data.dtype == torch.long and data.shape[0] >= 1:
-            return
-    elif isinstance(data, (list, tuple)) and data and all(isinstance(b, Mapping) for b in data):
-        return
-    raise FactorkitError("calibration data must be a LongTensor of token ids with shape (samples, seq_len), "
-                         "or a non-empty list of batches (dicts of model inputs, with 'labels' for Fisher).")
-
-
-def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, overwrite: bool = False):
-    """Save to a folder (safetensors + factorkit.json); atomic, never half-written."""
-    return _save(model, path, tokenizer=tokenizer, overwrite=overwrite)
-
-
-def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
-    """Rebuild a model saved with :func:`save`."""
-    if not is_factorkit_dir(path):
-        raise FactorkitError(f"{path} is not a folder written by factorkit.save (no factorkit.json); "
-                             "use factorkit.models.load for other models.")
-    return load_compressed(path, dtype)
-
+# ---------------------------------------------------------------- compress ---
 
 @dataclass
 class CompressionSummary:
@@ -109,6 +79,122 @@ class CompressionSummary:
                 "ratio_targeted_storage": self.ratio_targeted_storage, "ratio_model": self.ratio_model}
 
 
+@dataclass
+class CompressionReport:
+    """What one ``compress`` call did: the config, the counts, the time, and
+    what the method measured (``fit``: per-matrix errors and times for
+    CoSpaDi, ranks for the low-rank methods, the loss curve for DSFormer)."""
+
+    config: CompressionConfig
+    summary: CompressionSummary
+    seconds: float
+    kept_dense: list[str] = field(default_factory=list)  # targeted matrices the method left dense
+    fit: dict = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    def record(self) -> dict:
+        """What factorkit.json keeps of it (``CompressionConfig.from_dict(record["config"])`` rebuilds the config)."""
+        return {"method": self.method, "config": self.config.to_dict(), "kept_dense": self.kept_dense}
+
+    def as_dict(self) -> dict:
+        return {**self.record(), "summary": self.summary.as_dict(), "seconds": self.seconds, "fit": self.fit}
+
+
+# How each model in memory was compressed (weakly held: the model owns nothing
+# extra). save() writes it into factorkit.json; load() puts it back.
+_RECORDS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def compression_record(model: nn.Module) -> dict | None:
+    """{"method", "config", "kept_dense"} of a model compressed or loaded in this process, else None."""
+    return _RECORDS.get(model)
+
+
+def compress(model: nn.Module, config: CompressionConfig, data: torch.Tensor | None = None,
+             *, progress: bool = True) -> CompressionReport:
+    """Compress ``model`` in place with the method ``config`` names; return the report.
+
+    ``data`` holds calibration token ids, shape (samples, seq_len); see
+    :func:`factorkit.data.calibration_tokens`. Models with a task head may
+    instead get a list of labelled batches (dicts of model inputs with
+    ``labels``): FWSVD's Fisher information then comes from the task loss.
+    Data-free methods ignore it.
+    """
+    if not isinstance(config, CompressionConfig):
+        raise FactorkitError(f"config must be a method config such as SVDLLMConfig(ratio=0.2), got {type(config).__name__}.")
+    method = get_method(config.method)
+    find_blocks(model)  # fails with a clear message on a model without Linear blocks
+    if any(True for _ in factor_modules(model)):
+        raise FactorkitError("this model is already compressed; load the original model to compress it again.")
+    if config.uses_data():
+        if data is None:
+            raise FactorkitError(f"{config.method} is data-aware and needs calibration tokens; pass data=calibration_tokens(...).")
+        _check_data(model, data)
+    targeted = model_targets(model, config.targets)
+    for name, linear in targeted.items():
+        if not bool(torch.isfinite(linear_weight(linear)).all()):
+            raise FactorkitError(f"the weight of {name} holds NaN or infinite values; compress a model with finite "
+                                 "weights (check how it was loaded or trained).")
+    before = sum(p.numel() for p in model.parameters())
+    start = time.perf_counter()
+    fit = method.fn(model, config, data, progress) or {}
+    seconds = time.perf_counter() - start
+    # Targeted matrices a method chose to keep dense (global allocation does
+    # when a factorization would store as much); summarize() counts them.
+    kept = [name for name in targeted if not isinstance(model.get_submodule(name), FactorModule)]
+    _RECORDS[model] = {"method": config.method, "config": config.to_dict(), "kept_dense": kept}
+    summary = summarize(model)
+    assert summary.model_params_before == before, "summarize() must count the dense model it replaced"
+    return CompressionReport(config, summary, seconds, kept, fit)
+
+
+def _check_data(model: nn.Module, data) -> None:
+    if isinstance(data, torch.Tensor):
+        if data.ndim == 2 and data.dtype == torch.long and data.shape[0] >= 1:
+            _check_token_ids(model, data)
+            return
+    elif isinstance(data, (list, tuple)) and data and all(isinstance(b, Mapping) for b in data):
+        return
+    raise FactorkitError("calibration data must be a LongTensor of token ids with shape (samples, seq_len), "
+                         "or a non-empty list of batches (dicts of model inputs, with 'labels' for Fisher).")
+
+
+def _check_token_ids(model: nn.Module, ids: torch.Tensor) -> None:
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if ids.numel() and vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise FactorkitError(f"token id {bad} is outside the model's vocabulary of {vocab}; tokenize with the "
+                             "model's own tokenizer.")
+
+
+def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, overwrite: bool = False,
+         report: CompressionReport | None = None, protect: str | os.PathLike | None = None):
+    """Save to a folder (safetensors + factorkit.json); atomic, never half-written.
+    ``report`` defaults to what ``compress`` (or ``load``) recorded for this model;
+    ``protect`` (the model's source folder) is never replaced, even with overwrite."""
+    record = report.record() if report is not None else compression_record(model)
+    return _save(model, path, tokenizer=tokenizer, overwrite=overwrite, compression=record, protect=protect)
+
+
+def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> nn.Module:
+    """Rebuild a model saved with :func:`save`."""
+    if not is_factorkit_dir(path):
+        raise FactorkitError(f"{path} is not a folder written by factorkit.save (no factorkit.json); "
+                             "use factorkit.models.load for other models.")
+    model = load_compressed(path, parse_dtype(dtype))
+    _remember(model, path)
+    return model
+
+
+def _remember(model: nn.Module, path: str | os.PathLike) -> None:
+    record = read_compression(path)
+    if record is not None:
+        _RECORDS[model] = record
+
+
 def summarize(model: nn.Module) -> CompressionSummary:
     """How much the factor modules in ``model`` saved (tied and shared weights counted once)."""
     modules = [m for _, m in factor_modules(model)]
@@ -116,8 +202,294 @@ def summarize(model: nn.Module) -> CompressionSummary:
     unique = {id(p): p.numel() for m in modules for p in m.parameters()}
     factored = sum(unique.values())
     after = sum(p.numel() for p in model.parameters())
-    info = getattr(model, "factorkit_compression", None) or {}
-    kept = sum(linear_weight(model.get_submodule(name)).numel() for name in info.get("kept_dense", []))
+    record = compression_record(model) or {}
+    kept = sum(linear_weight(model.get_submodule(name)).numel() for name in record.get("kept_dense", []))
     bits = next(model.parameters()).element_size() * 8
     return CompressionSummary(len(modules), dense + kept, factored + kept, after - factored + dense, after,
                               sum(m.index_bits() for m in modules), bits)
+
+
+# -------------------------------------------------------------------- jobs ---
+
+def _model_option(default: str = "smollm2-135m") -> Any:
+    return option(default, "a folder written by factorkit, a Hugging Face model folder, a .gguf file, a built-in "
+                           "name (smollm2-135m, all-minilm-l6-v2) or a hub id (online)")
+
+
+def _text_help(what: str) -> str:
+    return f"{what}: shakespeare (built in), wikitext2 or c4 (online), or a UTF-8 text file"
+
+
+@dataclass
+class _EvalSettings(Config):
+    seq_len: int = option(2048, "evaluation chunk length in tokens", check=whole(2))
+    max_chunks: int | None = option(None, "evaluate at most this many chunks (default: all)",
+                                    check=optional(positive_int))
+    dtype: str = option("float32", "dtype to run the model in", choices=("float32", "bfloat16", "float16"))
+
+
+def _out() -> Any:
+    return option(None, "folder to write to")
+
+
+def _overwrite() -> Any:
+    return option(False, "replace --out if factorkit wrote it (never a folder holding other files)")
+
+
+@dataclass
+class CompressJob(_EvalSettings):
+    """Load ``model``, calibrate on ``calib``, compress with ``method``,
+    measure perplexity on ``eval`` before and after (optional), save to ``out``."""
+
+    method: CompressionConfig | None = option(None, "the method's config (default: SVD-LLM at ratio 0.2)", cli=False)
+    model: str = _model_option()
+    calib: str = option("shakespeare", _text_help("calibration text (for shakespeare, the calibration plays)"))
+    calib_samples: int = option(32, "calibration sequences", check=positive_int)
+    calib_seq_len: int = option(512, "tokens per calibration sequence", check=whole(2))
+    seed: int = option(0, "seed for data splits and sampling", check=whole(0))
+    eval: str | None = option(None, "also measure perplexity before and after on this text (its held-out split)")
+    eval_before: bool = option(True, "with eval, also measure the model before compressing (sweeps that "
+                                     "measured it once turn this off)", cli=False)
+    max_chunks: int | None = option(16, "evaluate at most this many chunks", check=optional(positive_int))
+    out: str | None = _out()
+    overwrite: bool = _overwrite()
+
+    def __post_init__(self) -> None:
+        if self.method is None:
+            self.method = METHODS[DEFAULT_METHOD].config_cls()
+        elif isinstance(self.method, Mapping):
+            self.method = CompressionConfig.from_dict(dict(self.method))
+        if not isinstance(self.method, CompressionConfig):
+            raise ConfigError("method", f"must be a method config such as SVDLLMConfig(ratio=0.2), got "
+                                        f"{type(self.method).__name__}.")
+        super().__post_init__()
+
+
+@dataclass
+class EvalJob(_EvalSettings):
+    """Perplexity of ``model`` on ``text`` (for shakespeare, the held-out plays)."""
+
+    model: str = _model_option()
+    text: str = option("shakespeare", _text_help("text to measure (its held-out split)"))
+    seed: int = option(0, "seed of the shakespeare split", check=whole(0))
+
+
+def _load_with_tokenizer(name: str, dtype: str):
+    from .models import load as load_model
+
+    model, tokenizer = load_model(name, parse_dtype(dtype))
+    if tokenizer is None:
+        raise FactorkitError(f"{name} has no tokenizer files; save the tokenizer beside the model.")
+    if is_factorkit_dir(name):
+        _remember(model, name)
+    return model, tokenizer
+
+
+@dataclass
+class CompressJobReport:
+    job: CompressJob
+    compression: CompressionReport
+    bytes_before: int  # the dense weights as save() would write them
+    bytes_after: int  # the safetensors file written (0 without --out)
+    perplexity_before: PerplexityResult | None = None
+    perplexity_after: PerplexityResult | None = None
+    eval_seconds: tuple[float, float] = (0.0, 0.0)
+
+    def as_dict(self) -> dict:
+        ppl = {k: (getattr(self, k).as_dict() if getattr(self, k) is not None else None)
+               for k in ("perplexity_before", "perplexity_after")}
+        return {"job": self.job.to_dict(), "compression": self.compression.as_dict(), "bytes_before": self.bytes_before,
+                "bytes_after": self.bytes_after, **ppl, "eval_seconds": list(self.eval_seconds)}
+
+    def table(self) -> tuple:
+        """(title, header, rows, caption) for ``report.print_table``."""
+        job, s = self.job, self.compression.summary
+        rows = [["parameters (model)", fmt_count(s.model_params_before), fmt_count(s.model_params_after)],
+                ["parameters (targeted matrices)", fmt_count(s.targeted_dense_params), fmt_count(s.targeted_params)],
+                [f"file size (model.safetensors, {job.dtype})", fmt_bytes(self.bytes_before),
+                 fmt_bytes(self.bytes_after) if job.out else "not saved"],
+                ["compression wall time", "", f"{self.compression.seconds:.1f} s"]]
+        if self.perplexity_after is not None:
+            rows.insert(0, [f"perplexity ({job.eval}, {self.perplexity_after.tokens} tokens)",
+                            fmt_ppl(self.perplexity_before.perplexity), fmt_ppl(self.perplexity_after.perplexity)])
+            rows.append(["evaluation wall time", f"{self.eval_seconds[0]:.1f} s", f"{self.eval_seconds[1]:.1f} s"])
+        config = job.method
+        title = (f"{job.model}: {config.method} at ratio {config.ratio}"
+                 + (" (global ranks)" if getattr(config, "allocation", "uniform") == "global" else ""))
+        caption = (f"Removed {s.ratio_targeted:.1%} of the parameters of the {s.factor_modules} targeted matrices, "
+                   f"{s.ratio_model:.1%} of the model (parameters counted; "
+                   + (f"{s.ratio_targeted_storage:.1%} counting the {fmt_bytes(s.targeted_index_bits // 8)} of "
+                      "support masks)." if s.targeted_index_bits else "low-rank factors store no indices).")
+                   + (f" Saved to {job.out}." if job.out else ""))
+        return title, ["", "before", "after"], rows, caption
+
+
+@dataclass
+class EvalReport:
+    job: EvalJob
+    perplexity: PerplexityResult
+    summary: CompressionSummary
+    compression: dict | None  # the record of a compressed model, else None
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return {"job": self.job.to_dict(), "perplexity": self.perplexity.as_dict(), "summary": self.summary.as_dict(),
+                "compression": self.compression, "seconds": self.seconds}
+
+    def table(self) -> tuple:
+        r, c = self.perplexity, self.compression
+        rows = [["perplexity", fmt_ppl(r.perplexity)],
+                ["tokens counted", f"{r.tokens} ({r.chunks} chunks of {r.seq_len})"],
+                ["dtype", r.dtype],
+                ["parameters", fmt_count(self.summary.model_params_after)],
+                ["compression", f"{c['method']}, {self.summary.ratio_targeted:.1%} of targeted parameters removed"
+                 if c else "none"],
+                ["wall time", f"{self.seconds:.1f} s"]]
+        return f"{self.job.model} on {self.job.text}", ["", "value"], rows, None
+
+
+def _run_compress(job: CompressJob, progress: bool, loaded: tuple | None) -> CompressJobReport:
+    from .data import calibration_tokens, eval_tokens
+    from .models.files import check_writable_target, folder_size
+
+    if job.out is not None:
+        check_writable_target(job.out, job.overwrite, protect=job.model)  # fail before any long work
+    model, tokenizer = loaded if loaded is not None else _load_with_tokenizer(job.model, job.dtype)
+    config = job.method
+    data = None
+    if config.uses_data():
+        data = calibration_tokens(tokenizer, job.calib, job.calib_samples, job.calib_seq_len, job.seed)
+    chunks = eval_tokens(tokenizer, job.eval, job.seq_len, job.max_chunks, job.seed) if job.eval else None
+    bytes_before = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights appear once
+    before = after = None
+    times = [0.0, 0.0]
+    if chunks is not None and job.eval_before:
+        t = time.perf_counter()
+        before = perplexity(model, chunks, progress=progress, desc="perplexity (dense)")
+        times[0] = time.perf_counter() - t
+    compression = compress(model, config, data, progress=progress)
+    if chunks is not None:  # measured before saving: a broken model is never written
+        t = time.perf_counter()
+        after = perplexity(model, chunks, progress=progress, desc="perplexity (compressed)")
+        times[1] = time.perf_counter() - t
+    bytes_after = 0
+    if job.out is not None:
+        save(model, job.out, tokenizer=tokenizer, overwrite=job.overwrite, report=compression, protect=job.model)
+        bytes_after = folder_size(job.out)
+    return CompressJobReport(job, compression, bytes_before, bytes_after, before, after, tuple(times))
+
+
+def _run_eval(job: EvalJob, progress: bool, loaded: tuple | None) -> EvalReport:
+    from .data import eval_tokens
+
+    model, tokenizer = loaded if loaded is not None else _load_with_tokenizer(job.model, job.dtype)
+    chunks = eval_tokens(tokenizer, job.text, job.seq_len, job.max_chunks, job.seed)
+    t = time.perf_counter()
+    result = perplexity(model, chunks, progress=progress)
+    return EvalReport(job, result, summarize(model), compression_record(model), time.perf_counter() - t)
+
+
+@dataclass
+class PretrainJob(Config):
+    """Pretrain (``workflows.pretrain``) and save the model and tokenizer to ``out``."""
+
+    config: PretrainConfig = nested(PretrainConfig, "the pretraining settings")
+    memory: bool = option(False, "also measure the peak tensor memory of one training step (profiler on CPU; "
+                                 "slower start)")
+    out: str | None = _out()
+    overwrite: bool = _overwrite()
+
+
+@dataclass
+class FinetuneJob(Config):
+    """Fine-tune (``workflows.finetune``) and save the adapter (or the model, for full) to ``out``."""
+
+    config: FinetuneConfig = nested(FinetuneConfig, "the fine-tuning settings")
+    out: str | None = _out()
+    overwrite: bool = _overwrite()
+
+
+@dataclass
+class TrainJobReport:
+    job: PretrainJob | FinetuneJob
+    result: PretrainResult | FinetuneResult
+    saved: bool  # False on the processes of a torchrun job that do not write
+
+    def as_dict(self) -> dict:
+        return {"job": self.job.to_dict(), "result": self.result.summary(), "saved": self.saved}
+
+    def table(self) -> tuple:
+        r, c = self.result, self.job.config
+        saved = f" Saved to {self.job.out}." if self.saved else ""
+        if isinstance(r, FinetuneResult):
+            rows = [["held-out perplexity", fmt_ppl(r.perplexity_before), fmt_ppl(r.perplexity_after)],
+                    ["trainable parameters", "", f"{fmt_count(r.trainable)} of {fmt_count(r.total)}"],
+                    ["training wall time", "", f"{r.seconds:.1f} s ({r.seconds / max(1, r.steps_run):.2f} s/step)"]]
+            return (f"finetune {c.model} with {c.adapter} (r={c.r}) on {c.text}", ["", "before", "after"], rows,
+                    saved or None)
+        last, info = (r.evals[-1] if r.evals else {}), r.params
+        rows = [["held-out perplexity", fmt_ppl(last["perplexity"]) if last else "not evaluated"],
+                ["final training loss", f"{r.losses[-1]:.4f}" if r.losses else "no step run"],
+                ["parameters (total / in the blocks)",
+                 f"{fmt_count(info['params_total'])} / {fmt_count(info['params_blocks'])}"],
+                ["trainable parameters", fmt_count(info["params_trainable"])],
+                ["training tokens (this call)",
+                 f"{r.tokens} in {r.seconds:.1f} s ({r.tokens / max(r.seconds, 1e-9):.0f} tokens/s)"]]
+        if "optimizer_state_bytes" in info:
+            rows += [["AdamW state", fmt_bytes(info["optimizer_state_bytes"])],
+                     ["peak tensor memory of a step", fmt_bytes(info["peak_step_bytes"])]]
+        return f"pretrain {c.model} ({c.param}) on {c.text}", ["", "value"], rows, saved or None
+
+
+def _run_pretrain(job: PretrainJob, progress: bool, loaded: None) -> TrainJobReport:
+    import torch.distributed as tdist
+
+    from .models import save as save_model
+    from .models.files import check_writable_target
+
+    if job.out is not None:
+        check_writable_target(job.out, job.overwrite)
+    failed = True
+    try:
+        result = pretrain(job.config, progress=progress, measure_memory=job.memory)
+        rank = tdist.get_rank() if tdist.is_initialized() else 0
+        if rank == 0 and job.out is not None:  # only rank 0 writes
+            save_model(result.model, job.out, tokenizer=result.tokenizer, overwrite=job.overwrite)
+        failed = False
+    finally:
+        leave_distributed(failed)
+    return TrainJobReport(job, result, rank == 0 and job.out is not None)
+
+
+def _run_finetune(job: FinetuneJob, progress: bool, loaded: tuple | None) -> TrainJobReport:
+    from .models.files import check_writable_target
+
+    if job.out is not None:
+        check_writable_target(job.out, job.overwrite, protect=job.config.model)
+    model, tokenizer = loaded if loaded is not None else (None, None)
+    result = finetune(job.config, progress=progress, model=model, tokenizer=tokenizer)
+    if job.out is not None:
+        save_finetuned(result, job.config, job.out, job.overwrite)
+    return TrainJobReport(job, result, job.out is not None)
+
+
+_RUNNERS = {CompressJob: _run_compress, EvalJob: _run_eval, PretrainJob: _run_pretrain, FinetuneJob: _run_finetune}
+
+
+def run(job: CompressJob | EvalJob | PretrainJob | FinetuneJob, *, progress: bool = True,
+        model: tuple[nn.Module, Any] | None = None):
+    """Do a whole job, as the command line does; returns its typed report.
+
+    ``model``: a (model, tokenizer) already in memory to use instead of
+    loading ``job.model`` (a compress job changes it in place: pass a copy to
+    keep the original), e.g. for a sweep over many settings of one model."""
+    runner = _RUNNERS.get(type(job))
+    if runner is None:
+        raise FactorkitError(f"run() takes a CompressJob, EvalJob, PretrainJob or FinetuneJob, got {type(job).__name__}.")
+    if model is not None and runner is _run_pretrain:
+        raise FactorkitError("a pretraining job builds its own model; call run() without model=.")
+    return runner(job, progress, model)
+
+__all__ = ["CompressJob", "CompressJobReport", "CompressionReport", "CompressionSummary", "EvalJob", "EvalReport",
+           "FinetuneJob", "PretrainJob", "TrainJobReport", "compress", "compression_record", "load", "run", "save",
+           "summarize"]

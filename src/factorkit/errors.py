@@ -10,4 +10,4 @@ class FactorkitError(ValueError):
 
 
 class NonFiniteLossError(FactorkitError):
-    """The model produced a NaN or infinite loss while being evaluated."""
+    """The model produced a NaN or infinite loss (or gradient) while being evaluated or trained."""

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -35,7 +36,7 @@ from .. import __version__
 from ..surgery import model_targets, replace_module
 from ..errors import FactorkitError
 from ..factors.wara import WaRALinear
-from ..models.files import atomic_dir
+from ..models.files import atomic_dir, first_sentence, read_json
 from ..solvers.wavelets import check_levels
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -106,7 +107,10 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, overwrite: bool = False,
                  base_model: str | None = None) -> Path:
-    """Write adapter_config.json and adapter_model.safetensors (A and B only), atomically."""
+    """Write adapter_config.json and adapter_model.safetensors (A and B only), atomically.
+
+    The ``factorkit_version`` key marks the folder as factorkit's, so a later
+    save with ``overwrite`` may replace it; the base model's folder never is."""
     config = getattr(model, "wara_config", None)
     if config is None or not wara_modules(model):
         raise FactorkitError("this model has no WaRA adapters to save; wrap it with get_wara_model first.")
@@ -115,7 +119,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, overwrite: bool = Fa
     state = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     meta = {"adapter_type": "wara", "factorkit_version": __version__, "base_model": base_model,
             **asdict(config), "modules": sorted(wara_modules(model))}
-    with atomic_dir(path, overwrite) as tmp:
+    with atomic_dir(path, overwrite, protect=base_model) as tmp:
         save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
     return Path(path)
@@ -127,7 +131,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if not (path / ADAPTER_CONFIG).is_file() or not (path / ADAPTER_WEIGHTS).is_file():
         raise FactorkitError(f"{path} is not a WaRA adapter folder (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}); "
                              "pass a folder written by save_adapter.")
-    meta = json.loads((path / ADAPTER_CONFIG).read_text())
+    meta = read_json(path / ADAPTER_CONFIG)
     if meta.get("adapter_type") != "wara":
         raise FactorkitError(f"{path} holds a {meta.get('adapter_type')!r} adapter, not a WaRA one.")
     config = WaRAConfig(**{f.name: meta[f.name] for f in fields(WaRAConfig) if f.name in meta})
@@ -135,7 +139,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if sorted(wara_modules(model)) != meta.get("modules", sorted(wara_modules(model))):
         raise FactorkitError(f"the adapter in {path} was trained on other layers than this model has; "
                              "load it onto the base model it was trained on.")
-    state = load_file(str(path / ADAPTER_WEIGHTS))
+    try:
+        state = load_file(str(path / ADAPTER_WEIGHTS))
+    except (SafetensorError, OSError) as exc:
+        raise FactorkitError(f"{path / ADAPTER_WEIGHTS} cannot be read ({first_sentence(exc)}); "
+                             "the folder is damaged, save the adapter again.") from None
     mine = adapter_state_dict(model)
     if set(state) != set(mine) or any(state[k].shape != mine[k].shape for k in mine):
         raise FactorkitError(f"the adapter in {path} does not fit this model (other layer names or shapes); "

@@ -2,12 +2,14 @@
 
 Each chunk is scored on its own (no carried context), every token but the
 first of a chunk is predicted, so ``tokens = chunks * (seq_len - 1)``. The
-sum of the negative log-likelihoods is accumulated in float64.
+sum of the negative log-likelihoods is accumulated in float64. A mean loss
+too large for exp (past ~709 nats) gives an infinite perplexity, not an error.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
@@ -15,7 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import NonFiniteLossError
+from ..errors import FactorkitError, NonFiniteLossError
+
+_MAX_LOG = math.log(sys.float_info.max)  # exp of anything larger overflows a float
 
 
 @dataclass
@@ -31,6 +35,21 @@ class PerplexityResult:
         return asdict(self)
 
 
+def check_token_ids(model: nn.Module, ids: torch.Tensor) -> None:
+    """Refuse token ids the model has no embedding for (an index error deep in the model otherwise,
+    or on a GPU an assertion that takes the process down). A model that states no vocabulary
+    (no ``config.vocab_size``, no input embeddings) is not checked."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is None and hasattr(model, "get_input_embeddings"):
+        vocab = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    if vocab is None or ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if high >= vocab or low < 0:
+        raise FactorkitError(f"token id {high if high >= vocab else low} is outside the model's vocabulary of "
+                             f"{vocab}; tokenize with the model's own tokenizer.")
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, chunks: torch.Tensor, batch_size: int = 1, progress: bool = True,
                desc: str = "perplexity") -> PerplexityResult:
@@ -41,6 +60,7 @@ def perplexity(model: nn.Module, chunks: torch.Tensor, batch_size: int = 1, prog
     """
     if chunks.ndim != 2 or chunks.shape[1] < 2:
         raise ValueError(f"chunks must have shape (n, seq_len >= 2), got {tuple(chunks.shape)}")
+    check_token_ids(model, chunks)
     was_training = model.training
     model.eval()
     param = next(model.parameters())
@@ -61,5 +81,5 @@ def perplexity(model: nn.Module, chunks: torch.Tensor, batch_size: int = 1, prog
     finally:
         model.train(was_training)
     mean = total / count
-    return PerplexityResult(math.exp(mean), mean, count, chunks.shape[0], chunks.shape[1],
-                            str(param.dtype).removeprefix("torch."))
+    return PerplexityResult(math.exp(mean) if mean < _MAX_LOG else math.inf, mean, count, chunks.shape[0],
+                            chunks.shape[1], str(param.dtype).removeprefix("torch."))

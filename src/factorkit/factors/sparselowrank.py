@@ -5,7 +5,9 @@ is sparse on a fixed support of ``density`` * out * in entries drawn
 uniformly at random from ``seed`` (``solvers.sparsity.random_support``). Only
 the values of S on that support are parameters. The support itself is never
 saved: it is rebuilt from the seed when the module is built, so a saved
-model stores B, A, the values and the bias, nothing else.
+model stores B, A, the values and the bias, nothing else. The spec carries a
+checksum of the support, so a rebuilt support that differs (an edited seed,
+a torch that draws other random numbers) is refused rather than loaded.
 
 The forward pass builds the dense W in a scratch buffer, applies it and drops
 it; the backward pass rebuilds it. Autograd through an explicit W would keep
@@ -15,6 +17,7 @@ pass, which is exactly the memory that SLTrain sets out to save.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any
 
@@ -22,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import FactorkitError
 from ..solvers.sparsity import random_support, support_size
 from .base import FactorModule
 
@@ -114,9 +118,28 @@ class SparseLowRankLinear(FactorModule):
         S = torch.zeros(self.out_features * self.in_features, dtype=self.values.dtype, device=self.values.device)
         return S.index_add_(0, self.support, self.values).view(self.out_features, self.in_features)
 
+    def support_checksum(self) -> str:
+        """sha256 (first 16 hex digits) of the support's int64 indices: what a reload must rebuild."""
+        return hashlib.sha256(self.support.cpu().to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
     def spec(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features, "rank": self.rank,
-                "density": self.density, "seed": self.seed, "alpha": self.alpha, "bias": self.bias is not None}
+                "density": self.density, "seed": self.seed, "alpha": self.alpha, "bias": self.bias is not None,
+                "support_sha256": self.support_checksum()}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype | None = None) -> "SparseLowRankLinear":
+        spec = dict(spec)
+        saved = spec.pop("support_sha256", None)  # absent in specs written before the checksum: not checked
+        module = cls(**spec, dtype=dtype)
+        # a module built on the meta device (shapes only) has no support to check; the real build checks it
+        if saved is not None and not module.support.is_meta and saved != module.support_checksum():
+            raise FactorkitError(
+                f"the sparse support rebuilt from seed {module.seed} does not match the one the model was saved with "
+                f"(checksum {module.support_checksum()}, saved {saved}); the folder was edited or this torch draws "
+                "different random numbers, so restore the saved seed in factorkit.json or load the model with the "
+                "torch version that saved it.")
+        return module
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "

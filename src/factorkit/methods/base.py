@@ -3,54 +3,66 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import torch
 from torch import nn
 
 from ..surgery import find_blocks, target_linears
+from ..config import Config, ConfigError, hint, open_unit, option, positive_int
 from ..errors import FactorkitError
 
 log = logging.getLogger("factorkit")
 
 
 @dataclass
-class CompressionConfig:
-    """Settings common to every method.
+class CompressionConfig(Config):
+    """Settings common to every method (each field's help says what it is).
 
-    ratio: fraction of the parameters of the targeted matrices to remove, in (0, 1).
-    targets: names of the Linear layers to compress inside each block (a name
-        matches itself or any ``*.name``); None means every Linear in the blocks.
-        Embeddings and the LM head are never targeted.
-    batch_size: calibration sequences run through a block at once.
+    Embeddings and the LM head are never targeted. Subclasses set ``method``
+    (the registry name) and ``needs_data``; their fields validate when the
+    config is built.
     """
 
     method: ClassVar[str]
     needs_data: ClassVar[bool] = True
 
-    ratio: float = 0.2
-    targets: tuple[str, ...] | None = None
-    batch_size: int = 4
+    ratio: float = option(0.2, "fraction of the targeted parameters to remove, in (0, 1)",
+                          check=hint(open_unit, "pass the fraction of parameters to remove, e.g. 0.2"))
+    targets: tuple[str, ...] | None = option(
+        None, "comma-separated Linear names to compress inside each block, e.g. q_proj,k_proj (default: all); "
+              "a name matches itself or any *.name")
+    batch_size: int = option(4, "calibration sequences run through a block at once", check=positive_int)
 
-    def validate(self) -> None:
-        if not isinstance(self.ratio, (int, float)) or not 0.0 < float(self.ratio) < 1.0:
-            raise FactorkitError(
-                f"ratio {self.ratio!r} is outside (0, 1); pass the fraction of parameters to remove, e.g. 0.2."
-            )
-        if self.batch_size < 1:
-            raise FactorkitError(f"batch_size must be at least 1, got {self.batch_size}.")
+    def __post_init__(self) -> None:
         if isinstance(self.targets, str):
-            self.targets = (self.targets,)
+            self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
+        if self.targets is not None and (not self.targets or not all(isinstance(t, str) for t in self.targets)):
+            raise ConfigError("targets", f"must be Linear names such as q_proj, got {self.targets!r}.")
+        super().__post_init__()
 
     def uses_data(self) -> bool:
         """Whether compress() needs calibration data with this config."""
         return self.needs_data
 
-    def record(self) -> dict:
-        """The settings as JSON-ready values, for factorkit.json (fields marked
-        ``metadata={"record": False}``, such as precomputed statistics, are left out)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("record", True)}
+    def to_dict(self) -> dict:
+        return {"method": self.method, **super().to_dict()}
+
+    record = to_dict
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "CompressionConfig":
+        """Rebuild the config a ``to_dict`` (or factorkit.json) describes; the
+        ``method`` key picks the class when called on the base class."""
+        values = dict(values)
+        name = values.pop("method", None)
+        if cls is CompressionConfig or (name is not None and name != getattr(cls, "method", None)):
+            if name is None:
+                raise FactorkitError("the settings name no method; add \"method\": one of "
+                                     f"{', '.join(sorted(METHODS))}.")
+            cls = get_method(name).config_cls
+        return Config.from_dict.__func__(cls, values)
 
 
 def check_targets(model: nn.Module, config: CompressionConfig) -> list[str]:

@@ -38,7 +38,7 @@ BENCHMARKS.md compares the two.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,58 +50,44 @@ from ..errors import FactorkitError
 from ..factors import DictionaryLinear
 from ..models.partial import FinishedGroups, fingerprint
 from ..solvers.dictionary import dictionary_budget, refresh_schedule, sparse_dictionary
+from ..config import at_least, option, positive, positive_int, whole
 from .base import CompressionConfig, check_targets, log, register
 
 COUNTS = ("params", "storage")
 
 
+def _refresh(value) -> str | None:
+    try:
+        refresh_schedule(1, value)
+    except (ValueError, TypeError):
+        return f"must be doubling, every or a positive whole number, got {value!r}."
+    return None
+
+
 @dataclass
 class CoSpaDiConfig(CompressionConfig):
-    """rho: atoms per nonzero, k / s (2 in the paper).
-    iterations: alternations T of sparse coding and K-SVD (60 in the paper).
-    refresh: when OMP re-codes: "doubling" (default), "every" (each
-        alternation, as in the paper) or an int m (every m-th).
-    power_iterations: per atom in the K-SVD update.
-    whiten: fit the calibration output error (True) or the weights (False).
-    group: consecutive layers sharing one dictionary per projection type.
-    count: what ``ratio`` counts, "params" (numbers only) or "storage"
-        (numbers plus the support mask bits at the model's dtype).
-    seed: for the dictionary initialisation.
-    eps: relative diagonal shift used when X^T X is not positive definite.
-    sequential: calibrate each block on the compressed model's outputs.
-    checkpoint_dir: keep every finished group of blocks here; a rerun of the
-        same compression resumes from them (not part of the recorded settings).
-    """
-
     method = "cospadi"
-    rho: float = 2.0
-    iterations: int = 60
-    refresh: str | int = "doubling"
-    power_iterations: int = 2
-    whiten: bool = True
-    group: int = 1
-    count: str = "params"
-    seed: int = 0
-    eps: float = 1e-6
-    sequential: bool = True
-    checkpoint_dir: str | None = field(default=None, metadata={"record": False})
+    rho: float = option(2.0, "atoms per nonzero, k/s (2 in the paper)", check=at_least(1.0))
+    iterations: int = option(60, "alternations T of sparse coding and K-SVD (60 in the paper)", check=positive_int)
+    refresh: str | int = option("doubling", "when OMP re-codes: doubling (alternations 0, 1, 2, 4, ... and the "
+                                            "last), every (the paper's), or every N-th", check=_refresh)
+    power_iterations: int = option(2, "power iterations per atom in the K-SVD update", check=positive_int)
+    whiten: bool = option(True, "fit the calibration output error (whitened by the Cholesky factor of X^T X); "
+                                "--no-whiten fits the weights themselves (plain dictionary learning, data-free)")
+    group: int = option(1, "consecutive layers sharing one dictionary per projection type", check=positive_int)
+    count: str = option("params", "what --ratio counts: params (numbers only, the paper's) or storage (numbers "
+                                  "plus the support mask bits at the model's dtype)", choices=COUNTS)
+    seed: int = option(0, "seed of the dictionary initialisation", check=whole(0))
+    eps: float = option(1e-6, "relative diagonal shift used when X^T X is not positive definite", check=positive,
+                        cli=False)
+    sequential: bool = option(True, "calibrate each block on the compressed model's outputs", cli=False)
+    checkpoint_dir: str | None = option(None, "keep every finished group of blocks here; a rerun of the same "
+                                              "compression resumes from them", record=False)
 
-    def validate(self) -> None:
-        super().validate()
-        if not self.rho >= 1.0:
-            raise FactorkitError(f"rho = atoms / sparsity must be at least 1, got {self.rho}.")
-        for name in ("iterations", "power_iterations", "group"):
-            if int(getattr(self, name)) < 1:
-                raise FactorkitError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        if self.count not in COUNTS:
-            raise FactorkitError(f"count {self.count!r} is unknown; choose 'params' or 'storage'.")
-        if isinstance(self.refresh, str) and self.refresh.isdigit():
+    def __post_init__(self) -> None:
+        if isinstance(self.refresh, str) and self.refresh.isdigit():  # "4" from the command line
             self.refresh = int(self.refresh)
-        try:
-            refresh_schedule(1, self.refresh)
-        except ValueError:
-            raise FactorkitError(f"refresh {self.refresh!r} is unknown; use 'doubling', 'every' or a positive "
-                                 "whole number.") from None
+        super().__post_init__()
 
     def uses_data(self) -> bool:
         return self.whiten
@@ -118,7 +104,7 @@ def _averaged_gram(stats: list[LinearStats]) -> torch.Tensor:
     return sum(s.gram / max(s.tokens, 1) for s in stats) / len(stats)
 
 
-def _compress_cospadi(model: nn.Module, config: CoSpaDiConfig, data: Any, progress: bool) -> None:
+def _compress_cospadi(model: nn.Module, config: CoSpaDiConfig, data: Any, progress: bool) -> dict:
     names = check_targets(model, config)
     dtype = next(model.parameters()).dtype
     value_bits = torch.finfo(dtype).bits
@@ -128,7 +114,7 @@ def _compress_cospadi(model: nn.Module, config: CoSpaDiConfig, data: Any, progre
         weights = [linear_weight(m) for block in find_blocks(model)[1] for m in
                    (block.get_submodule(n) for n in names)]
         finished = FinishedGroups(config.checkpoint_dir, {
-            "method": config.method, "config": config.record(), "dtype": str(dtype),
+            "method": config.method, "config": config.to_dict(), "dtype": str(dtype),
             "weights": fingerprint(weights), "data": fingerprint(data)})
     restored = []
 
@@ -190,9 +176,9 @@ def _compress_cospadi(model: nn.Module, config: CoSpaDiConfig, data: Any, progre
     errors = [r["error"] for r in report.values()]
     log.info("cospadi: %d matrices, mean relative %s error %.4f", len(errors),
              "output" if config.whiten else "weight", sum(errors) / len(errors))
-    model.factorkit_fit = report
+    return report
 
 
 @register(CoSpaDiConfig, "sparse dictionary (K-SVD + Batch-OMP) on whitened weights, per layer or shared")
-def compress_cospadi(model: nn.Module, config: CoSpaDiConfig, data: Any, progress: bool) -> None:
-    _compress_cospadi(model, config, data, progress)
+def compress_cospadi(model: nn.Module, config: CoSpaDiConfig, data: Any, progress: bool) -> dict:
+    return _compress_cospadi(model, config, data, progress)

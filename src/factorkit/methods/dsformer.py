@@ -46,63 +46,35 @@ from ..solvers.dictionary import sparse_dictionary
 from ..solvers.sparsity import Pattern, dense_sparse_budget, magnitude_mask, refit_coefficients, \
     whitened_dense_sparse
 from ..training import TrainConfig, model_loss, train
+from ..config import at_least, nested, option, positive_int
 from .base import CompressionConfig, check_targets, log, register
 
 INITS = ("svd", "cospadi", "random")
 
 
+def _pattern(value) -> str | None:
+    try:
+        Pattern.parse(value)
+    except (ValueError, TypeError, AttributeError) as err:
+        return f"is not a sparsity pattern ({err}); use topk or n:m such as 2:4."
+    return None
+
+
 @dataclass
 class DSFormerConfig(CompressionConfig):
-    """rho: atoms per nonzero, k / s, for pattern "topk" (an n:m pattern fixes it to m / n).
-    pattern: "topk" (s largest per row) or "n:m" such as "2:4".
-    blocks: groups of output rows with their own basis (1 = the whole matrix).
-    init: "svd", "cospadi" or "random".
-    stf: learn the support (Straight-Through Factorizer); False freezes it after init.
-    count: what ``ratio`` counts, "params" or "storage" (support bits included).
-    train_steps, lr, train_batch_size, grad_accum, warmup, distill, temperature,
-    checkpoint_dir, seed: the training run (see ``training.TrainConfig``).
-    """
-
     method = "dsformer"
-    rho: float = 2.0
-    pattern: str = "topk"
-    blocks: int = 1
-    init: str = "svd"
-    stf: bool = True
-    count: str = "params"
-    train_steps: int = TrainConfig.steps
-    lr: float = TrainConfig.lr
-    train_batch_size: int = TrainConfig.batch_size
-    grad_accum: int = TrainConfig.grad_accum
-    warmup: int = TrainConfig.warmup
-    distill: float = TrainConfig.distill
-    temperature: float = TrainConfig.temperature
-    checkpoint_dir: str | None = None
-    seed: int = 0
-
-    def validate(self) -> None:
-        super().validate()
-        try:
-            Pattern.parse(self.pattern)
-        except ValueError as err:
-            raise FactorkitError(f"{err}.") from None
-        if self.init not in INITS:
-            raise FactorkitError(f"init {self.init!r} is unknown; choose one of {', '.join(INITS)}.")
-        if not self.rho >= 1.0:
-            raise FactorkitError(f"rho = atoms / nonzeros must be at least 1, got {self.rho}.")
-        if self.count not in ("params", "storage"):
-            raise FactorkitError(f"count {self.count!r} is unknown; choose 'params' or 'storage'.")
-        if int(self.blocks) < 1:
-            raise FactorkitError(f"blocks must be at least 1, got {self.blocks}.")
-        try:
-            self.train_config().validate()
-        except ValueError as err:
-            raise FactorkitError(f"{err}.") from None
-
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(steps=self.train_steps, lr=self.lr, batch_size=self.train_batch_size,
-                           grad_accum=self.grad_accum, warmup=self.warmup, distill=self.distill,
-                           temperature=self.temperature, checkpoint_dir=self.checkpoint_dir, seed=self.seed)
+    rho: float = option(2.0, "atoms per nonzero, k/s, for pattern topk (an n:m pattern fixes it to m/n)",
+                        check=at_least(1.0))
+    pattern: str = option("topk", "coefficient sparsity: topk (s largest per row) or n:m such as 2:4",
+                          check=_pattern)
+    blocks: int = option(1, "groups of output rows with their own basis (1: the whole matrix)", check=positive_int)
+    init: str = option("svd", "starting factorization", choices=INITS)
+    stf: bool = option(True, "learn the support while training (the Straight-Through Factorizer); --no-stf "
+                             "freezes it after the start (the paper's ablation)")
+    count: str = option("params", "what --ratio counts: params, or storage (support bits included)",
+                        choices=("params", "storage"))
+    train: TrainConfig = nested(TrainConfig, "the training run (its seed also seeds a random start)",
+                                prefix="train-")
 
 
 def _budget(name: str, out_f: int, in_f: int, config: DSFormerConfig, pattern: Pattern, value_bits: int):
@@ -126,7 +98,7 @@ def _initial_factors(W: torch.Tensor, gram: torch.Tensor | None, k: int, s: int,
             B = torch.randn(k, rows.shape[1], generator=gen, dtype=torch.float64)
             C = torch.randn(rows.shape[0], k, generator=gen, dtype=torch.float64) * (float(rows.std()) / s**0.5)
         elif config.init == "cospadi":
-            fit = sparse_dictionary([rows], k, s, gram=gram, seed=config.seed)[0]
+            fit = sparse_dictionary([rows], k, s, gram=gram, seed=config.train.seed)[0]
             C, B = torch.zeros(rows.shape[0], k, dtype=torch.float64).scatter_(1, fit.indices, fit.values), fit.atoms
             if pattern.structured:  # OMP's supports are free; cut them to the pattern and refit
                 C = refit_coefficients(rows.double(), B, magnitude_mask(C, s, pattern), gram)
@@ -141,7 +113,7 @@ def _replace(model: nn.Module, config: DSFormerConfig, data: torch.Tensor | None
     names = check_targets(model, config)
     dtype = next(model.parameters()).dtype
     pattern = Pattern.parse(config.pattern)
-    gen = torch.Generator().manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.train.seed)
     bits = torch.finfo(dtype).bits
 
     def on_block(index: int, block_name: str, block: nn.Module, stats: dict | None) -> None:
@@ -190,33 +162,36 @@ def training_data(data: Any) -> tuple[torch.Tensor, torch.Tensor | dict[str, tor
     return merged["input_ids"], merged
 
 
-def _compress_dsformer(model: nn.Module, config: DSFormerConfig, data: Any, progress: bool) -> None:
+def _compress_dsformer(model: nn.Module, config: DSFormerConfig, data: Any, progress: bool) -> dict:
     if data is None:
         raise FactorkitError("dsformer trains on text; pass calibration data.")
     tokens, rows = training_data(data)
-    teacher = copy.deepcopy(model).eval() if config.distill > 0 else None
+    teacher = copy.deepcopy(model).eval() if config.train.distill > 0 else None
+    base = model.state_dict()  # the dense start: part of what a resumed training state must match
     _replace(model, config, tokens, progress)
     layers = [m for _, m in factor_modules(model) if isinstance(m, DenseSparseLinear)]
     start_masks = [m.mask.clone() for m in layers]
-    tc = config.train_config()
+    tc = config.train
 
     def loss_fn(m: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         return model_loss(m, batch, teacher, tc.distill, tc.temperature)
 
     result = train(model, rows, trainable_factors(model, (DenseSparseLinear,)), tc, loss_fn, progress=progress,
-                   desc="dsformer stf" if config.stf else "dsformer (masks frozen)")
+                   desc="dsformer stf" if config.stf else "dsformer (masks frozen)",
+                   run={"method": config.to_dict(), "base": base},
+                   nonfinite_hint="lower --train-lr or --train-distill, or use --dtype float32")
     moved = sum(int((m.current_mask() != m0).sum()) // 2 for m, m0 in zip(layers, start_masks))
     total = sum(m.out_features * m.sparsity for m in layers)
     dtype = next(model.parameters()).dtype
     for name, module in list(factor_modules(model)):
         if isinstance(module, DenseSparseLinear):
             replace_module(model, name, module.export().to(dtype))
-    model.factorkit_fit = {"losses": result.losses, "train_s": result.seconds, "resumed_from": result.resumed_from,
-                           "support_moved": moved / max(total, 1)}
     log.info("dsformer: %d steps in %.0f s, final loss %.4f, %.1f%% of the support moved", len(result.losses),
              result.seconds, result.losses[-1] if result.losses else float("nan"), 100 * moved / max(total, 1))
+    return {"losses": result.losses, "train_s": result.seconds, "resumed_from": result.resumed_from,
+            "support_moved": moved / max(total, 1)}
 
 
 @register(DSFormerConfig, "dense x semi-structured sparse factors trained jointly (Straight-Through Factorizer)")
-def compress_dsformer(model: nn.Module, config: DSFormerConfig, data: Any, progress: bool) -> None:
-    _compress_dsformer(model, config, data, progress)
+def compress_dsformer(model: nn.Module, config: DSFormerConfig, data: Any, progress: bool) -> dict:
+    return _compress_dsformer(model, config, data, progress)

@@ -24,7 +24,7 @@ already compressed block i.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -38,6 +38,7 @@ from ..errors import FactorkitError
 from ..factors import LowRankLinear
 from ..solvers import LowRankFactors, rank_for_ratio, truncated_svd, weighted_svd, whitened_svd
 from ..solvers.allocation import AllocationItem, allocate
+from ..config import ConfigError, non_negative, option, optional, positive, positive_int
 from .base import CompressionConfig, check_targets, log, register
 
 ALLOCATIONS = ("uniform", "global")
@@ -47,33 +48,21 @@ ALLOCATIONS = ("uniform", "global")
 class LowRankConfig(CompressionConfig):
     """Settings shared by the low-rank methods.
 
-    allocation: "uniform" (the same ratio for every matrix) or "global" (one
-        budget for all targeted matrices, ranks chosen to minimise the
-        predicted loss increase; needs calibration data for the Fisher weights).
-    min_rank: smallest rank the global allocator may give a matrix (never
-        more than the uniform rank at the same ratio).
-    fisher_samples: calibration sequences used for the Fisher gradient pass
-        (None: all); the backward pass costs about twice the forward.
     ranks: explicit rank per full module name (e.g. from RankProfile.ranks);
-        overrides ``allocation``.
-    fisher: precomputed Fisher statistics (``collect_fisher``), reused instead
-        of a new gradient pass, e.g. when compressing at several ratios.
+        overrides ``allocation``. fisher: precomputed Fisher statistics
+        (``collect_fisher``), reused instead of a new gradient pass, e.g. when
+        compressing at several ratios. Neither is recorded nor on the CLI.
     """
 
-    allocation: str = "uniform"
-    min_rank: int = 32
-    fisher_samples: int | None = None
-    ranks: dict[str, int] | None = field(default=None, repr=False, metadata={"record": False})
-    fisher: dict[str, FisherStats] | None = field(default=None, repr=False, metadata={"record": False})
-
-    def validate(self) -> None:
-        super().validate()
-        if self.allocation not in ALLOCATIONS:
-            raise FactorkitError(f"allocation {self.allocation!r} is unknown; choose one of: {', '.join(ALLOCATIONS)}.")
-        if self.min_rank < 1:
-            raise FactorkitError(f"min_rank must be at least 1, got {self.min_rank}.")
-        if self.fisher_samples is not None and self.fisher_samples < 1:
-            raise FactorkitError(f"fisher_samples must be at least 1, got {self.fisher_samples}.")
+    allocation: str = option("uniform", "uniform: every matrix loses --ratio; global: one budget, ranks chosen by "
+                                        "predicted loss (needs a Fisher gradient pass)", choices=ALLOCATIONS)
+    min_rank: int = option(32, "global allocation: smallest rank of any matrix (never more than the uniform rank)",
+                           check=positive_int, when=("allocation", "global"))
+    fisher_samples: int | None = option(None, "calibration sequences used for the Fisher gradient pass "
+                                              "(default: all)", check=optional(positive_int),
+                                        when=("allocation", "global"))
+    ranks: dict[str, int] | None = option(None, cli=False, record=False)
+    fisher: dict[str, FisherStats] | None = option(None, cli=False, record=False)
 
     def needs_fisher(self) -> bool:
         """Whether compression uses Fisher information (FWSVD always, others for global ranks)."""
@@ -91,50 +80,49 @@ class SVDConfig(LowRankConfig):
 
 @dataclass
 class ASVDConfig(LowRankConfig):
-    """alpha: exponent of the activation scale mean|x|^alpha (0.5 in the ASVD paper)."""
-
     method = "asvd"
-    alpha: float = 0.5
-    sequential: bool = True
+    alpha: float = option(0.5, "exponent of the activation scale mean|x|^alpha (0.5 in the ASVD paper)",
+                          check=non_negative)
+    sequential: bool = option(True, "calibrate each block on the compressed model's outputs", cli=False)
 
 
 @dataclass
 class SVDLLMConfig(LowRankConfig):
-    """eps: relative diagonal shift used when X^T X is not positive definite."""
-
     method = "svdllm"
-    eps: float = 1e-6
-    sequential: bool = True
+    eps: float = option(1e-6, "relative diagonal shift used when X^T X is not positive definite", check=positive,
+                        cli=False)
+    sequential: bool = option(True, "calibrate each block on the compressed model's outputs", cli=False)
 
 
 @dataclass
 class FWSVDConfig(LowRankConfig):
-    """Fisher-weighted SVD.
-
-    fisher_axis: "in" weighs each input column of the PyTorch weight by its
-        summed Fisher information, "out" each output row. The paper writes a
-        layer as y = xW with W (in x out) and sums each row of that W, which is
-        "in" here (the default). Default None means "in", or "out" with whiten.
-    whiten: also whiten the input side with the Cholesky factor of X^T X, so the
-        objective is the Fisher-weighted calibration output error (Fisher then
-        has to sit on the output side).
-    """
+    """Fisher-weighted SVD. The paper writes a layer as y = xW with W (in x
+    out) and sums each row of that W: that is fisher_axis="in" here."""
 
     method = "fwsvd"
-    fisher_axis: str | None = None
-    whiten: bool = False
-    eps: float = 1e-6
-    sequential: bool = True
+    fisher_samples: int | None = option(None, "calibration sequences used for the Fisher gradient pass "
+                                              "(default: all)", check=optional(positive_int))
+    fisher_axis: str | None = option(None, "weigh input columns (in, the paper's choice) or output rows (out) by "
+                                           "their Fisher information (default: in, or out with --whiten)",
+                                     choices=("in", "out"))
+    whiten: bool = option(False, "also whiten the inputs with the Cholesky factor of X^T X (the objective is then "
+                                 "the Fisher-weighted calibration output error; Fisher sits on the output side)")
+    eps: float = option(1e-6, "relative diagonal shift used when X^T X is not positive definite", check=positive,
+                        cli=False)
+    sequential: bool = option(True, "calibrate each block on the compressed model's outputs", cli=False)
 
-    def validate(self) -> None:
-        super().validate()
-        if self.fisher_axis is None:
-            self.fisher_axis = "out" if self.whiten else "in"
-        if self.fisher_axis not in ("in", "out"):
-            raise FactorkitError(f"fisher_axis {self.fisher_axis!r} is unknown; choose 'in' or 'out'.")
-        if self.whiten and self.fisher_axis != "out":
-            raise FactorkitError("with whiten=True the input side is whitened, so the Fisher weights must be on the "
-                                 "output side; set fisher_axis='out' or leave it unset.")
+    @property
+    def axis(self) -> str:
+        """The Fisher axis in use: fisher_axis, or its default (out with whiten, else in)."""
+        return self.fisher_axis or ("out" if self.whiten else "in")
+
+    def check(self) -> None:
+        if self.whiten and self.axis != "out":
+            raise ConfigError("fisher_axis", "must be out with whiten=True, since the input side is whitened; "
+                                             "set fisher_axis='out' or leave it unset.")
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "fisher_axis": self.axis}  # the axis used, for the record
 
     def needs_fisher(self) -> bool:
         return True
@@ -167,7 +155,7 @@ def _recipe(config: LowRankConfig) -> _Recipe:
         if config.whiten:
             return _Recipe(lambda w, s, f, r: whitened_svd(w, s.gram, r, config.eps, row_scale=f.rows.sqrt()),
                            ("gram",), config.sequential)
-        if config.fisher_axis == "out":
+        if config.axis == "out":
             return _Recipe(lambda w, s, f, r: weighted_svd(w, r, row_scale=f.rows.sqrt()))
         return _Recipe(lambda w, s, f, r: weighted_svd(w, r, column_scale=f.cols.sqrt()))
     raise FactorkitError(f"{type(config).__name__} is not a low-rank method config.")
@@ -293,19 +281,21 @@ def rank_profile(model: nn.Module, config: LowRankConfig, data: Any, progress: b
     return RankProfile(config.method, shapes, gains)
 
 
-def _compress_lowrank(model: nn.Module, config: LowRankConfig, data: Any, progress: bool) -> None:
+def _compress_lowrank(model: nn.Module, config: LowRankConfig, data: Any, progress: bool) -> dict:
     check_targets(model, config)
     recipe = _recipe(config)
     fisher = config.fisher
     if config.needs_fisher() and fisher is None:
         fisher = fisher_information(model, config, data, progress)
     ranks = config.ranks
+    fit: dict[str, Any] = {"ranks": {}}
     if ranks is None and config.allocation == "global":
         profile = rank_profile(model, replace(config, fisher=fisher), data, progress)
         ranks = profile.ranks(config.ratio, config.min_rank)
+        fit["predicted_loss"] = profile.predicted_loss(ranks)
+        fit["predicted_loss_uniform"] = profile.predicted_loss(profile.uniform_ranks(config.ratio))
         log.info("global allocation for %s at ratio %.2f: predicted loss increase %.4g (uniform: %.4g)",
-                 config.method, config.ratio, profile.predicted_loss(ranks),
-                 profile.predicted_loss(profile.uniform_ranks(config.ratio)))
+                 config.method, config.ratio, fit["predicted_loss"], fit["predicted_loss_uniform"])
     if ranks is not None:
         missing = sorted(set(model_targets(model, config.targets)) - set(ranks))
         if missing:
@@ -321,6 +311,7 @@ def _compress_lowrank(model: nn.Module, config: LowRankConfig, data: Any, progre
         if rank < 1:
             fix = "use a smaller ratio" if ranks is None else "give a positive rank"
             raise FactorkitError(f"rank {rank} for {full} ({out_f}x{in_f}) is below 1; {fix}.")
+        fit["ranks"][full] = rank
         if keeps_dense(out_f, in_f, rank):
             return
         factors = recipe.solve(weight, stats, fisher[full] if fisher is not None else None, rank)
@@ -331,23 +322,24 @@ def _compress_lowrank(model: nn.Module, config: LowRankConfig, data: Any, progre
 
     _for_each_block(model, config, data, recipe, progress, f"{config.method} r={config.ratio}", visit,
                     sequential=recipe.sequential)
+    return fit
 
 
 @register(SVDConfig, "truncated SVD of each weight (data-free baseline)")
-def compress_svd(model: nn.Module, config: SVDConfig, data: Any, progress: bool) -> None:
-    _compress_lowrank(model, config, data, progress)
+def compress_svd(model: nn.Module, config: SVDConfig, data: Any, progress: bool) -> dict:
+    return _compress_lowrank(model, config, data, progress)
 
 
 @register(ASVDConfig, "activation-aware SVD: input channels scaled by mean|x|^alpha")
-def compress_asvd(model: nn.Module, config: ASVDConfig, data: Any, progress: bool) -> None:
-    _compress_lowrank(model, config, data, progress)
+def compress_asvd(model: nn.Module, config: ASVDConfig, data: Any, progress: bool) -> dict:
+    return _compress_lowrank(model, config, data, progress)
 
 
 @register(SVDLLMConfig, "truncation-aware whitening with the Cholesky factor of X^T X")
-def compress_svdllm(model: nn.Module, config: SVDLLMConfig, data: Any, progress: bool) -> None:
-    _compress_lowrank(model, config, data, progress)
+def compress_svdllm(model: nn.Module, config: SVDLLMConfig, data: Any, progress: bool) -> dict:
+    return _compress_lowrank(model, config, data, progress)
 
 
 @register(FWSVDConfig, "Fisher-weighted SVD (optionally with whitening of the inputs)")
-def compress_fwsvd(model: nn.Module, config: FWSVDConfig, data: Any, progress: bool) -> None:
-    _compress_lowrank(model, config, data, progress)
+def compress_fwsvd(model: nn.Module, config: FWSVDConfig, data: Any, progress: bool) -> dict:
+    return _compress_lowrank(model, config, data, progress)

@@ -2,59 +2,115 @@
 
 A saved folder looks like a Hugging Face model folder (config.json, tokenizer
 files, model.safetensors) plus ``factorkit.json``, which names every factor
-module and the constructor arguments that rebuild it. Loading builds the base
-architecture from config.json, swaps in empty factor modules, then fills all
-weights from the safetensors file with strict key checking.
+module and the constructor arguments that rebuild it. When the model holds
+factor modules, config.json is that of a custom-code model (``factorkit_model.py``,
+copied beside it): plain transformers refuses the folder, and with
+``trust_remote_code=True`` hands it to factorkit. The architecture's own config
+is kept under ``factorkit_base_config``. A model without factor modules is
+saved as a plain Hugging Face folder.
+
+Loading checks everything it can before it allocates: factorkit.json and
+config.json parse, the safetensors header (not the data) is read, and the
+model is first built on the meta device, where the shape and dtype of every
+tensor it expects is compared with the header. An edited number therefore
+fails in milliseconds instead of allocating terabytes. Only then is the model
+built for real and filled with strict key checking.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_model
 from torch import nn
 
 from .. import __version__
-from ..surgery import replace_module
 from ..errors import FactorkitError
 from ..factors import FACTOR_TYPES, factor_modules
-from .files import atomic_dir
+from ..surgery import replace_module
+from . import factorkit_model
+from .files import FACTORKIT_JSON, atomic_dir, first_sentence, read_json
 
-FACTORKIT_JSON = "factorkit.json"
 WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+REMOTE_CODE = "factorkit_model.py"
 FORMAT_VERSION = 1
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+# safetensors' dtype names -> torch
+FILE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+               "BOOL": torch.bool}
+# the Auto class each kind of head is loaded through, by the suffix of its class name
+AUTO_CLASSES = {"ForCausalLM": "AutoModelForCausalLM", "LMHeadModel": "AutoModelForCausalLM",
+                "ForSequenceClassification": "AutoModelForSequenceClassification"}
+# spec entries that are sizes: whole numbers of at least 1
+SIZES = ("in_features", "out_features", "rank", "atoms", "sparsity", "blocks")
+
+
+def parse_dtype(dtype: Any) -> torch.dtype | None:
+    """A torch dtype from a dtype or its name ("bfloat16"); None stays None."""
+    if dtype is None or dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise FactorkitError(f"dtype {dtype!r} is unknown; choose one of {', '.join(DTYPES)}.")
 
 
 def is_factorkit_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / FACTORKIT_JSON).is_file()
 
 
-def save(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False) -> Path:
-    """Write ``model`` (compressed or not) to the folder ``path``, atomically."""
+def save(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False, *,
+         compression: dict | None = None, protect: str | os.PathLike | None = None) -> Path:
+    """Write ``model`` (compressed or not) to the folder ``path``, atomically.
+
+    ``compression``: how the model was compressed (JSON-able, kept in factorkit.json);
+    ``protect``: the input model's path, which the folder may neither be nor hold."""
     config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "to_json_file"):
+    if config is None or not hasattr(config, "to_diff_dict"):
         raise FactorkitError("only Hugging Face transformers models can be saved; this model has no .config.")
+    architecture = type(model).__name__
     manifest = {
         "format_version": FORMAT_VERSION,
         "factorkit_version": __version__,
-        "architecture": type(model).__name__,
+        "architecture": architecture,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "compression": getattr(model, "factorkit_compression", None),
+        "compression": compression,
         "modules": {name: {"type": m.factor_type, **m.spec()} for name, m in factor_modules(model)},
         "tied": _tied_factor_parameters(model),
     }
-    with atomic_dir(path, overwrite) as tmp:
-        config.to_json_file(tmp / "config.json")
+    hf_config = {**config.to_diff_dict(), "architectures": [architecture]}
+    if manifest["modules"]:
+        hf_config = _remote_code_config(hf_config, architecture)
+    # serialized before the folder is started: what cannot be written fails first
+    config_text, manifest_text = json.dumps(hf_config, indent=2, sort_keys=True), json.dumps(manifest, indent=2)
+    with atomic_dir(path, overwrite, protect=protect) as tmp:
+        if manifest["modules"]:
+            shutil.copyfile(factorkit_model.__file__, tmp / REMOTE_CODE)
+        (tmp / CONFIG).write_text(config_text + "\n")
         save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / FACTORKIT_JSON).write_text(json.dumps(manifest, indent=2))
+        (tmp / FACTORKIT_JSON).write_text(manifest_text)
     return Path(path)
+
+
+def _remote_code_config(base: dict, architecture: str) -> dict:
+    """config.json of a folder with factor modules: transformers must run factorkit_model.py to load it."""
+    auto = next((a for suffix, a in AUTO_CLASSES.items() if architecture.endswith(suffix)), "AutoModel")
+    module = REMOTE_CODE.removesuffix(".py")
+    return {"model_type": factorkit_model.FactorkitConfig.model_type,
+            "architectures": [factorkit_model.FactorkitModel.__name__],
+            "auto_map": {"AutoConfig": f"{module}.{factorkit_model.FactorkitConfig.__name__}",
+                         auto: f"{module}.{factorkit_model.FactorkitModel.__name__}"},
+            "factorkit_base_config": base}
 
 
 def _tied_factor_parameters(model: nn.Module) -> dict[str, str]:
@@ -75,63 +131,151 @@ def _tied_factor_parameters(model: nn.Module) -> dict[str, str]:
 
 def _tie(model: nn.Module, tied: dict[str, str]) -> None:
     for name, owner in tied.items():
+        shared, own = model.get_parameter(owner), model.get_parameter(name)
+        if shared.shape != own.shape:  # a shared dictionary of another shape would load, and compute garbage
+            raise ValueError(f"{name} {list(own.shape)} cannot share {owner} {list(shared.shape)}")
         module_name, _, attr = name.rpartition(".")
-        owner_module, _, owner_attr = owner.rpartition(".")
-        setattr(model.get_submodule(module_name), attr, getattr(model.get_submodule(owner_module), owner_attr))
+        setattr(model.get_submodule(module_name), attr, shared)
 
 
-def _empty_model(path: Path, architecture: str, dtype: torch.dtype) -> nn.Module:
-    config = transformers.AutoConfig.from_pretrained(path)
-    cls = getattr(transformers, architecture, None)
-    if cls is None:
-        raise FactorkitError(f"{path} was saved from {architecture}, which this transformers version does not have.")
+def _damaged(file: Path, problem: str) -> FactorkitError:
+    return FactorkitError(f"{file} {problem}; the folder is damaged, save the model again.")
+
+
+def _read_manifest(path: Path) -> dict:
+    file = path / FACTORKIT_JSON
+    manifest = read_json(file)
+    for key, kind in {"format_version": int, "architecture": str, "dtype": str, "modules": dict,
+                      "tied": dict}.items():
+        if not isinstance(manifest.get(key), kind):
+            raise _damaged(file, f"has no {kind.__name__} {key!r}")
+    if not isinstance(manifest.get("compression"), (dict, type(None))):
+        raise _damaged(file, "has a 'compression' record that is not an object")
+    if manifest["format_version"] > FORMAT_VERSION:
+        raise FactorkitError(f"{file} was written by a newer factorkit; upgrade factorkit to load it.")
+    if manifest["dtype"] not in DTYPES:
+        raise _damaged(file, f"names the dtype {manifest['dtype']!r}, not one of {', '.join(DTYPES)}")
+    for name, spec in manifest["modules"].items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+            raise _damaged(file, f"describes {name} without a factor type")
+        if spec["type"] not in FACTOR_TYPES:
+            raise FactorkitError(f"{file} uses factor type {spec['type']!r}, unknown to this factorkit; "
+                                 "upgrade factorkit.")
+        bad = [k for k in SIZES if k in spec and (type(spec[k]) is not int or spec[k] < 1)]
+        if bad:
+            raise _damaged(file, f"gives {name} the {bad[0]} {spec[bad[0]]!r}, not a whole number of at least 1")
+        if "sparsity" in spec and "atoms" in spec and spec["sparsity"] > spec["atoms"]:
+            raise _damaged(file, f"gives {name} more nonzeros per row (sparsity) than atoms")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in manifest["tied"].items()):
+        raise _damaged(file, "has a 'tied' entry that is not a pair of parameter names")
+    return manifest
+
+
+def read_compression(path: str | os.PathLike) -> dict | None:
+    """How the model saved at ``path`` was compressed (what save() got as ``compression``)."""
+    return _read_manifest(Path(path)).get("compression")
+
+
+def _read_config(path: Path) -> transformers.PretrainedConfig:
+    file = path / CONFIG
+    config = read_json(file)
+    if config.get("model_type") == factorkit_model.FactorkitConfig.model_type:
+        config = config.get("factorkit_base_config")
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in transformers.CONFIG_MAPPING:
+        raise FactorkitError(f"{file} names the model type {model_type!r}, which this transformers version does not "
+                             "know; upgrade transformers, or save the model again if the file is damaged.")
+    try:
+        return transformers.CONFIG_MAPPING[model_type].from_dict(config)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise _damaged(file, f"is not a valid {model_type} config ({first_sentence(exc)})") from None
+
+
+def _read_header(file: Path) -> dict[str, tuple[str, list[int]]]:
+    """{tensor name: (dtype, shape)} from the safetensors header alone (the file
+    is mapped, not read); safetensors checks that the offsets cover the file."""
+    if not file.is_file():
+        raise _damaged(file, "is missing")
+    try:
+        with safe_open(str(file), "pt") as f:
+            return {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise _damaged(file, f"cannot be read ({first_sentence(exc)})") from None
+
+
+def _build(path: Path, config: transformers.PretrainedConfig, manifest: dict, dtype: torch.dtype) -> nn.Module:
+    """The saved architecture with empty factor modules (on the meta device inside ``torch.device("meta")``)."""
     from transformers.initialization import no_init_weights
 
-    with no_init_weights():  # every value is overwritten from the safetensors file
-        model = cls._from_config(config, dtype=dtype)
+    cls = getattr(transformers, manifest["architecture"], None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise FactorkitError(f"{path / FACTORKIT_JSON} names the architecture {manifest['architecture']!r}, which "
+                             "this transformers version does not have; upgrade transformers or save the model again.")
+    try:
+        with no_init_weights():  # every value is overwritten from the safetensors file
+            model = cls._from_config(config, dtype=dtype)
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as exc:
+        raise _damaged(path / CONFIG, f"does not fit {cls.__name__} ({first_sentence(exc)})") from None
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # no_init_weights skips the tying that init_weights does
+    errors = (TypeError, ValueError, KeyError, AttributeError, RuntimeError, OverflowError)
+    for name, spec in manifest["modules"].items():
+        spec = dict(spec)
+        try:
+            replace_module(model, name, FACTOR_TYPES[spec.pop("type")].from_spec(spec, dtype=dtype))
+        except errors as exc:
+            raise _damaged(path / FACTORKIT_JSON, f"describes {name} with values that build no module "
+                                                  f"({first_sentence(exc)})") from None
+    try:
+        _tie(model, manifest["tied"])
+    except errors as exc:
+        raise _damaged(path / FACTORKIT_JSON, f"has a 'tied' entry that does not fit the model "
+                                              f"({first_sentence(exc)})") from None
     return model
 
 
-def _load_weights(model: nn.Module, file: Path) -> tuple[list[str], list[str]]:
-    """Fill ``model`` from a safetensors file. Tied tensors (embeddings and LM
-    head) are stored once under either name, so a key counts as present when
-    any name sharing its storage was loaded."""
-    state = load_file(str(file))
-    result = model.load_state_dict(state, strict=False)
-    tensors = model.state_dict(keep_vars=True)
-    aliases: dict[int, list[str]] = {}
-    for key, tensor in tensors.items():
-        aliases.setdefault(tensor.data_ptr(), []).append(key)
-    missing = [k for k in result.missing_keys if not any(a in state for a in aliases[tensors[k].data_ptr()])]
-    return sorted(missing), sorted(result.unexpected_keys)
+def _check_tensors(skeleton: nn.Module, header: dict[str, tuple[str, list[int]]], path: Path) -> None:
+    """Every tensor the model expects is in the file with its shape and a compatible
+    dtype, and nothing else is. Tied tensors (embeddings and LM head, shared
+    dictionaries) are stored once under any of their names."""
+    expected = skeleton.state_dict(keep_vars=True)
+    names: dict[int, list[str]] = {}
+    for key, tensor in expected.items():
+        names.setdefault(id(tensor), []).append(key)
+    missing = sorted(k for k, t in expected.items() if not any(n in header for n in names[id(t)]))
+    unexpected = sorted(set(header) - set(expected))
+    file = path / WEIGHTS
+    if missing or unexpected:
+        raise _damaged(file, f"does not match {FACTORKIT_JSON} and {CONFIG} (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+    for key, (dtype, shape) in header.items():
+        want = expected[key]
+        stored = FILE_DTYPES.get(dtype)
+        # a float tensor may be cast (some models keep a few in float32 whatever the model's dtype);
+        # indices and masks may not
+        fits = stored == want.dtype or (stored is not None and stored.is_floating_point and want.is_floating_point())
+        if list(want.shape) != shape or not fits:
+            raise _damaged(file, f"holds {key} as {dtype} {shape} but {FACTORKIT_JSON} and {CONFIG} describe "
+                                 f"{str(want.dtype).removeprefix('torch.')} {list(want.shape)}")
 
 
-def load_compressed(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
+def load_compressed(path: str | os.PathLike, dtype: torch.dtype | str | None = None) -> nn.Module:
     """Rebuild a model saved by :func:`save`; logits match the saved model exactly."""
     path = Path(path)
-    manifest = json.loads((path / FACTORKIT_JSON).read_text())
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise FactorkitError(f"{path} was written by a newer factorkit; upgrade factorkit to load it.")
+    dtype = parse_dtype(dtype)
+    manifest = _read_manifest(path)
+    config = _read_config(path)
+    header = _read_header(path / WEIGHTS)
+    saved = DTYPES[manifest["dtype"]]
+    with torch.device("meta"):
+        _check_tensors(_build(path, config, manifest, saved), header, path)
     # build in the wanted dtype and let load_state_dict cast: model.to(dtype) would
     # also cast buffers that transformers keeps in float32 (rotary tables)
-    dtype = dtype or getattr(torch, manifest.get("dtype", "float32"))
-    model = _empty_model(path, manifest["architecture"], dtype)
-    for name, spec in manifest["modules"].items():
-        spec = dict(spec)
-        kind = spec.pop("type")
-        if kind not in FACTOR_TYPES:
-            raise FactorkitError(f"{path} uses factor type {kind!r}, unknown to this factorkit; upgrade factorkit.")
-        replace_module(model, name, FACTOR_TYPES[kind].from_spec(spec, dtype=dtype))
-    _tie(model, manifest.get("tied", {}))
-    missing, unexpected = _load_weights(model, path / WEIGHTS)
-    if missing or unexpected:
-        raise FactorkitError(
-            f"{path / WEIGHTS} does not match {FACTORKIT_JSON} (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-            "the folder is damaged, save the model again."
-        )
-    if manifest.get("compression") is not None:
-        model.factorkit_compression = manifest["compression"]
+    model = _build(path, config, manifest, dtype or saved)
+    try:
+        # the post-load hooks check what shapes cannot: a support mask with the wrong number of atoms per row
+        model.load_state_dict(load_file(str(path / WEIGHTS)), strict=False)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise _damaged(path / WEIGHTS, f"holds values that do not fit the model ({first_sentence(exc)})") from None
     model.eval()
     return model

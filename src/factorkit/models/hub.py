@@ -25,7 +25,7 @@ import transformers
 from torch import nn
 
 from ..errors import FactorkitError
-from .checkpoint import is_factorkit_dir, load_compressed
+from .checkpoint import is_factorkit_dir, load_compressed, parse_dtype
 from .files import atomic_dir
 
 log = logging.getLogger("factorkit")
@@ -118,11 +118,14 @@ def builtin_path(name: str) -> Path:
     return target
 
 
-def load(name_or_path: str | os.PathLike, dtype: torch.dtype | None = torch.float32, num_labels: int | None = None):
+def load(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = torch.float32,
+         num_labels: int | None = None):
     """Load a model and its tokenizer; returns ``(model, tokenizer)`` with the model in eval mode.
 
-    ``num_labels`` loads an encoder (a built-in name or a Hugging Face folder)
-    with a new sequence-classification head of that many classes."""
+    ``dtype``: a torch dtype or its name ("bfloat16"). ``num_labels`` loads an
+    encoder (a built-in name or a Hugging Face folder) with a new
+    sequence-classification head of that many classes."""
+    dtype = parse_dtype(dtype)
     name = str(name_or_path)
     path = Path(name).expanduser()
     if num_labels is not None and (path.is_dir() and is_factorkit_dir(path) or path.suffix == ".gguf"):
@@ -132,7 +135,10 @@ def load(name_or_path: str | os.PathLike, dtype: torch.dtype | None = torch.floa
         model, tokenizer = _load_hf_folder(builtin_path(name), dtype, num_labels)
     elif path.is_dir() and is_factorkit_dir(path):
         model = load_compressed(path, dtype)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
+        # the architecture's config: the folder's own config.json names factorkit's custom code, which
+        # AutoTokenizer would otherwise ask to run
+        tokenizer = (transformers.AutoTokenizer.from_pretrained(path, config=model.config)
+                     if _has_tokenizer(path) else None)
     elif path.is_dir() and (path / "config.json").is_file():
         model, tokenizer = _load_hf_folder(path, dtype, num_labels)
     elif path.is_file() and path.suffix == ".gguf":

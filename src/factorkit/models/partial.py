@@ -30,6 +30,7 @@ from ..surgery import replace_module
 from ..errors import FactorkitError
 from ..factors import FACTOR_TYPES, factor_modules
 from .checkpoint import _tie, _tied_factor_parameters
+from .files import atomic_file
 
 RUN_JSON = "run.json"
 
@@ -60,15 +61,6 @@ def fingerprint(*parts: Any) -> str:
     return digest.hexdigest()
 
 
-def _write_atomically(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 class FinishedGroups:
     """The groups of blocks a run has finished, in ``folder``.
 
@@ -88,7 +80,8 @@ class FinishedGroups:
                 raise FactorkitError(f"{self.folder} holds the finished blocks of another run (other model, data or "
                                      "settings); use a fresh checkpoint folder or delete it.")
         else:
-            _write_atomically(marker, lambda p: p.write_text(json.dumps(run, indent=2)))
+            with atomic_file(marker) as tmp:
+                tmp.write_text(json.dumps(run, indent=2))
 
     def _paths(self, key: str) -> tuple[Path, Path]:
         return self.folder / f"{key}.safetensors", self.folder / f"{key}.json"
@@ -106,8 +99,10 @@ class FinishedGroups:
         manifest = {"modules": {name: {"type": m.factor_type, **m.spec()} for name, m in modules.items()},
                     "tied": _tied_factor_parameters(container), "info": dict(info)}
         weights, meta = self._paths(key)
-        _write_atomically(weights, lambda p: save_file(state, str(p)))
-        _write_atomically(meta, lambda p: p.write_text(json.dumps(manifest, default=float)))
+        with atomic_file(weights) as tmp:
+            save_file(state, str(tmp))
+        with atomic_file(meta) as tmp:
+            tmp.write_text(json.dumps(manifest, default=float))
 
     def restore(self, key: str, blocks: Iterable[nn.Module], dtype: torch.dtype) -> dict | None:
         """Put group ``key``'s factor modules back into ``blocks``; its info, or None if not finished."""

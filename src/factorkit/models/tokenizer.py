@@ -35,7 +35,7 @@ def load_tokenizer(name: str, text: str | None = None) -> transformers.PreTraine
         return _bpe(text, size)
     try:
         path = builtin_path(name) if name in BUILTIN_MODELS else name
-        return transformers.AutoTokenizer.from_pretrained(path)
+        return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError):
         raise FactorkitError(f"no tokenizer {name!r}: use bpe-N (trained on the text, e.g. bpe-4096), a built-in "
                              f"model ({', '.join(BUILTIN_MODELS)}), a model folder or a hub id (online).") from None

@@ -6,25 +6,30 @@ AdamW on the parameters it is given, linear warm-up then cosine decay
 checkpoints that resume exactly: batch i is a function of the seed and i
 alone, and a checkpoint holds the parameters trained, the optimizer and
 schedule state, the RNG state and the loss history, written atomically
-(anything else the run depends on, such as DSFormer's starting point, must
-be rebuilt deterministically by the caller). A run
-stopped anywhere and resumed from its last checkpoint ends where the
-uninterrupted run ends.
+as safetensors + JSON (nothing is unpickled). Anything else the run depends
+on, such as DSFormer's starting point, must be rebuilt deterministically by
+the caller; a fingerprint of the data, the settings, the starting values and
+the caller's ``run`` description keeps a checkpoint from resuming another
+run. A run stopped anywhere and resumed from its last checkpoint ends where
+the uninterrupted run ends.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
-import os
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -32,47 +37,38 @@ from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from ..errors import FactorkitError
+from ..config import Config, non_negative, option, optional, positive, positive_int, whole
+from ..errors import FactorkitError, NonFiniteLossError
+from ..models.files import atomic_file
+from ..models.partial import fingerprint
 
 log = logging.getLogger("factorkit")
-CHECKPOINT = "train_state.pt"
+STATE = "train_state.json"  # written last: it names the tensors file of its step, so it marks a whole state
+OLD_STATE = "train_state.pt"  # the pickled format of earlier versions: refused, never read
+_STATE_KEYS = ("run", "step", "names", "shapes", "tensors", "optimizer", "schedule", "losses", "evals", "seconds",
+               "tokens", "sharded")
 
 
 @dataclass
-class TrainConfig:
-    """steps: optimizer steps; each sees batch_size * grad_accum sequences.
-    lr, weight_decay, warmup (steps of linear warm-up; None: 10% of the steps),
-    max_grad_norm (0: no clipping).
-    distill: weight of the distillation term, KL(teacher || student) on the
-        logits at ``temperature`` (times temperature^2), added to the task loss.
-    checkpoint_dir / checkpoint_every: where and how often to save the state
-        that resumes the run (None: no checkpoints).
-    seed: batch order and anything random in the model (dropout).
-    """
+class TrainConfig(Config):
+    """One training run of the shared loop. Owners nest it (``DSFormerConfig.train``,
+    ``PretrainConfig.train``, ``FinetuneConfig.train``) with their own defaults."""
 
-    steps: int = 200
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup: int | None = 10
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    distill: float = 0.0
-    temperature: float = 2.0
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 50
-    seed: int = 0
-
-    def validate(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.warmup is not None and self.warmup < 0:
-            raise ValueError(f"warmup must be at least 0, got {self.warmup}")
-        if self.distill < 0 or self.temperature <= 0:
-            raise ValueError("distill must be >= 0 and temperature > 0")
+    steps: int = option(200, "optimizer steps; each sees batch_size * grad_accum sequences", check=positive_int)
+    lr: float = option(1e-4, "AdamW peak learning rate", check=positive)
+    weight_decay: float = option(0.0, "AdamW weight decay (matrices only)", check=non_negative)
+    warmup: int | None = option(10, "steps of linear warm-up before the cosine decay (none: 10% of the steps)",
+                                check=optional(whole(0)))
+    batch_size: int = option(4, "sequences per micro-batch", check=positive_int)
+    grad_accum: int = option(1, "micro-batches per optimizer step", check=positive_int)
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0: no clipping)", check=non_negative)
+    distill: float = option(0.0, "weight of KL(teacher || student) on the logits at the temperature (times T^2), "
+                                 "added to the task loss", check=non_negative)
+    temperature: float = option(2.0, "distillation temperature", check=positive)
+    checkpoint_dir: str | None = option(None, "save the training state here; a rerun with the same folder resumes",
+                                        record=False)
+    checkpoint_every: int = option(50, "steps between checkpoints", check=positive_int, record=False)
+    seed: int = option(0, "batch order and anything random in the model (dropout)", check=whole(0))
 
 
 @dataclass
@@ -152,10 +148,75 @@ def to_device(batch: torch.Tensor | Batch, device) -> torch.Tensor | Batch:
     return batch.to(device) if isinstance(batch, torch.Tensor) else {k: v.to(device) for k, v in batch.items()}
 
 
-def _save(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def _full(p: torch.Tensor) -> torch.Tensor:
+    """The whole tensor (a collective for a sharded DTensor: every process calls it)."""
+    return p.full_tensor() if isinstance(p, DTensor) else p
+
+
+def _run_digest(run: Mapping[str, Any] | None, config: TrainConfig, data: torch.Tensor | Batch,
+                named: Sequence[tuple[str, torch.Tensor]]) -> str:
+    """What a checkpoint must have been trained from to be resumed: the caller's description, the settings
+    (where and how often to save aside), the data and the starting values of the trained parameters
+    (hashed one at a time, so a sharded model is never gathered whole)."""
+    settings = config.to_dict()  # without checkpoint_dir and checkpoint_every: a resume may move or re-space them
+    start = [(n, fingerprint(_full(p))) for n, p in named]
+    return fingerprint(dict(run or {}), settings, data, start)
+
+
+def _write_state(folder: Path, meta: dict, params: dict[str, torch.Tensor], optim: dict) -> None:
+    """The tensors go to a file named by the step, then the JSON that names it replaces the last one:
+    a crash between the two leaves the previous state whole. Optimizer state (keyed by index, or by
+    parameter name when gathered from FSDP2) is flattened to ``optim.<key>.<field>``."""
+    tensors = {f"param.{n}": t for n, t in params.items()}
+    tensors["rng"] = torch.get_rng_state()
+    for key, fields in optim["state"].items():
+        tensors.update({f"optim.{key}.{f}": v for f, v in fields.items()})
+    name = f"train_state-{meta['step']}.safetensors"
+    with atomic_file(folder / name) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    # [key, fields] pairs keep integer keys integers through JSON
+    optimizer = {"state": [[key, list(fields)] for key, fields in optim["state"].items()],
+                 "param_groups": optim["param_groups"]}
+    with atomic_file(folder / STATE) as tmp:
+        tmp.write_text(json.dumps({**meta, "tensors": name, "optimizer": optimizer}, default=float))
+    for stale in folder.glob("train_state-*.safetensors"):
+        if stale.name != name:
+            stale.unlink(missing_ok=True)
+
+
+def _damaged(path: Path, err: Exception) -> FactorkitError:
+    return FactorkitError(f"{path} is not a readable training state ({err}); delete the checkpoint folder "
+                          f"{path.parent} or use a fresh one.")
+
+
+def _read_state(folder: Path, digest: str, named: Sequence[tuple[str, torch.Tensor]]) -> tuple[dict, dict]:
+    """The JSON and the tensors of the last state in ``folder``, checked against this run."""
+    path = folder / STATE
+    try:
+        meta = json.loads(path.read_text())
+        missing = [k for k in _STATE_KEYS if k not in meta]
+        if missing:
+            raise ValueError(f"no {missing[0]!r}")
+    except (OSError, ValueError, TypeError) as err:  # TypeError: JSON that is not an object
+        raise _damaged(path, err) from None
+    if meta["run"] != digest:
+        raise FactorkitError(f"{folder} holds the training state of another run (other data, settings or starting "
+                             "weights); use a fresh checkpoint folder or delete it.")
+    path = folder / Path(str(meta["tensors"])).name
+    try:
+        saved = load_file(str(path))
+        params = {n: saved[f"param.{n}"] for n, _ in named}
+        wrong = [n for n, p in named if params[n].shape != p.shape]
+        if wrong:
+            raise ValueError(f"{wrong[0]} has shape {tuple(params[wrong[0]].shape)}")
+        optim = {"state": {key: {f: saved[f"optim.{key}.{f}"] for f in fields}
+                           for key, fields in meta["optimizer"]["state"]},
+                 "param_groups": meta["optimizer"]["param_groups"]}
+        if saved["rng"].dtype != torch.uint8:
+            raise ValueError("the RNG state is not bytes")
+    except (OSError, KeyError, ValueError, TypeError, SafetensorError) as err:
+        raise _damaged(path, err) from None
+    return meta, {"params": params, "optimizer": optim, "rng": saved["rng"]}
 
 
 def _input_tokens(batch: torch.Tensor | Batch) -> int:
@@ -166,7 +227,8 @@ def train(model: nn.Module, data: torch.Tensor | Batch, params: Sequence[tuple[s
           config: TrainConfig, loss_fn: Callable[[nn.Module, torch.Tensor | Batch], torch.Tensor] = model_loss,
           progress: bool = True, stop_after: int | None = None, desc: str = "train",
           on_step: Callable[[int, float], dict | None] | None = None,
-          dist: Distributed = Distributed()) -> TrainResult:
+          dist: Distributed = Distributed(), run: Mapping[str, Any] | None = None,
+          nonfinite_hint: str = "lower the learning rate or train in float32") -> TrainResult:
     """Train ``params`` (named, so a checkpoint can be matched to them) of
     ``model`` on the rows of ``data`` (token ids (N, T), or a dict of tensors
     with N rows each, such as input_ids and labels) with ``loss_fn(model, batch)``.
@@ -177,6 +239,13 @@ def train(model: nn.Module, data: torch.Tensor | Batch, params: Sequence[tuple[s
     every optimizer step; a dict it returns (an evaluation) is kept, with the
     step, in ``result.evals`` and in the checkpoint.
 
+    ``run``: a JSON-able description (tensors allowed) of what else the run
+    depends on (the method's settings, the frozen weights); with the settings,
+    the data and the starting values of ``params`` it must match the
+    checkpoint's for a resume, otherwise the checkpoint is refused. A NaN or
+    infinite loss or gradient norm stops the run (NonFiniteLossError, ending
+    in ``nonfinite_hint``) before that step is taken or saved.
+
     Data parallel: ``model`` is the DistributedDataParallel wrapper, ``params``
     the wrapped module's parameters, ``dist`` this process's rank. Each
     process runs its share of every micro-batch, the wrapper averages the
@@ -185,15 +254,24 @@ def train(model: nn.Module, data: torch.Tensor | Batch, params: Sequence[tuple[s
     ``model`` is the sharded model itself and ``params`` its DTensor
     parameters; a checkpoint gathers the full parameters and optimizer state
     (every process takes part, rank 0 writes), so it resumes on any number of
-    processes, and loading shards it again.
+    processes, and loading shards it again. The starting values are
+    fingerprinted whole there too (gathered one parameter at a time), so a
+    sharded run and a single-process run of the same settings share checkpoints.
     """
     config.validate()
     if config.batch_size % dist.world:
         raise FactorkitError(f"the batch of {config.batch_size} sequences does not split over {dist.world} "
                              "processes; make --batch-size a multiple of the number of processes.")
+    folder = Path(config.checkpoint_dir) if config.checkpoint_dir else None
+    if folder is not None and folder.exists() and not folder.is_dir():
+        raise FactorkitError(f"the checkpoint folder {folder} is a file; choose a folder path.")
+    if folder is not None and (folder / OLD_STATE).exists():
+        raise FactorkitError(f"{folder} holds a training state in the old pickled format ({OLD_STATE}), which "
+                             "factorkit does not read; delete it or use a fresh checkpoint folder.")
     names = [n for n, _ in params]
     tensors = [p for _, p in params]
     sharded = any(isinstance(p, DTensor) for p in tensors)
+    digest = _run_digest(run, config, data, params) if folder is not None else None  # before any step
     frozen = [p for p in model.parameters() if p.requires_grad and not any(p is t for t in tensors)]
     for p in frozen:
         p.requires_grad_(False)
@@ -207,49 +285,46 @@ def train(model: nn.Module, data: torch.Tensor | Batch, params: Sequence[tuple[s
     schedule = get_cosine_schedule_with_warmup(optimizer, warmup, config.steps)
     result = TrainResult()
     start = 0
-    ckpt = Path(config.checkpoint_dir) / CHECKPOINT if config.checkpoint_dir else None
-    if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if state["names"] != names or [tuple(t.shape) for t in state["params"]] != [tuple(p.shape) for p in tensors]:
-            raise FactorkitError(f"the checkpoint in {config.checkpoint_dir} is of another run (other parameters "
-                                 "or shapes); use a fresh checkpoint folder or delete it.")
+    if folder is not None and (folder / STATE).exists():
+        meta, state = _read_state(folder, digest, params)
         if sharded:  # names are the model's own: the sharded parameters load through torch's state-dict API
-            set_model_state_dict(model, dict(zip(names, state["params"])),
-                                 options=StateDictOptions(full_state_dict=True, strict=False))
+            set_model_state_dict(model, state["params"], options=StateDictOptions(full_state_dict=True, strict=False))
         else:
             with torch.no_grad():
-                for p, saved in zip(tensors, state["params"]):
-                    p.copy_(saved)
-        if sharded or state.get("sharded"):  # a gathered optimizer state, keyed by parameter name
+                for n, p in params:
+                    p.copy_(state["params"][n])
+        if sharded or meta["sharded"]:  # a gathered optimizer state, keyed by parameter name
             set_optimizer_state_dict(model, optimizer, state["optimizer"],
                                      options=StateDictOptions(full_state_dict=True))
         else:
             optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
+        schedule.load_state_dict(meta["schedule"])
         torch.set_rng_state(state["rng"])
-        start = result.resumed_from = state["step"]
-        result.losses = list(state["losses"])
-        result.evals = list(state.get("evals", []))
-        result.seconds_before, result.tokens_before = state.get("seconds", 0.0), state.get("tokens", 0)
+        start = result.resumed_from = meta["step"]
+        result.losses, result.evals = list(meta["losses"]), list(meta["evals"])
+        result.seconds_before, result.tokens_before = meta["seconds"], meta["tokens"]
         log.info("%s: resumed from step %d of %d", desc, start, config.steps)
-    elif ckpt is not None:
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(config.seed)
     else:
         torch.manual_seed(config.seed)
 
     def checkpoint(step: int) -> None:
-        if sharded:  # collectives: every process gathers, rank 0 writes
-            saved = [p.full_tensor().detach().cpu() for p in tensors]
+        saved = {n: _full(p).detach().cpu() for n, p in params}  # sharded: collectives, every process gathers
+        if sharded:
             optim = get_optimizer_state_dict(model, optimizer,
                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         else:
-            saved, optim = [p.detach().cpu() for p in tensors], optimizer.state_dict()
+            optim = optimizer.state_dict()
         if dist.rank == 0:
-            _save(ckpt, {"step": step, "names": names, "params": saved, "optimizer": optim, "sharded": sharded,
-                         "schedule": schedule.state_dict(), "rng": torch.get_rng_state(), "losses": result.losses,
-                         "evals": result.evals, "seconds": result.seconds_before + time.perf_counter() - t0,
-                         "tokens": result.tokens_before + result.tokens})
+            _write_state(folder, {"run": digest, "step": step, "names": names,
+                                  "shapes": [list(t.shape) for t in saved.values()], "sharded": sharded,
+                                  "schedule": schedule.state_dict(), "losses": result.losses, "evals": result.evals,
+                                  "seconds": result.seconds_before + time.perf_counter() - t0,
+                                  "tokens": result.tokens_before + result.tokens}, saved, optim)
+
+    def stop_if_nonfinite(what: str, value: float, at: int) -> None:
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"the training {what} became {value} at step {at}; "
+                                     f"{nonfinite_hint.rstrip('.')}.")
 
     was_training = model.training
     model.train()
@@ -260,6 +335,7 @@ def train(model: nn.Module, data: torch.Tensor | Batch, params: Sequence[tuple[s
                total=config.steps)
     try:
         for step in bar:
+            done = step + 1
             total = torch.zeros((), dtype=torch.float64, device=device)
             for micro in range(config.grad_accum):
                 rows = batch_rows(step, micro, config, rows_of(data))[dist.rank::dist.world]
@@ -278,20 +354,22 @@ def train(model: nn.Module, data: torch.Tensor | Batch, params: Sequence[tuple[s
                 torch.distributed.all_reduce(total)
                 total /= dist.world
             total = float(total)
-            if config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(tensors, config.max_grad_norm)
+            # the same value on every process (reduced), so all of them stop together
+            stop_if_nonfinite("loss", total, done)
+            # max_norm inf scales by exactly 1: the norm is checked even without clipping
+            norm = torch.nn.utils.clip_grad_norm_(tensors, config.max_grad_norm or math.inf)
+            stop_if_nonfinite("gradient norm", float(_full(norm)), done)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             result.losses.append(total)
             bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{result.tokens / (time.perf_counter() - t0):.0f}")
-            done = step + 1
             if on_step is not None:
                 record = on_step(done, total)
                 if record:
                     result.evals.append({"step": done, **record})
             due = done % config.checkpoint_every == 0 or done == end
-            if ckpt is not None and due and (dist.rank == 0 or sharded):
+            if folder is not None and due and (dist.rank == 0 or sharded):
                 checkpoint(done)
     finally:
         bar.close()

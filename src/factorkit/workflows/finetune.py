@@ -23,49 +23,40 @@ from ..data import pretrain_rows, train_heldout_text
 from ..errors import FactorkitError
 from ..eval import perplexity
 from ..adapters.wara import WaRAConfig, get_wara_model, save_adapter, trainable_parameters
+from ..config import Config, nested, non_negative, option, positive, positive_int, whole
 from ..training.loop import TrainConfig, model_loss, train
 
 ADAPTERS = ("wara", "lora", "full")
 
 
 @dataclass
-class FinetuneConfig:
-    """adapter: wara, lora (PEFT's LoraConfig) or full (every weight trains).
-    target_modules: Linear names in the blocks (None: all of them), for both adapters.
-    r / alpha / dropout: rank, scale alpha / r and input dropout of the adapters.
-    wavelet / levels: WaRA's transform.
-    """
+class FinetuneConfig(Config):
+    """What to fine-tune, with which adapter, on which text; ``train`` is the loop."""
 
-    model: str = "smollm2-135m"
-    adapter: str = "wara"
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    wavelet: str = "db2"
-    levels: int = 2
-    target_modules: tuple[str, ...] | None = None
-    text: str = "shakespeare"
-    seq_len: int = 256
-    batch_size: int = 4
-    grad_accum: int = 1
-    steps: int = 200
-    lr: float = 2e-4
-    warmup: int | None = None  # None: 10% of the steps
-    eval_rows: int = 32
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 50
-    seed: int = 0
+    model: str = option("smollm2-135m", "model to fine-tune")
+    adapter: str = option("wara", "wara (wavelet low-rank), lora (PEFT's LoraConfig) or full (every weight trains)",
+                          choices=ADAPTERS)
+    r: int = option(8, "adapter rank", check=positive_int, when=("adapter", ("wara", "lora")))
+    alpha: float = option(16.0, "the update is scaled by alpha / r", check=positive,
+                          when=("adapter", ("wara", "lora")))
+    dropout: float = option(0.0, "adapter input dropout", check=lambda v: None if non_negative(v) is None and v < 1
+                            else f"must lie in [0, 1), got {v!r}.", when=("adapter", ("wara", "lora")))
+    wavelet: str = option("db2", "wara: orthogonal wavelet, e.g. haar, db2, db4, sym4", when=("adapter", "wara"))
+    levels: int = option(2, "wara: levels of the 2-D transform", check=positive_int, when=("adapter", "wara"))
+    target_modules: tuple[str, ...] | None = option(
+        None, "comma-separated Linear names to adapt, e.g. q_proj,v_proj (default: all)", flag="targets",
+        when=("adapter", ("wara", "lora")))
+    text: str = option("shakespeare", "shakespeare (calibration plays; the others held out), wikitext2, c4 or a "
+                                      "text file (its last 10% held out)")
+    seq_len: int = option(256, "tokens per sequence", check=whole(2))
+    eval_rows: int = option(32, "held-out sequences evaluated", check=positive_int)
+    train: TrainConfig = nested(TrainConfig, "the training loop", hide=("distill", "temperature"),
+                                steps=200, lr=2e-4, warmup=None, batch_size=4, checkpoint_every=50)
 
-    def validate(self) -> None:
-        if self.adapter not in ADAPTERS:
-            raise FactorkitError(f"unknown adapter {self.adapter!r}; use one of {', '.join(ADAPTERS)}.")
-        if self.r < 1 or self.seq_len < 2 or self.eval_rows < 1:
-            raise FactorkitError("r and eval_rows must be at least 1 and seq_len at least 2.")
-
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(steps=self.steps, lr=self.lr, warmup=self.warmup, batch_size=self.batch_size,
-                           grad_accum=self.grad_accum, checkpoint_dir=self.checkpoint_dir,
-                           checkpoint_every=self.checkpoint_every, seed=self.seed)
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str):
+            self.target_modules = tuple(t.strip() for t in self.target_modules.split(",") if t.strip())
+        super().__post_init__()
 
 
 @dataclass
@@ -113,26 +104,27 @@ def attach(model: nn.Module, config: FinetuneConfig) -> nn.Module:
 
 def finetune(config: FinetuneConfig, progress: bool = True, stop_after: int | None = None,
              model: nn.Module | None = None, tokenizer=None) -> FinetuneResult:
-    """Fine-tune (or resume, from ``config.checkpoint_dir``); ``model`` / ``tokenizer``
+    """Fine-tune (or resume, from ``config.train.checkpoint_dir``); ``model`` / ``tokenizer``
     may be given already loaded, otherwise ``config.model`` is loaded."""
-    config.validate()
     if model is None:
         from ..models import load
 
         model, tokenizer = load(config.model)
     if tokenizer is None:
         raise FactorkitError(f"{config.model} has no tokenizer files; save the tokenizer beside the model.")
-    train_text, heldout_text = train_heldout_text(config.text, config.seed)
+    train_text, heldout_text = train_heldout_text(config.text, config.train.seed)
     rows, heldout = pretrain_rows(tokenizer, train_text, heldout_text, config.seq_len)
     heldout = heldout[: config.eval_rows]
-    if rows.shape[0] < config.batch_size:
+    if rows.shape[0] < config.train.batch_size:
         raise FactorkitError(f"the training text has {rows.shape[0]} sequences of {config.seq_len} tokens, fewer "
-                             f"than one batch of {config.batch_size}; give more text or a smaller --batch-size.")
+                             f"than one batch of {config.train.batch_size}; give more text or a smaller --batch-size.")
     before = perplexity(model, heldout, batch_size=4, progress=False).perplexity
+    base = model.state_dict()  # the adapters start from the seed: the base weights tell runs apart
     model = attach(model, config)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    trained = train(model, rows, named, config.train_config(), model_loss, progress=progress, stop_after=stop_after,
-                    desc=f"finetune {config.adapter}")
+    trained = train(model, rows, named, config.train, model_loss, progress=progress, stop_after=stop_after,
+                    desc=f"finetune {config.adapter}", run={"finetune": config.to_dict(), "base": base},
+                    nonfinite_hint="lower --lr")
     trainable, total = trainable_parameters(model)
     after = perplexity(model, heldout, batch_size=4, progress=False).perplexity
     return FinetuneResult(model, tokenizer, before, after, trainable, total, trained.seconds,
@@ -147,10 +139,10 @@ def save_finetuned(result: FinetuneResult, config: FinetuneConfig, out: str | os
     if config.adapter == "lora":
         from ..models.files import atomic_dir
 
-        with atomic_dir(out, overwrite) as tmp:
+        with atomic_dir(out, overwrite, protect=config.model) as tmp:
             result.model.save_pretrained(tmp)
         return Path(out)
     from ..models import save
 
-    return save(result.model, out, tokenizer=result.tokenizer, overwrite=overwrite)
+    return save(result.model, out, tokenizer=result.tokenizer, overwrite=overwrite, protect=config.model)
 

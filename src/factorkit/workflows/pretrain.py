@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 
@@ -36,72 +35,52 @@ from torch import nn
 from ..data import pretrain_rows, train_heldout_text
 from ..errors import FactorkitError
 from ..eval import optimizer_state_bytes, parameter_bytes, peak_memory, perplexity
-from ..training.sltrain import SLTrainConfig, parameterize
-from ..models.llama import build_llama, llama_config
+from ..config import Config, nested, open_unit, option, optional, positive, positive_int, whole
+from ..training.sltrain import PARAMETERIZATIONS, SLTrainConfig, parameterize
+from ..models.checkpoint import parse_dtype
+from ..models.llama import PRETRAIN_CONFIGS, build_llama, llama_config
 from ..models.tokenizer import load_tokenizer
 from ..training.loop import Distributed, TrainConfig, model_loss, train
 
 log = logging.getLogger("factorkit")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
-class PretrainConfig:
-    """model: a name in models.llama.PRETRAIN_CONFIGS or a LlamaConfig JSON file.
-    param / rank / density / alpha: the parameterization (training.sltrain).
-    text: training text (shakespeare: the calibration plays, the others held out).
-    tokenizer: bpe-N trained on the training text, or a model's tokenizer (smollm2-135m).
-    batch_size: sequences per micro-batch, all processes together; grad_accum
-        micro-batches per optimizer step.
-    dtype: float32, or bfloat16 for the weights, gradients and optimizer state.
-    eval_every / eval_rows: held-out perplexity on the first eval_rows held-out rows.
-    """
+class PretrainConfig(Config):
+    """One pretraining run: the model shape, its parameterization
+    (``training.sltrain``), the text and tokenizer, and the training loop
+    (``train``: its seed also draws the model's initial weights and supports)."""
 
-    model: str = "llama-20m"
-    param: str = "sltrain"
-    rank: int | None = None
-    density: float = 0.03
-    alpha: float = 32.0
-    text: str = "shakespeare"
-    tokenizer: str = "bpe-4096"
-    seq_len: int = 256
-    batch_size: int = 16
-    grad_accum: int = 1
-    steps: int = 300
-    lr: float = 3e-3
-    warmup: int | None = None  # None: 10% of the steps
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    dtype: str = "float32"
-    eval_every: int = 100
-    eval_rows: int = 64
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 100
-    seed: int = 0
-    device: str = "auto"  # auto (a GPU when there is one), cpu, cuda
-    targets: tuple[str, ...] | None = None
-    parallel: str = "ddp"  # under torchrun: ddp (replicated) or fsdp (FSDP2, sharded)
-
-    def validate(self) -> None:
-        self.parameterization().validate()
-        if self.dtype not in DTYPES:
-            raise FactorkitError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise FactorkitError(f"device must be auto, cpu or cuda, got {self.device!r}.")
-        if self.parallel not in ("ddp", "fsdp"):
-            raise FactorkitError(f"parallel must be ddp or fsdp, got {self.parallel!r}.")
-        for name in ("seq_len", "eval_every", "eval_rows"):
-            if getattr(self, name) < 1:
-                raise FactorkitError(f"{name} must be at least 1, got {getattr(self, name)}.")
+    model: str = option("llama-20m", f"model shape: {', '.join(PRETRAIN_CONFIGS)} or a LlamaConfig JSON file",
+                        flag="config")
+    param: str = option("sltrain", "parameterization of the block Linears", choices=PARAMETERIZATIONS)
+    rank: int | None = option(None, "rank of the low-rank part (default: a quarter of the hidden size)",
+                              check=optional(positive_int))
+    density: float = option(0.03, "sltrain: density delta of the sparse part (the paper's 0.03)", check=open_unit,
+                            flag="delta", when=("param", "sltrain"))
+    alpha: float = option(32.0, "sltrain: the low-rank part is scaled by alpha/rank (the paper's 32)",
+                          check=positive, when=("param", "sltrain"))
+    text: str = option("shakespeare", "training text: shakespeare (calibration plays; the others held out), "
+                                      "wikitext2, c4 or a text file (its last 10% held out)")
+    tokenizer: str = option("bpe-4096", "bpe-N (trained on the training text) or a model's tokenizer, e.g. "
+                                        "smollm2-135m")
+    seq_len: int = option(256, "tokens per sequence", check=whole(2))
+    dtype: str = option("float32", "dtype of weights, gradients and optimizer state", choices=("float32", "bfloat16"))
+    eval_every: int = option(100, "held-out evaluation every N steps", check=positive_int)
+    eval_rows: int = option(64, "held-out sequences evaluated", check=positive_int)
+    device: str = option("auto", "where to train: auto (a GPU when there is one; one per process under torchrun), "
+                                 "cpu, cuda", choices=("auto", "cpu", "cuda"))
+    targets: tuple[str, ...] | None = option(None, "Linear names inside a block to reparameterize (None: all)",
+                                             cli=False)
+    parallel: str = option("ddp", "under torchrun: ddp replicates the model on every process, fsdp shards "
+                                  "parameters, gradients and optimizer state over them (FSDP2)",
+                           choices=("ddp", "fsdp"))
+    train: TrainConfig = nested(TrainConfig, "the training loop (batch_size: sequences per micro-batch, all "
+                                             "processes together)", hide=("distill", "temperature"),
+                                steps=300, lr=3e-3, warmup=None, batch_size=16, checkpoint_every=100)
 
     def parameterization(self) -> SLTrainConfig:
-        return SLTrainConfig(self.param, self.rank, self.density, self.alpha, self.seed, self.targets)
-
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(steps=self.steps, lr=self.lr, weight_decay=self.weight_decay, warmup=self.warmup,
-                           batch_size=self.batch_size, grad_accum=self.grad_accum, max_grad_norm=self.max_grad_norm,
-                           checkpoint_dir=self.checkpoint_dir, checkpoint_every=self.checkpoint_every,
-                           seed=self.seed)
+        return SLTrainConfig(self.param, self.rank, self.density, self.alpha, self.train.seed, self.targets)
 
 
 @dataclass
@@ -160,9 +139,9 @@ def _device(name: str) -> torch.device:
 
 def build_model(config: PretrainConfig, vocab_size: int) -> nn.Module:
     """The seeded model with its block Linears reparameterized: a function of the config alone."""
-    model = build_llama(llama_config(config.model, vocab_size, config.seq_len), config.seed)
+    model = build_llama(llama_config(config.model, vocab_size, config.seq_len), config.train.seed)
     parameterize(model, config.parameterization())
-    return model.to(DTYPES[config.dtype])
+    return model.to(parse_dtype(config.dtype))
 
 
 def count_parameters(model: nn.Module) -> dict:
@@ -182,8 +161,8 @@ def step_memory(model: nn.Module, rows: torch.Tensor, config: PretrainConfig, di
     of that state: what a long run holds at its peak."""
     model = copy.deepcopy(model).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    batch = rows[: config.batch_size // dist.world].to(params[0].device)  # one process's micro-batch
+    optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay)
+    batch = rows[: config.train.batch_size // dist.world].to(params[0].device)  # one process's micro-batch
 
     def step() -> None:
         model_loss(model, batch).backward()
@@ -197,11 +176,10 @@ def step_memory(model: nn.Module, rows: torch.Tensor, config: PretrainConfig, di
 
 def pretrain(config: PretrainConfig, progress: bool = True, stop_after: int | None = None,
              measure_memory: bool = False) -> PretrainResult:
-    """Run (or resume, from ``config.checkpoint_dir``) one pretraining run."""
-    config.validate()
+    """Run (or resume, from ``config.train.checkpoint_dir``) one pretraining run."""
     device = _device(config.device)
     dist = distributed_from_env(device)
-    train_text, heldout_text = train_heldout_text(config.text, config.seed)
+    train_text, heldout_text = train_heldout_text(config.text, config.train.seed)
     if dist.rank == 0:  # rank 0 trains and caches the tokenizer; the others then read it
         tokenizer = load_tokenizer(config.tokenizer, train_text)
     if dist.world > 1:
@@ -210,9 +188,9 @@ def pretrain(config: PretrainConfig, progress: bool = True, stop_after: int | No
         tokenizer = load_tokenizer(config.tokenizer, train_text)
     rows, heldout = pretrain_rows(tokenizer, train_text, heldout_text, config.seq_len)
     heldout = heldout[: config.eval_rows]
-    if rows.shape[0] < config.batch_size:
+    if rows.shape[0] < config.train.batch_size:
         raise FactorkitError(f"the training text has {rows.shape[0]} sequences of {config.seq_len} tokens, fewer "
-                             f"than one batch of {config.batch_size}; give more text or a smaller --batch-size.")
+                             f"than one batch of {config.train.batch_size}; give more text or a smaller --batch-size.")
     model = build_model(config, len(tokenizer)).to(device)
     params = dict(count_parameters(model))
     if measure_memory:
@@ -228,17 +206,18 @@ def pretrain(config: PretrainConfig, progress: bool = True, stop_after: int | No
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # (sharding replaces them)
 
     def evaluate(done: int, loss: float) -> dict | None:
-        if not math.isfinite(loss):
-            raise FactorkitError(f"the training loss became {loss} at step {done}; lower --lr or use --dtype float32.")
-        if done % config.eval_every and done != config.steps:
+        if done % config.eval_every and done != config.train.steps:
             return None
         result = perplexity(model, heldout, batch_size=8, progress=False)
         if sharded:  # FSDP2 keeps the root's parameters gathered after a forward with no backward
             model.reshard()
         return {"loss": result.nll, "perplexity": result.perplexity}
 
-    trained = train(wrapped, rows, named, config.train_config(), model_loss, progress=progress,
-                    stop_after=stop_after, desc=f"pretrain {config.param}", on_step=evaluate, dist=dist)
+    # where and how a run is spread is no part of what it computes: a state resumes on any number of processes
+    what = {k: v for k, v in config.to_dict().items() if k not in ("device", "parallel")}
+    trained = train(wrapped, rows, named, config.train, model_loss, progress=progress,
+                    stop_after=stop_after, desc=f"pretrain {config.param}", on_step=evaluate, dist=dist,
+                    run={"pretrain": what}, nonfinite_hint="lower --lr or use --dtype float32")
     if sharded:  # hand back a whole, plain model on every process, as DDP does
         model = unshard(model, build_model(config, len(tokenizer)).to(device))
     return PretrainResult(model, tokenizer, trained.losses, trained.evals, trained.seconds, trained.tokens, params,
