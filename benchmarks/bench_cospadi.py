@@ -18,17 +18,17 @@ a CoSpaDi item cut off mid-model resumes from its finished blocks (kept in
 benchmarks/results/cospadi-finished/ until the item is saved).
 Writes the `cospadi` section of BENCHMARKS.md and cospadi_error_vs_T.png.
 
-    python benchmarks/bench_cospadi.py [--max-chunks 16] [--only solver,latency,model] [--fresh]
+    python benchmarks/bench_cospadi.py [--max-chunks 16] [--only solver,latency,model,report] [--fresh]
+
+`--only report` rewrites the section and the plot from the stored results.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,13 +40,13 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, Results, machine, time_kernels, write_section  # noqa: E402
+from common import (RESULTS, Results, held_out, machine, reload_max_abs_diff, run_point,  # noqa: E402
+                    write_section)
 
 import factorkit as fk  # noqa: E402
-from factorkit.calibration import calibrate_blockwise
-from factorkit.surgery import linear_weight  # noqa: E402
-from factorkit.data import calibration_tokens, eval_tokens  # noqa: E402
-from factorkit.eval import perplexity  # noqa: E402
+from factorkit.eval.latency import time_kernels  # noqa: E402
+from factorkit.data import calibration_tokens  # noqa: E402
+from factorkit.calibration import linear_inputs, relative_output_error  # noqa: E402
 from factorkit.factors import DictionaryLinear, LowRankLinear  # noqa: E402
 from factorkit.report import markdown_table  # noqa: E402
 from factorkit.solvers import rank_for_ratio, whitened_svd  # noqa: E402
@@ -65,24 +65,9 @@ LATENCY_TOKENS = (1, 16, 64, 512)
 
 
 def block_matrices(base, calib) -> dict:
-    """Weights and input Grams of block BLOCK's solver matrices (dense model)."""
-    found = {}
-
-    class Done(Exception):
-        pass
-
-    def on_block(index, block_name, block, stats):
-        if index == BLOCK:
-            for name in SOLVER_MATRICES:
-                found[name] = (linear_weight(block.get_submodule(name)).detach().clone(), stats[name].gram.clone())
-            raise Done
-
-    try:
-        calibrate_blockwise(copy.deepcopy(base), calib, on_block, stats=("gram",), sequential=False,
-                            desc="block stats")
-    except Done:
-        pass
-    return found
+    """Weights and input Grams of block BLOCK's solver matrices (dense model), by their name in the block."""
+    found = linear_inputs(base, calib, blocks=(BLOCK,), targets=SOLVER_MATRICES)
+    return {name.split(f".{BLOCK}.", 1)[1]: (W, stats.gram) for name, (W, stats) in found.items()}
 
 
 def whitened_problem(W: torch.Tensor, G: torch.Tensor, k: int, seed: int = 0):
@@ -92,7 +77,7 @@ def whitened_problem(W: torch.Tensor, G: torch.Tensor, k: int, seed: int = 0):
     Y = Y / Y.norm()
     gen = torch.Generator().manual_seed(seed)
     D = Y[torch.randperm(Y.shape[0], generator=gen)[:k]]
-    return Y, D / D.norm(dim=1, keepdim=True), L
+    return Y, D / D.norm(dim=1, keepdim=True)
 
 
 def bench_solver(results: Results, mats: dict) -> None:
@@ -103,7 +88,7 @@ def bench_solver(results: Results, mats: dict) -> None:
         k, s = dictionary_budget(in_f, out_f, 0.2)
         key = f"omp/{name}"
         if key not in results:
-            Y, D, _ = whitened_problem(W, G, k)
+            Y, D = whitened_problem(W, G, k)
             t = time.perf_counter()
             sk = orthogonal_mp_gram((D @ D.T).numpy(), (D @ Y.T).numpy(), n_nonzero_coefs=s)  # float64
             sk_s = time.perf_counter() - t
@@ -133,9 +118,7 @@ def bench_solver(results: Results, mats: dict) -> None:
         r = rank_for_ratio(out_f, in_f, 0.2)
         if f"svdllm-error/{name}" not in results:
             f = whitened_svd(W, G, r)
-            L = cholesky_factor(G).factor
-            err = float(((W.double() - f.U @ f.V) @ L).norm() / (W.double() @ L).norm())
-            results.put(f"svdllm-error/{name}", {"rank": r, "error": err})
+            results.put(f"svdllm-error/{name}", {"rank": r, "error": relative_output_error(W, f.U @ f.V, G)})
         for refresh in ("doubling", "every"):
             for T in T_VALUES:
                 key = f"curve/{name}/{refresh}/{T}"
@@ -185,19 +168,16 @@ def latency_table(results: Results) -> str:
                            "dense W", "auto", "auto / low-rank"], rows) if rows else ""
 
 
-def bench_model(results: Results, base, calib, chunks, ratios=RATIOS, cospadi=tuple(COSPADI)) -> None:
+def bench_model(results: Results, base, tok, job: fk.CompressJob, ratios=RATIOS, cospadi=tuple(COSPADI)) -> None:
     def evaluate(key: str, config, check_reload: bool = False) -> None:
         if key in results and results[key]["compress_s"] is not None:
             return
-        model = copy.deepcopy(base)
-        t = time.perf_counter()
-        fk.compress(model, config, calib)
-        compress_s = time.perf_counter() - t
-        summary = fk.summarize(model)
-        row = {"compress_s": compress_s, "ratio_targeted": summary.ratio_targeted,
-               "ratio_storage": summary.ratio_targeted_storage, "ratio_model": summary.ratio_model}
-        fit = getattr(model, "factorkit_fit", None)
-        restored = [f for f in (fit or {}).values() if f.get("restored")]
+        model, report = run_point(base, tok, job, config)
+        c = report.compression
+        row = {"compress_s": c.seconds, "ratio_targeted": c.summary.ratio_targeted,
+               "ratio_storage": c.summary.ratio_targeted_storage, "ratio_model": c.summary.ratio_model}
+        fit = c.fit if isinstance(config, fk.CoSpaDiConfig) else {}  # per matrix
+        restored = [f for f in fit.values() if f.get("restored")]
         if restored:  # resumed after an interruption: add what the finished groups took
             row["compress_s"] += sum(f["seconds"] for f in restored)
             row["resumed"] = True
@@ -207,21 +187,15 @@ def bench_model(results: Results, base, calib, chunks, ratios=RATIOS, cospadi=tu
             row["omp_s"] = sum(f["omp_s"] for f in fit.values())
             row["ksvd_s"] = sum(f["ksvd_s"] for f in fit.values())
         if check_reload:
-            with tempfile.TemporaryDirectory() as tmp:
-                fk.save(model, Path(tmp) / "m")
-                again = fk.load(Path(tmp) / "m")
-                x = chunks[:1, :256]
-                with torch.no_grad():
-                    row["reload_max_abs_diff"] = float((again(x).logits - model(x).logits).abs().max())
-        result = perplexity(model, chunks, desc=key)
-        row["ppl"] = result.perplexity
+            row["reload_max_abs_diff"] = reload_max_abs_diff(model, tok, job)
+        row["ppl"] = report.perplexity_after.perplexity
         results.put(key, row)
         if getattr(config, "checkpoint_dir", None):  # the item is saved: its finished blocks are no longer needed
             shutil.rmtree(config.checkpoint_dir, ignore_errors=True)
         print(key, {k: v for k, v in row.items() if k != "mean_error_curve"}, flush=True)
 
     if "dense" not in results:
-        results.put("dense", {"ppl": perplexity(base, chunks, desc="dense").perplexity})
+        results.put("dense", {"ppl": held_out(base, tok, job).perplexity.perplexity})
     for ratio in ratios:
         for name, cls in BASELINES.items():
             evaluate(f"model/{name}/{ratio}", cls(ratio=ratio))
@@ -398,18 +372,20 @@ def main() -> None:
                 "max_chunks": args.max_chunks}
     results = Results("cospadi", settings, fresh=args.fresh)
     parts = set(args.only.split(","))
-    base, tok = fk.models.load("smollm2-135m")
-    calib = calibration_tokens(tok, "shakespeare", 32, 512, seed=0)
-    chunks = eval_tokens(tok, "shakespeare", 2048, args.max_chunks, seed=0)
+    # every whole-model point: calibrated on the calibration plays, perplexity on the held-out plays (factorkit.run)
+    job = fk.CompressJob(**settings, calib="shakespeare", eval="shakespeare", eval_before=False, seed=0)
     try:  # the headline comparison first, then the solver study, then the rest
         if "latency" in parts:
             bench_latency(results)
-        if "model" in parts:  # (--only report rewrites BENCHMARKS.md from the stored results)
-            bench_model(results, base, calib, chunks, ratios=(0.2,), cospadi=("cospadi",))
+        if parts & {"model", "solver"}:  # (--only report rewrites BENCHMARKS.md from the stored results)
+            base, tok = fk.models.load(job.model)
+        if "model" in parts:
+            bench_model(results, base, tok, job, ratios=(0.2,), cospadi=("cospadi",))
         if "solver" in parts:
+            calib = calibration_tokens(tok, job.calib, job.calib_samples, job.calib_seq_len, job.seed)
             bench_solver(results, block_matrices(base, calib))
         if "model" in parts:
-            bench_model(results, base, calib, chunks)
+            bench_model(results, base, tok, job)
     finally:
         report(results)
 

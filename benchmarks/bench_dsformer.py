@@ -21,14 +21,16 @@ Resumable: results in benchmarks/results/dsformer[-cuda].json; writes the
 `dsformer`, `dsformer-encoder` and `dsformer-latency[-cuda]` sections of BENCHMARKS.md.
 
     python benchmarks/bench_dsformer.py [--only model,encoder,latency,report] [--steps 200] [--device cuda] [--fresh]
+
+`--only report` rewrites the sections of the device from the stored results.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,11 +39,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS as RESULTS_DIR  # noqa: E402
-from common import Results, machine, time_kernels, write_section  # noqa: E402
+from common import (Results, held_out, machine, reload_max_abs_diff, run_point,  # noqa: E402
+                    write_section)
 
 import factorkit as fk  # noqa: E402
-from factorkit.data import calibration_tokens, eval_tokens  # noqa: E402
-from factorkit.eval import perplexity  # noqa: E402
+from factorkit.eval.latency import time_kernels  # noqa: E402
+from factorkit.data import calibration_tokens  # noqa: E402
 from factorkit.factors import DenseSparseLinear, LowRankLinear  # noqa: E402
 from factorkit.methods.dsformer import trainable_factors  # noqa: E402
 from factorkit.training import TrainConfig, model_loss, train  # noqa: E402
@@ -55,9 +58,13 @@ SHAPES = {"q/o 576x576": (576, 576), "k/v 192x576": (192, 576), "gate/up 1536x57
 TOKENS = (1, 16, 64, 512)
 
 
-def bench_latency(results: Results, device: str, dtype: torch.dtype) -> list[str]:
+def latency_kernels(device: str) -> list[str]:
+    return ["gather", "sparse", "codes"] + (["semi24"] if device != "cpu" else [])
+
+
+def bench_latency(results: Results, device: str, dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(0)
-    kernels = ["gather", "sparse", "codes"] + (["semi24"] if device != "cpu" else [])
+    kernels = latency_kernels(device)
     for label, (out_f, in_f) in SHAPES.items():
         k, s = dense_sparse_budget(in_f, out_f, RATIO, pattern=Pattern(2, 4))
         r = rank_for_ratio(out_f, in_f, RATIO)
@@ -76,7 +83,6 @@ def bench_latency(results: Results, device: str, dtype: torch.dtype) -> list[str
             row["params"] = {"dense": out_f * in_f, "lowrank": r * (out_f + in_f), "dsformer": compact.param_count()}
             results.put(key, row)
             print(key, {k_: (f"{v * 1e6:.0f}us" if isinstance(v, float) else v) for k_, v in row.items()}, flush=True)
-    return kernels
 
 
 def latency_section(results: Results, kernels: list[str]) -> str:
@@ -104,49 +110,42 @@ VARIANTS = {  # name: DSFormerConfig options
 
 def bench_model(results: Results, steps: int) -> None:
     base, tok = fk.models.load("smollm2-135m")
-    data = calibration_tokens(tok, "shakespeare", TRAIN["samples"], TRAIN["seq_len"], seed=0)
-    chunks = eval_tokens(tok, "shakespeare", 2048, 16, seed=0)
+    # every point: trained on windows of the calibration plays, perplexity on the held-out plays (factorkit.run)
+    job = fk.CompressJob(model="smollm2-135m", calib="shakespeare", calib_samples=TRAIN["samples"],
+                         calib_seq_len=TRAIN["seq_len"], seed=0, eval="shakespeare", eval_before=False, seq_len=2048,
+                         max_chunks=16)
     tc = TrainConfig(steps=steps, lr=TRAIN["lr"], batch_size=TRAIN["batch_size"], seed=0)
 
-    def finish(key: str, model, row: dict) -> None:
-        summary = fk.summarize(model)
-        row.update(ratio=summary.ratio_targeted, ratio_storage=summary.ratio_targeted_storage,
-                   ppl=perplexity(model, chunks, desc=key).perplexity)
+    def finish(key: str, row: dict, summary, ppl: float) -> None:
+        row.update(ratio=summary.ratio_targeted, ratio_storage=summary.ratio_targeted_storage, ppl=ppl)
         results.put(key, row)
         print(key, {k: v for k, v in row.items() if k != "losses"}, flush=True)
 
     if "dense" not in results:
-        results.put("dense", {"ppl": perplexity(base, chunks, desc="dense").perplexity})
+        results.put("dense", {"ppl": held_out(base, tok, job).perplexity.perplexity})
     if "svdllm" not in results or "svdllm+ft" not in results:
-        model = copy.deepcopy(base)
-        t = time.perf_counter()
-        fk.compress(model, fk.SVDLLMConfig(ratio=RATIO), data)
-        compress_s = time.perf_counter() - t
+        model, report = run_point(base, tok, job, fk.SVDLLMConfig(ratio=RATIO))
+        compress_s = report.compression.seconds
         if "svdllm" not in results:
-            finish("svdllm", model, {"compress_s": compress_s, "train_s": 0.0})
+            finish("svdllm", {"compress_s": compress_s, "train_s": 0.0}, report.compression.summary,
+                   report.perplexity_after.perplexity)
+        data = calibration_tokens(tok, job.calib, job.calib_samples, job.calib_seq_len, job.seed)
         fit = train(model, data, trainable_factors(model, (LowRankLinear,)), copy.deepcopy(tc), model_loss,
                     desc="svdllm fine-tune")
-        finish("svdllm+ft", model, {"compress_s": compress_s, "train_s": fit.seconds, "losses": fit.losses})
+        tuned = held_out(model, tok, job)
+        finish("svdllm+ft", {"compress_s": compress_s, "train_s": fit.seconds, "losses": fit.losses}, tuned.summary,
+               tuned.perplexity.perplexity)
     for name, options in VARIANTS.items():
         if name in results:
             continue
-        model = copy.deepcopy(base)
-        config = fk.DSFormerConfig(ratio=RATIO, pattern="2:4", train_steps=steps, lr=TRAIN["lr"],
-                                   train_batch_size=TRAIN["batch_size"], seed=0, **options)
-        t = time.perf_counter()
-        fk.compress(model, config, data)
-        total_s = time.perf_counter() - t
-        fit = model.factorkit_fit
-        row = {"compress_s": total_s - fit["train_s"], "train_s": fit["train_s"], "losses": fit["losses"],
-               "support_moved": fit["support_moved"]}
+        config = fk.DSFormerConfig(ratio=RATIO, pattern="2:4", train=copy.deepcopy(tc), **options)
+        model, report = run_point(base, tok, job, config)
+        fit = report.compression.fit
+        row = {"compress_s": report.compression.seconds - fit["train_s"], "train_s": fit["train_s"],
+               "losses": fit["losses"], "support_moved": fit["support_moved"]}
         if name == "dsformer":
-            with tempfile.TemporaryDirectory() as tmp:
-                fk.save(model, Path(tmp) / "m")
-                again = fk.load(Path(tmp) / "m")
-                with torch.no_grad():
-                    x = chunks[:1, :256]
-                    row["reload_max_abs_diff"] = float((again(x).logits - model(x).logits).abs().max())
-        finish(name, model, row)
+            row["reload_max_abs_diff"] = reload_max_abs_diff(model, tok, job)
+        finish(name, row, report.compression.summary, report.perplexity_after.perplexity)
 
 
 def _windows(losses: list[float], width: int = 10) -> list[float]:
@@ -250,11 +249,9 @@ def bench_encoder(results: Results) -> None:
         if key in results:
             continue
         model = copy.deepcopy(tuned)
-        fk.compress(model, fk.DSFormerConfig(ratio=ENCODER["ratio"], pattern="2:4", train_steps=tc.steps, lr=tc.lr,
-                                             train_batch_size=tc.batch_size, distill=ENCODER["distill"], seed=0,
-                                             **options),
-                    [train_set])
-        fit = model.factorkit_fit
+        config = fk.DSFormerConfig(ratio=ENCODER["ratio"], pattern="2:4",
+                                   train=dataclasses.replace(tc, distill=ENCODER["distill"]), **options)
+        fit = fk.compress(model, config, [train_set]).fit
         finish(key, model, {"train_s": fit["train_s"], "losses": fit["losses"], "support_moved": fit["support_moved"]})
 
 
@@ -305,14 +302,16 @@ def main() -> None:
     if parts & {"encoder", "report"} and not gpu:
         write_section("dsformer-encoder", encoder_section(results))
     if "latency" in parts:
-        kernels = bench_latency(results, args.device, dtype)
+        bench_latency(results, args.device, dtype)
+    if parts & {"latency", "report"}:
         write_section(f"dsformer-latency{suffix}", f"### DSFormer layer latency{' on ' + where if gpu else ''}\n\n"
                       f"`python benchmarks/bench_dsformer.py --only latency{' --device ' + args.device if gpu else ''}`"
                       f", {results.measured()}, {where if not gpu else 'torch ' + torch.__version__}. "
                       "Microseconds per call "
                       f"(best of many{', synchronised' if gpu else ''}), batch 1, {str(dtype).replace('torch.', '')}, "
                       f"ratio {RATIO}: the exported DenseSparseLinear (2:4 support over k atoms) against nn.Linear "
-                      "and LowRankLinear at the same parameter count.\n\n" + latency_section(results, kernels))
+                      "and LowRankLinear at the same parameter count.\n\n"
+                      + latency_section(results, latency_kernels(args.device)))
 
 
 if __name__ == "__main__":

@@ -6,13 +6,13 @@ evaluated on the held-out plays, all in one run so the numbers compare.
 Writes benchmarks/results/lowrank.json (resumable), two plots, and the
 `lowrank` section of BENCHMARKS.md.
 
-    python benchmarks/bench_lowrank.py [--max-chunks 16] [--fresh]
+    python benchmarks/bench_lowrank.py [--max-chunks 16] [--fresh] [--report]
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -23,15 +23,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, Results, machine, write_section  # noqa: E402
+from common import RESULTS, Results, held_out, machine, run_point, write_section  # noqa: E402
 
 import factorkit as fk  # noqa: E402
-from factorkit.data import calibration_tokens, eval_tokens, shakespeare_plays  # noqa: E402
-from factorkit.eval import perplexity  # noqa: E402
-from factorkit.calibration import calibrate_blockwise
-from factorkit.surgery import linear_weight, target_linears  # noqa: E402
+from factorkit.data import calibration_tokens, shakespeare_plays  # noqa: E402
+from factorkit.calibration import relative_output_errors  # noqa: E402
 from factorkit.report import markdown_table  # noqa: E402
 from factorkit.solvers import rank_for_ratio, scaled_svd, truncated_svd, whitened_svd  # noqa: E402
+from factorkit.surgery import linear_weight, model_targets  # noqa: E402
 
 METHODS = {"svd": fk.SVDConfig, "asvd": fk.ASVDConfig, "svdllm": fk.SVDLLMConfig}
 # FWSVD on each axis and Fisher + whitening, named as in the tables.
@@ -52,30 +51,35 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--max-chunks", type=int, default=16)
     ap.add_argument("--fresh", action="store_true", help="ignore results of an earlier, interrupted run")
+    ap.add_argument("--report", action="store_true",
+                    help="only rewrite BENCHMARKS.md and the plots from the stored results")
     args = ap.parse_args()
     settings = {k: getattr(args, k) for k in ("calib_samples", "calib_seq_len", "seq_len", "max_chunks")}
     settings["model"] = "smollm2-135m"
     results = Results("lowrank", settings, fresh=args.fresh)
-
     base, tok = fk.models.load("smollm2-135m")
-    calib = calibration_tokens(tok, "shakespeare", args.calib_samples, args.calib_seq_len, seed=0)
-    chunks = eval_tokens(tok, "shakespeare", args.seq_len, args.max_chunks, seed=0)
+    if not args.report:
+        measure(results, settings, base, tok)
+    report(results, settings, [p.stem for p in shakespeare_plays("eval")], base)
+
+
+def measure(results: Results, settings: dict, base, tok) -> None:
+    # every point: calibrated on the calibration plays, perplexity on the held-out plays (factorkit.run)
+    job = fk.CompressJob(**settings, calib="shakespeare", eval="shakespeare", eval_before=False, seed=0)
+    calib = calibration_tokens(tok, job.calib, job.calib_samples, job.calib_seq_len, job.seed)
 
     def evaluate(key: str, config, seconds_before: float = 0.0, extra: dict | None = None) -> None:
-        model = copy.deepcopy(base)
-        t = time.perf_counter()
-        fk.compress(model, config, calib)
-        compress_s = time.perf_counter() - t + seconds_before
-        s = fk.summarize(model)
-        r = perplexity(model, chunks, desc=key)
-        results.put(key, {"ppl": r.perplexity, "compress_s": compress_s, "ratio_targeted": s.ratio_targeted,
-                          "ratio_model": s.ratio_model, "params": s.model_params_after, **(extra or {})})
-        print(f"{key}: ppl {r.perplexity:.4g}, compressed in {compress_s:.1f} s", flush=True)
+        report = run_point(base, tok, job, config)[1]
+        s, compress_s = report.compression.summary, report.compression.seconds + seconds_before
+        results.put(key, {"ppl": report.perplexity_after.perplexity, "compress_s": compress_s,
+                          "ratio_targeted": s.ratio_targeted, "ratio_model": s.ratio_model,
+                          "params": s.model_params_after, **(extra or {})})
+        print(f"{key}: ppl {report.perplexity_after.perplexity:.4g}, compressed in {compress_s:.1f} s", flush=True)
 
     if "dense" not in results:
-        t = time.perf_counter()
-        r = perplexity(base, chunks, desc="dense")
-        results.put("dense", {"ppl": r.perplexity, "tokens": r.tokens, "eval_s": time.perf_counter() - t})
+        dense = held_out(base, tok, job)
+        results.put("dense", {"ppl": dense.perplexity.perplexity, "tokens": dense.perplexity.tokens,
+                              "eval_s": dense.seconds})
 
     # One Fisher pass and one profile per method serve every ratio; their
     # times are added to each result that uses them.
@@ -117,43 +121,39 @@ def main() -> None:
                 evaluate(key, make(ratio=ratio, ranks=ranks, fisher=fisher()), spent, extra)
     for n in CALIB_SWEEP:
         key = f"svdllm@0.2/calib{n}"
-        if key in results or n == args.calib_samples:
+        if key in results or n == job.calib_samples:
             continue
-        model = copy.deepcopy(base)
-        data = calibration_tokens(tok, "shakespeare", n, args.calib_seq_len, seed=0)
-        t = time.perf_counter()
-        fk.compress(model, fk.SVDLLMConfig(ratio=0.2), data)
-        compress_s = time.perf_counter() - t
-        results.put(key, {"ppl": perplexity(model, chunks, desc=key).perplexity, "compress_s": compress_s})
-        del model
+        report = run_point(base, tok, dataclasses.replace(job, calib_samples=n), fk.SVDLLMConfig(ratio=0.2))[1]
+        results.put(key, {"ppl": report.perplexity_after.perplexity, "compress_s": report.compression.seconds})
     if "layer_errors" not in results:
         results.put("layer_errors", layer_errors(base, calib, ratio=0.2))
-    report(results, settings, [p.stem for p in shakespeare_plays("eval")], base)
+
+
+# How each method approximates W (float64) at rank r, from the dense model's input statistics.
+SOLVES = {"svd": lambda W, st, r: truncated_svd(W, r), "asvd": lambda W, st, r: scaled_svd(W, st.abs_mean.sqrt(), r),
+          "svdllm": lambda W, st, r: whitened_svd(W, st.gram, r)}
 
 
 def layer_errors(base, calib, ratio: float) -> dict:
     """Relative calibration output error ||X (W - W')^T|| / ||X W^T|| of every
-    matrix of the dense model at one ratio, per method: where the perplexity
-    gap comes from. Statistics of the dense model (one pass, not sequential)."""
-    errors: dict = {m: {} for m in METHODS}
+    matrix of the dense model at one ratio, per method and matrix type (one
+    entry per block): where the perplexity gap comes from."""
+    def approximation(solve):
+        def approximate(W, stats):
+            f = solve(W, stats, rank_for_ratio(*W.shape, ratio))
+            return f.U @ f.V
+        return approximate
 
-    def on_block(index, block_name, block, stats):
-        for name, linear in target_linears(block).items():
-            W = linear_weight(linear).detach().double()
-            G, absmean = stats[name].gram, stats[name].abs_mean
-            r = rank_for_ratio(*W.shape, ratio)
-            ref = float(((W @ G) * W).sum())
-            for method, f in (("svd", truncated_svd(W, r)), ("asvd", scaled_svd(W, absmean.sqrt(), r)),
-                              ("svdllm", whitened_svd(W, G, r))):
-                D = W - f.U @ f.V
-                errors[method].setdefault(name.rsplit(".", 1)[-1], []).append((float(((D @ G) * D).sum()) / ref) ** 0.5)
-
-    calibrate_blockwise(copy.deepcopy(base), calib, on_block, stats=("gram", "abs_mean"), sequential=False,
-                        desc="per-matrix errors")
-    return errors
+    errors = relative_output_errors(base, calib, {m: approximation(SOLVES[m]) for m in METHODS},
+                                    stats=("gram", "abs_mean"))
+    by_type: dict = {m: {} for m in METHODS}
+    for method, per_matrix in errors.items():
+        for name, error in per_matrix.items():
+            by_type[method].setdefault(name.rsplit(".", 1)[-1], []).append(error)
+    return by_type
 
 
-def report(results: Results, settings: dict, held_out: list[str], base) -> None:
+def report(results: Results, settings: dict, plays: list[str], base) -> None:
     dense = results["dense"]
     fmt = lambda p: f"{p:.2f}" if p < 1e4 else f"{p:.3g}"  # noqa: E731
     times = lambda a, b: f"{a / b:.3g}x"  # noqa: E731
@@ -222,8 +222,8 @@ Ratio = fraction of the targeted matrices' parameters removed (rank r = floor((1
 low-rank factors store no indices, so parameters are the honest storage count.
 Calibration: {settings['calib_samples']} random windows of {settings['calib_seq_len']} tokens from the
 calibration plays (seed 0), block by block with each block calibrated on the compressed previous blocks.
-Evaluation: perplexity on {dense['tokens']} tokens of the {len(held_out)} held-out plays
-({', '.join(held_out)}), non-overlapping chunks of {settings['seq_len']}, float32.
+Evaluation: perplexity on {dense['tokens']} tokens of the {len(plays)} held-out plays
+({', '.join(plays)}), non-overlapping chunks of {settings['seq_len']}, float32.
 Compression wall time includes calibration.
 
 FWSVD: Fisher information = mean over the {settings['calib_samples']} calibration sequences of the
@@ -297,8 +297,6 @@ def plot_ppl(results: Results, dense: dict) -> None:
 
 
 def plot_ranks(results: Results, base) -> None:
-    from factorkit.surgery import linear_weight, model_targets
-
     shapes = {n: tuple(linear_weight(m).shape) for n, m in model_targets(base).items()}
     fig, axes = plt.subplots(1, len(RATIOS), figsize=(5 * len(RATIOS), 4), sharey=True)
     for ax, ratio in zip(axes, RATIOS):

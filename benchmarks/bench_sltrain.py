@@ -36,13 +36,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, Results, machine, write_section  # noqa: E402
+from common import RESULTS, Results, machine, with_train, write_section  # noqa: E402
 
+import factorkit as fk  # noqa: E402
 from factorkit.data import pretrain_rows, train_heldout_text  # noqa: E402
 from factorkit.models.tokenizer import load_tokenizer  # noqa: E402
 from factorkit.report import markdown_table  # noqa: E402
 from factorkit.training import model_loss  # noqa: E402
-from factorkit.workflows.pretrain import PretrainConfig, build_model, count_parameters, pretrain, step_memory  # noqa: E402
+from factorkit.workflows.pretrain import PretrainConfig, build_model, count_parameters, step_memory  # noqa: E402
 
 PARAMS = ("full", "lowrank", "sltrain")
 # Learning rates as the papers tune them for their 60M model: 1e-3 for full and
@@ -53,14 +54,21 @@ BASE = dict(model="llama-20m", rank=64, density=0.03, alpha=32.0, text="shakespe
 
 
 def config_for(param: str, steps: int, **extra) -> PretrainConfig:
-    return PretrainConfig(param=param, lr=LR[param], steps=steps, **{**BASE, **extra})
+    return with_train(PretrainConfig, {**BASE, "param": param, "lr": LR[param], "steps": steps, **extra})
+
+
+def training_rows():
+    """The tokenizer and the training rows every run uses (as ``pretrain`` makes them)."""
+    train_text, heldout_text = train_heldout_text(BASE["text"], BASE["seed"])
+    tokenizer = load_tokenizer(BASE["tokenizer"], train_text)
+    return tokenizer, pretrain_rows(tokenizer, train_text, heldout_text, BASE["seq_len"])[0]
 
 
 def step_seconds(param: str, rows: torch.Tensor, vocab: int, repeats: int = 4) -> float:
     """Median wall time of a training step (forward, backward, AdamW) of a fresh model."""
     config = config_for(param, 1)
     model = build_model(config, vocab).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr)
     times = []
     for i in range(repeats + 1):
         t = time.perf_counter()
@@ -73,9 +81,7 @@ def step_seconds(param: str, rows: torch.Tensor, vocab: int, repeats: int = 4) -
 
 def bench_pretrain(results: Results, minutes: float) -> None:
     if "steps" not in results:
-        train_text, heldout_text = train_heldout_text(BASE["text"], BASE["seed"])
-        tokenizer = load_tokenizer(BASE["tokenizer"], train_text)
-        rows, _ = pretrain_rows(tokenizer, train_text, heldout_text, BASE["seq_len"])
+        tokenizer, rows = training_rows()
         timed = {p: step_seconds(p, rows, len(tokenizer)) for p in PARAMS}
         steps = int(minutes * 60 / max(timed.values()))
         results.put("steps", {"steps": steps, "step_seconds": timed, "train_rows": rows.shape[0]})
@@ -86,8 +92,9 @@ def bench_pretrain(results: Results, minutes: float) -> None:
         if key in results:
             continue
         ckpt = RESULTS / "sltrain-ckpt" / param
-        run = pretrain(config_for(param, steps, checkpoint_dir=str(ckpt), checkpoint_every=25), measure_memory=True)
-        results.put(key, run.summary())
+        config = config_for(param, steps, checkpoint_dir=str(ckpt), checkpoint_every=25)
+        job = fk.PretrainJob(config=config, memory=True)
+        results.put(key, fk.run(job).result.summary())
         shutil.rmtree(ckpt, ignore_errors=True)
 
 
@@ -99,9 +106,7 @@ def bench_memory(results: Results) -> None:
         if key in results:
             continue
         if tokenizer is None:
-            train_text, heldout_text = train_heldout_text(BASE["text"], BASE["seed"])
-            tokenizer = load_tokenizer(BASE["tokenizer"], train_text)
-            rows, _ = pretrain_rows(tokenizer, train_text, heldout_text, BASE["seq_len"])
+            tokenizer, rows = training_rows()
         config = config_for(param, 1, model="llama-60m", rank=128, batch_size=4)
         model = build_model(config, len(tokenizer))
         results.put(key, {**count_parameters(model), **step_memory(model, rows, config)})

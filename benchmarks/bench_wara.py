@@ -23,11 +23,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, Results, machine, write_section  # noqa: E402
+from common import RESULTS, Results, machine, with_train, write_section  # noqa: E402
 
-from factorkit.models import load  # noqa: E402
+import factorkit as fk  # noqa: E402
 from factorkit.report import markdown_table  # noqa: E402
-from factorkit.workflows.finetune import FinetuneConfig, finetune  # noqa: E402
+from factorkit.workflows.finetune import FinetuneConfig  # noqa: E402
 
 R, ALPHA, LEVELS, WAVELET = 8, 16.0, 2, "db2"
 BASE = dict(model="smollm2-135m", text="shakespeare", seq_len=256, batch_size=4, eval_rows=32, seed=0)
@@ -46,10 +46,9 @@ def run_all(results: Results, steps: int) -> None:
             continue
         ckpt = RESULTS / "wara-ckpt" / name
         alpha = ALPHA * settings.get("r", R) / R  # the same alpha / r scale at every rank
-        config = FinetuneConfig(**BASE, **settings, alpha=alpha, steps=steps, checkpoint_dir=str(ckpt),
-                                checkpoint_every=25)
-        model, tokenizer = load(BASE["model"])
-        result = finetune(config, model=model, tokenizer=tokenizer)
+        config = with_train(FinetuneConfig, {**BASE, **settings, "alpha": alpha, "steps": steps,
+                                             "checkpoint_dir": str(ckpt), "checkpoint_every": 25})
+        result = fk.run(fk.FinetuneJob(config=config)).result  # loads BASE["model"] afresh
         results.put(name, {**result.summary(), "resumed": result.steps_run < steps})
         shutil.rmtree(ckpt, ignore_errors=True)
 

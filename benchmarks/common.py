@@ -1,17 +1,23 @@
 """Shared helpers for the benchmark scripts: machine description, resumable
-result files, and rewriting one marked section of BENCHMARKS.md."""
+result files, one sweep point through factorkit.run, latency timing, and
+rewriting one marked section of BENCHMARKS.md."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import datetime as _dt
 import json
 import os
 import platform
 import re
-import time
+import tempfile
 from pathlib import Path
 
 import torch
+
+import factorkit as fk
+from factorkit.data import eval_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -35,6 +41,11 @@ def today() -> str:
     return _dt.date.today().isoformat()
 
 
+# Result files written before items carried their dates, and the day BENCHMARKS.md said they were measured:
+# a file's modification time is the day of the checkout, not of the measurement.
+UNDATED = {name: "2026-11-24" for name in ("lowrank", "cospadi", "cospadi-cuda", "dsformer", "dsformer-cuda")}
+
+
 class Results:
     """Results of a long benchmark, written after every finished item so an
     interrupted run resumes where it stopped (same settings only)."""
@@ -46,8 +57,9 @@ class Results:
         data = json.loads(self.path.read_text()) if self.path.exists() and not fresh else {}
         self.items: dict = data.get("items", {}) if data.get("settings") == settings else {}
         # the day each item was measured; items stored before dates were kept count as measured on the day
-        # the file was last written
-        undated = _dt.date.fromtimestamp(self.path.stat().st_mtime).isoformat() if self.items else today()
+        # BENCHMARKS.md gave them (UNDATED), else on the day the file was last written
+        undated = (UNDATED.get(name) or _dt.date.fromtimestamp(self.path.stat().st_mtime).isoformat()
+                   if self.items else today())
         dates = data.get("dates", {}) if self.items else {}
         self.dates: dict = {key: dates.get(key, undated) for key in self.items}
 
@@ -71,31 +83,36 @@ class Results:
         return days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
 
 
-def best_time(fn, x, repeats: int) -> float:
-    """Best wall time of ``fn(x)`` over ``repeats`` calls after 3 warm-ups (synchronised on a GPU)."""
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    with torch.inference_mode():
-        for _ in range(3):
-            fn(x)
-        best = float("inf")
-        for _ in range(repeats):
-            sync()
-            t = time.perf_counter()
-            fn(x)
-            sync()
-            best = min(best, time.perf_counter() - t)
-    return best
+def run_point(base, tok, job: fk.CompressJob, config: fk.CompressionConfig):
+    """One sweep point: ``job`` with ``config`` run by factorkit.run on a copy of ``base`` (compressed in place).
+    Returns the compressed copy and the CompressJobReport."""
+    model = copy.deepcopy(base)
+    return model, fk.run(dataclasses.replace(job, method=config), model=(model, tok))
 
 
-def time_kernels(dense, lowrank, module, kernels, x, prefix: str = "") -> dict:
-    """One latency row: nn.Linear, LowRankLinear, and ``module`` with each of its
-    ``kernels`` forced and then on "auto" (keys ``prefix + kernel``)."""
-    repeats = 200 if x.shape[-2] == 1 else 30
-    row = {"dense": best_time(dense, x, repeats), "lowrank": best_time(lowrank, x, repeats)}
-    for kernel in list(kernels) + ["auto"]:
-        module.kernel = kernel
-        row[prefix + kernel] = best_time(module, x, repeats)
-    return row
+def held_out(model, tok, job: fk.CompressJob):
+    """The EvalReport of ``model`` on ``job``'s evaluation text, measured as factorkit.run measures a compression."""
+    return fk.run(fk.EvalJob(model=job.model, text=job.eval, seed=job.seed, seq_len=job.seq_len,
+                             max_chunks=job.max_chunks, dtype=job.dtype), model=(model, tok))
+
+
+def reload_max_abs_diff(model, tok, job: fk.CompressJob) -> float:
+    """Largest logit difference, on 256 tokens of ``job``'s evaluation text, between ``model`` and the model
+    factorkit.save wrote and factorkit.load read back."""
+    x = eval_tokens(tok, job.eval, job.seq_len, job.max_chunks, job.seed)[:1, :256]
+    with tempfile.TemporaryDirectory() as tmp:
+        fk.save(model, Path(tmp) / "m")
+        again = fk.load(Path(tmp) / "m")
+        with torch.no_grad():
+            return float((again(x).logits - model(x).logits).abs().max())
+
+
+def with_train(cls, settings: dict):
+    """``cls`` (PretrainConfig, FinetuneConfig) from one flat dict of settings, the form the stored results are
+    keyed by: the TrainConfig fields among them go to ``train``, over ``cls``'s own training defaults."""
+    names = {f.name for f in dataclasses.fields(fk.TrainConfig)}
+    train = dataclasses.replace(cls().train, **{k: v for k, v in settings.items() if k in names})
+    return cls(**{k: v for k, v in settings.items() if k not in names}, train=train)
 
 
 def write_section(name: str, body: str) -> None:

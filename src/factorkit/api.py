@@ -27,6 +27,7 @@ from torch import nn
 from .config import Config, ConfigError, nested, option, optional, positive_int, whole
 from .errors import FactorkitError
 from .eval import PerplexityResult, perplexity
+from .eval.perplexity import check_token_ids
 from .factors import FactorModule, factor_modules
 from .report import fmt_bytes, fmt_count, fmt_ppl
 from .methods import DEFAULT_METHOD, METHODS, CompressionConfig, get_method
@@ -123,6 +124,9 @@ def compress(model: nn.Module, config: CompressionConfig, data: torch.Tensor | N
     ``labels``): FWSVD's Fisher information then comes from the task loss.
     Data-free methods ignore it.
     """
+    if not isinstance(model, nn.Module):
+        raise FactorkitError(f"model must be a torch.nn.Module such as a transformers model, got "
+                             f"{type(model).__name__}.")
     if not isinstance(config, CompressionConfig):
         raise FactorkitError(f"config must be a method config such as SVDLLMConfig(ratio=0.2), got {type(config).__name__}.")
     method = get_method(config.method)
@@ -163,11 +167,14 @@ def _check_data(model: nn.Module, data) -> None:
 
 
 def _check_token_ids(model: nn.Module, ids: torch.Tensor) -> None:
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if ids.numel() and vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
-        raise FactorkitError(f"token id {bad} is outside the model's vocabulary of {vocab}; tokenize with the "
-                             "model's own tokenizer.")
+    check_token_ids(model, ids)
+
+
+def _tokenizer_fix(loaded: tuple | None) -> str:
+    """How to mend token ids a job's tokenizer made outside its model's vocabulary."""
+    if loaded is not None:
+        return "the tokenizer passed with the model does not match it; pass the model's own tokenizer"
+    return "the tokenizer saved with the model does not match it; save the model's own tokenizer beside it"
 
 
 def save(model: nn.Module, path: str | os.PathLike, tokenizer=None, overwrite: bool = False,
@@ -311,7 +318,8 @@ class CompressJobReport:
                 ["compression wall time", "", f"{self.compression.seconds:.1f} s"]]
         if self.perplexity_after is not None:
             rows.insert(0, [f"perplexity ({job.eval}, {self.perplexity_after.tokens} tokens)",
-                            fmt_ppl(self.perplexity_before.perplexity), fmt_ppl(self.perplexity_after.perplexity)])
+                            fmt_ppl(self.perplexity_before.perplexity) if self.perplexity_before else "",
+                            fmt_ppl(self.perplexity_after.perplexity)])
             rows.append(["evaluation wall time", f"{self.eval_seconds[0]:.1f} s", f"{self.eval_seconds[1]:.1f} s"])
         config = job.method
         title = (f"{job.model}: {config.method} at ratio {config.ratio}"
@@ -360,17 +368,22 @@ def _run_compress(job: CompressJob, progress: bool, loaded: tuple | None) -> Com
     if config.uses_data():
         data = calibration_tokens(tokenizer, job.calib, job.calib_samples, job.calib_seq_len, job.seed)
     chunks = eval_tokens(tokenizer, job.eval, job.seq_len, job.max_chunks, job.seed) if job.eval else None
+    for ids in (data, chunks):
+        if ids is not None:
+            check_token_ids(model, ids, _tokenizer_fix(loaded))
     bytes_before = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights appear once
     before = after = None
     times = [0.0, 0.0]
     if chunks is not None and job.eval_before:
         t = time.perf_counter()
-        before = perplexity(model, chunks, progress=progress, desc="perplexity (dense)")
+        before = perplexity(model, chunks, progress=progress, desc="perplexity (dense)",
+                            nonfinite_hint="try --dtype float32 or check the model's weights")
         times[0] = time.perf_counter() - t
     compression = compress(model, config, data, progress=progress)
     if chunks is not None:  # measured before saving: a broken model is never written
         t = time.perf_counter()
-        after = perplexity(model, chunks, progress=progress, desc="perplexity (compressed)")
+        after = perplexity(model, chunks, progress=progress, desc="perplexity (compressed)",
+                           nonfinite_hint="try --dtype float32 or a smaller --ratio")
         times[1] = time.perf_counter() - t
     bytes_after = 0
     if job.out is not None:
@@ -384,8 +397,12 @@ def _run_eval(job: EvalJob, progress: bool, loaded: tuple | None) -> EvalReport:
 
     model, tokenizer = loaded if loaded is not None else _load_with_tokenizer(job.model, job.dtype)
     chunks = eval_tokens(tokenizer, job.text, job.seq_len, job.max_chunks, job.seed)
+    check_token_ids(model, chunks, _tokenizer_fix(loaded))
+    compressed = compression_record(model) is not None
     t = time.perf_counter()
-    result = perplexity(model, chunks, progress=progress)
+    result = perplexity(model, chunks, progress=progress,
+                        nonfinite_hint="try --dtype float32 or " + ("compress it with a smaller ratio" if compressed
+                                                                    else "check the model's weights"))
     return EvalReport(job, result, summarize(model), compression_record(model), time.perf_counter() - t)
 
 
@@ -425,7 +442,8 @@ class TrainJobReport:
             rows = [["held-out perplexity", fmt_ppl(r.perplexity_before), fmt_ppl(r.perplexity_after)],
                     ["trainable parameters", "", f"{fmt_count(r.trainable)} of {fmt_count(r.total)}"],
                     ["training wall time", "", f"{r.seconds:.1f} s ({r.seconds / max(1, r.steps_run):.2f} s/step)"]]
-            return (f"finetune {c.model} with {c.adapter} (r={c.r}) on {c.text}", ["", "before", "after"], rows,
+            adapter = c.adapter if c.adapter == "full" else f"{c.adapter} (r={c.r})"
+            return (f"finetune {c.model} with {adapter} on {c.text}", ["", "before", "after"], rows,
                     saved or None)
         last, info = (r.evals[-1] if r.evals else {}), r.params
         rows = [["held-out perplexity", fmt_ppl(last["perplexity"]) if last else "not evaluated"],

@@ -35,10 +35,10 @@ class PerplexityResult:
         return asdict(self)
 
 
-def check_token_ids(model: nn.Module, ids: torch.Tensor) -> None:
+def check_token_ids(model: nn.Module, ids: torch.Tensor, fix: str = "tokenize with the model's own tokenizer") -> None:
     """Refuse token ids the model has no embedding for (an index error deep in the model otherwise,
     or on a GPU an assertion that takes the process down). A model that states no vocabulary
-    (no ``config.vocab_size``, no input embeddings) is not checked."""
+    (no ``config.vocab_size``, no input embeddings) is not checked. ``fix`` ends the sentence."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is None and hasattr(model, "get_input_embeddings"):
         vocab = getattr(model.get_input_embeddings(), "num_embeddings", None)
@@ -47,19 +47,24 @@ def check_token_ids(model: nn.Module, ids: torch.Tensor) -> None:
     low, high = int(ids.min()), int(ids.max())
     if high >= vocab or low < 0:
         raise FactorkitError(f"token id {high if high >= vocab else low} is outside the model's vocabulary of "
-                             f"{vocab}; tokenize with the model's own tokenizer.")
+                             f"{vocab}; {fix}.")
 
 
 @torch.no_grad()
 def perplexity(model: nn.Module, chunks: torch.Tensor, batch_size: int = 1, progress: bool = True,
-               desc: str = "perplexity") -> PerplexityResult:
+               desc: str = "perplexity",
+               nonfinite_hint: str = "try --dtype float32 or a smaller compression ratio") -> PerplexityResult:
     """Perplexity of a causal LM on ``chunks`` (LongTensor, chunks x seq_len).
 
     Runs in the model's own dtype; logits are upcast to float32 for the loss.
-    A NaN or infinite loss raises NonFiniteLossError rather than being skipped.
+    A NaN or infinite loss raises NonFiniteLossError (ending in the caller's
+    ``nonfinite_hint``) rather than being skipped.
     """
-    if chunks.ndim != 2 or chunks.shape[1] < 2:
-        raise ValueError(f"chunks must have shape (n, seq_len >= 2), got {tuple(chunks.shape)}")
+    if (not isinstance(chunks, torch.Tensor) or chunks.ndim != 2 or chunks.shape[1] < 2
+            or chunks.dtype not in (torch.long, torch.int32)):
+        shown = (f"{chunks.dtype} of shape {tuple(chunks.shape)}" if isinstance(chunks, torch.Tensor)
+                 else type(chunks).__name__)
+        raise FactorkitError(f"chunks must be token ids, a LongTensor of shape (n, seq_len >= 2), got {shown}.")
     check_token_ids(model, chunks)
     was_training = model.training
     model.eval()
@@ -74,7 +79,7 @@ def perplexity(model: nn.Module, chunks: torch.Tensor, batch_size: int = 1, prog
             if not torch.isfinite(nll):
                 raise NonFiniteLossError(
                     f"the loss on chunks {start}..{start + batch.shape[0] - 1} is {nll.item()}; the model produces "
-                    "NaN or infinite logits, try --dtype float32 or a smaller compression ratio."
+                    f"NaN or infinite logits, {nonfinite_hint.rstrip('.')}."
                 )
             total += float(nll.double())
             count += targets.numel()

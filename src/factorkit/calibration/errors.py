@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from ..calibration import LinearStats, calibrate_blockwise
+from .engine import LinearStats, calibrate_blockwise
 from ..surgery import linear_weight, target_linears
 
 # W (float64, out x in) and the statistics of its inputs -> W' (out x in)
