@@ -111,4 +111,4 @@ def test_fwsvd_with_global_allocation_from_the_command_line(capsys, model_dir, t
 
 def test_fwsvd_options_on_another_method_fail_cleanly(capsys, tmp_path):
     code, out, err = run(capsys, "compress", "--method", "svdllm", "--whiten", "--out", tmp_path / "out")
-    _assert_clean_failure(code, out, err, tmp_path, "--whiten applies to --method cospadi or fwsvd only")
+    _assert_clean_failure(code, out, err, tmp_path, "--whiten/--no-whiten applies to --method cospadi or fwsvd only")

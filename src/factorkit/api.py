@@ -408,7 +408,8 @@ def _run_eval(job: EvalJob, progress: bool, loaded: tuple | None) -> EvalReport:
 
 @dataclass
 class PretrainJob(Config):
-    """Pretrain (``workflows.pretrain``) and save the model and tokenizer to ``out``."""
+    """Pretrain a small LLaMA from scratch with full-rank, low-rank or SLTrain weights (data parallel under
+    torchrun) and save it with its tokenizer to ``out`` (``workflows.pretrain``)."""
 
     config: PretrainConfig = nested(PretrainConfig, "the pretraining settings")
     memory: bool = option(False, "also measure the peak tensor memory of one training step (profiler on CPU; "
@@ -419,7 +420,8 @@ class PretrainJob(Config):
 
 @dataclass
 class FinetuneJob(Config):
-    """Fine-tune (``workflows.finetune``) and save the adapter (or the model, for full) to ``out``."""
+    """Fine-tune a causal LM with a WaRA or LoRA adapter (or fully) on a text and save the adapter (or the
+    model, for full) to ``out`` (``workflows.finetune``)."""
 
     config: FinetuneConfig = nested(FinetuneConfig, "the fine-tuning settings")
     out: str | None = _out()
@@ -489,6 +491,13 @@ def _run_finetune(job: FinetuneJob, progress: bool, loaded: tuple | None) -> Tra
     if job.out is not None:
         save_finetuned(result, job.config, job.out, job.overwrite)
     return TrainJobReport(job, result, job.out is not None)
+
+
+def resume_folder(job: Config) -> str | None:
+    """Where a job keeps what an interrupted run resumes from (None: nowhere)."""
+    inner = getattr(job, "method", None) or getattr(job, "config", None)
+    train = getattr(inner, "train", None)
+    return getattr(train, "checkpoint_dir", None) or getattr(inner, "checkpoint_dir", None)
 
 
 _RUNNERS = {CompressJob: _run_compress, EvalJob: _run_eval, PretrainJob: _run_pretrain, FinetuneJob: _run_finetune}

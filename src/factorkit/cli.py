@@ -6,9 +6,8 @@
     factorkit pretrain --config llama-20m --param sltrain --rank 64 --delta 0.03 --steps 300 --out out/sltrain
     torchrun --nproc-per-node 2 -m factorkit.cli pretrain ...   (data parallel, same loss curve)
 
-Every option is a config field (``factorkit.config.option``): its help, its
-checks and its name live there once. An option the chosen method or
-setting does not use is refused, never dropped. Errors a user can cause end
+Every option is a config field (``factorkit.config.option``): help, checks and name live there once. An
+option the chosen method or setting does not use is refused, never dropped. Errors a user can cause end
 in one sentence on stderr and exit status 2, with nothing written.
 """
 
@@ -23,46 +22,40 @@ import typing
 from typing import Any, Sequence
 
 from . import api
-from .config import Config, ConfigError, _config_type, _is_tuple
+from .config import Config, ConfigError, config_type, is_tuple
 from .errors import FactorkitError
 from .methods import DEFAULT_METHOD, METHODS
+from .models.files import atomic_file, check_writable_file
 from .report import print_table
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage mistakes end in one line, like every other user error."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+    def error(self, message: str):  # one line and one prefix, like every other user error
+        self.exit(2, f"factorkit: error: {message.rstrip('.')}; see {self.prog} --help.\n")
 
 
 def _converter(tp: Any):
     """A string -> value function for a field's type (argparse reports a bad value)."""
     args = [t for t in (typing.get_args(tp) or (tp,)) if t is not type(None)]
-    if _is_tuple(tp):
+    if is_tuple(tp):
         return lambda text: tuple(t.strip() for t in text.split(",") if t.strip())
-    if args == [int]:
-        def whole(text: str) -> int:
-            try:
-                return int(text)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        return whole
-    if args == [float]:
-        def number(text: str) -> float:
-            try:
-                return float(text)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        return number
-    return str
+    kind = {(int,): (int, "a whole number"), (float,): (float, "a number")}.get(tuple(args))
+    if kind is None:
+        return str
+
+    def convert(text: str):
+        try:
+            return kind[0](text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind[1]}") from None
+    return convert
 
 
 def _leaves(cls: type[Config], prefix: str = "", path: tuple[str, ...] = ()):
     """(flag, path of field names, field, owner class) of every command-line option of ``cls``."""
     hints = typing.get_type_hints(cls)
     for f in cls.options():
-        sub = _config_type(hints[f.name])
+        sub = config_type(hints[f.name])
         if sub is not None:
             hidden = {path + (f.name, name) for name in f.metadata.get("hide", ())}
             yield from (leaf for leaf in _leaves(sub, prefix + f.metadata.get("prefix", ""), path + (f.name,))
@@ -71,10 +64,10 @@ def _leaves(cls: type[Config], prefix: str = "", path: tuple[str, ...] = ()):
             yield "--" + prefix + (f.metadata.get("flag") or f.name.replace("_", "-")), path + (f.name,), f, cls
 
 
-def _add_options(parser: argparse.ArgumentParser, cls: type[Config], defaults: Config, root: tuple = (),
-                 seen: dict | None = None) -> dict:
-    """Add ``cls``'s options (once each); returns {flag: dest path}."""
-    seen = {} if seen is None else seen
+def _add_options(parser: argparse.ArgumentParser, cls: type[Config], root: tuple = (), seen: dict | None = None
+                 ) -> dict:
+    """Add ``cls``'s options (once each, help with the default); returns {flag: dest path}."""
+    seen, defaults = {} if seen is None else seen, cls()
     for flag, path, f, owner in _leaves(cls):
         value = defaults
         for name in path:
@@ -105,51 +98,46 @@ def build_parser() -> argparse.ArgumentParser:
                                    "removes --ratio of its parameters, calibrated on --calib, and save it to --out.",
                        epilog=f"methods:\n{methods}")
     c.add_argument("--method", choices=sorted(METHODS), default=DEFAULT_METHOD, help=f"default {DEFAULT_METHOD}")
-    seen = _add_options(c, api.CompressJob, api.CompressJob())
+    seen = _add_options(c, api.CompressJob)
     for name, method in METHODS.items():  # an option several methods share is listed under the first
-        _add_options(c.add_argument_group(f"--method {name}"), method.config_cls, method.config_cls(), ("method",),
-                     seen)
+        _add_options(c.add_argument_group(f"--method {name}"), method.config_cls, ("method",), seen)
     c.set_defaults(job=api.CompressJob)
-    for name, job, text in (("eval", api.EvalJob, "perplexity of a model on a text"),
-                            ("pretrain", api.PretrainJob, "pretrain a small LLaMA from scratch (full rank, low rank "
-                                                          "or SLTrain); data parallel under torchrun"),
-                            ("finetune", api.FinetuneJob, "fine-tune a causal LM with a WaRA or LoRA adapter (or "
-                                                          "fully) on a text")):
-        p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
-        _add_options(p, job, job())
+    for name, job in (("eval", api.EvalJob), ("pretrain", api.PretrainJob), ("finetune", api.FinetuneJob)):
+        text = " ".join(job.__doc__.split()).replace("``", "")
+        p = sub.add_parser(name, help=text.split(" (")[0].rstrip("."), description=text)
+        _add_options(p, job)
         p.set_defaults(job=job)
     return parser
 
 
-def _build(cls: type[Config], given: dict[str, Any], flags: dict[tuple, str], path: tuple = (),
+def _build(cls: type[Config], given: dict[tuple, Any], flags: dict[tuple, str], path: tuple = (),
            base: Config | None = None) -> Config:
-    """``cls`` from its defaults (``base``) and the options given (by dest path);
-    a ConfigError is re-raised naming the flag."""
+    """``cls`` from its defaults (``base``) and the options given (by dest path); refuses an option that
+    only applies with another setting, and re-raises a ConfigError naming the flag."""
     base = base if base is not None else cls()
-    hints = typing.get_type_hints(cls)
+    hints, fields = typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        here = path + (f.name,)
-        sub = _config_type(hints[f.name])
-        if sub is not None and any(k[:len(here)] == here for k in given):
-            kwargs[f.name] = _build(sub, given, flags, here, getattr(base, f.name))
+    for name in fields:
+        here = path + (name,)
+        if config_type(hints[name]) is not None and any(k[:len(here)] == here for k in given):
+            kwargs[name] = _build(config_type(hints[name]), given, flags, here, getattr(base, name))
         elif here in given:
-            kwargs[f.name] = given[here]
-    for key, value in given.items():  # an option only meaningful with another setting
-        if key[:-1] == path and key[-1] in {f.name for f in dataclasses.fields(cls)}:
-            when = {f.name: f for f in dataclasses.fields(cls)}[key[-1]].metadata.get("when")
-            if when:
-                other = kwargs.get(when[0], getattr(base, when[0]))
-                wanted = when[1] if isinstance(when[1], tuple) else (when[1],)
-                if other not in wanted:
-                    raise FactorkitError(f"{flags[key]} applies only with {flags.get(path + (when[0],), when[0])} "
-                                         f"{' or '.join(map(str, wanted))}; drop it or change that setting.")
+            kwargs[name] = given[here]
+    for name in kwargs:
+        when = fields[name].metadata.get("when")
+        wanted = when and (when[1] if isinstance(when[1], tuple) else (when[1],))
+        if when and kwargs.get(when[0], getattr(base, when[0])) not in wanted:
+            raise FactorkitError(f"{flags[path + (name,)]} applies only with {flags[path + (when[0],)]} "
+                                 f"{' or '.join(map(str, wanted))}; drop it or change that setting.")
     try:
         return dataclasses.replace(base, **kwargs)
     except ConfigError as err:
         raise FactorkitError(f"{flags.get(path + (err.name,), err.name)} {err.problem}") from None
+
+
+def _flags(cls: type[Config], root: tuple = ()) -> dict[tuple, str]:
+    return {root + path: flag + (f"/--no-{flag[2:]}" if f.type in (bool, "bool") else "")
+            for flag, path, f, _ in _leaves(cls)}
 
 
 def make_job(args: argparse.Namespace) -> Config:
@@ -157,20 +145,21 @@ def make_job(args: argparse.Namespace) -> Config:
     given = {tuple(k.split(".")): v for k, v in vars(args).items() if "." in k or k not in
              ("quiet", "json", "command", "job", "method")}
     if args.job is not api.CompressJob:
-        flags = {path: flag for flag, path, _, _ in _leaves(args.job)}
-        return _build(args.job, given, flags)
-    config_cls = METHODS[args.method].config_cls
-    flags = {path: flag for flag, path, _, _ in _leaves(api.CompressJob)}
-    flags.update({("method",) + path: flag for flag, path, _, _ in _leaves(config_cls)})
-    for key in given:
-        if key[0] == "method" and key not in flags:
-            flag = next(flag for m in METHODS.values() for flag, path, _, _ in _leaves(m.config_cls)
-                        if ("method",) + path == key)
-            users = [m for m in METHODS.values() if any(("method",) + p == key for _, p, _, _ in _leaves(m.config_cls))]
-            raise FactorkitError(f"{flag} applies to --method {' or '.join(m.name for m in users)} only, not "
-                                 f"{args.method}.")
-    method = _build(config_cls, {k[1:]: v for k, v in given.items() if k[0] == "method"},
+        return _build(args.job, given, _flags(args.job))
+    flags, users = _flags(api.CompressJob), {}
+    for m in METHODS.values():
+        for key, flag in _flags(m.config_cls, ("method",)).items():
+            users.setdefault((key, flag), []).append(m.name)
+    flags.update(_flags(METHODS[args.method].config_cls, ("method",)))
+    for (key, flag), names in users.items():
+        if key in given and key not in flags:
+            raise FactorkitError(f"{flag} applies to --method {' or '.join(names)} only, not {args.method}.")
+    method = _build(METHODS[args.method].config_cls, {k[1:]: v for k, v in given.items() if k[0] == "method"},
                     {k[1:]: v for k, v in flags.items() if k[0] == "method"})
+    unused = [flags[k] for k in given if k in (("calib",), ("calib_samples",), ("calib_seq_len",))]
+    if unused and not method.uses_data():
+        raise FactorkitError(f"{unused[0]} applies only to a method that calibrates, and {args.method} with these "
+                             "settings uses no data; drop it.")
     return _build(api.CompressJob, {k: v for k, v in given.items() if k[0] != "method"}, flags,
                   base=api.CompressJob(method=method))
 
@@ -179,29 +168,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.quiet:
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
+        __import__("transformers").utils.logging.disable_progress_bar()
     job = None
     try:
         job = make_job(args)
         if getattr(job, "out", "") is None:
             raise FactorkitError(f"{args.command} writes a model; name the folder with --out.")
+        if args.json:
+            check_writable_file(args.json, "--json")  # before any work, like --out
         report = api.run(job, progress=not args.quiet)
-        if getattr(report, "saved", True) is False and args.command == "pretrain" and job.out is not None:
+        if getattr(report, "saved", True) is False and job.out is not None:
             return 0  # another process of a torchrun job wrote and reports
         print_table(*report.table())
         if args.json:
-            from .models.files import atomic_file
-
             with atomic_file(args.json) as tmp:
                 tmp.write_text(json.dumps(report.as_dict(), indent=2, default=str))
     except FactorkitError as exc:
         print(f"factorkit: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        train = getattr(getattr(job, "config", None), "train", None) or getattr(getattr(job, "method", None), "train", None)
-        resume = getattr(train, "checkpoint_dir", None) or getattr(getattr(job, "method", None), "checkpoint_dir", None)
+        resume = api.resume_folder(job) if job is not None else None
         print("factorkit: interrupted; " + (f"rerun the same command to resume from the last checkpoint in {resume}."
                                             if resume else "nothing was written."), file=sys.stderr)
         return 130

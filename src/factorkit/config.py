@@ -127,7 +127,7 @@ def _field_type(cls: type, f: dataclasses.Field) -> Any:
     return typing.get_type_hints(cls)[f.name]
 
 
-def _config_type(tp: Any) -> type | None:
+def config_type(tp: Any) -> type | None:
     """The Config class a field holds (also through ``X | None``), or None."""
     for candidate in (tp, *typing.get_args(tp)):
         if isinstance(candidate, type) and issubclass(candidate, Config):
@@ -135,7 +135,11 @@ def _config_type(tp: Any) -> type | None:
     return None
 
 
-def _is_tuple(tp: Any) -> bool:
+def _optional(tp: Any) -> bool:
+    return type(None) in typing.get_args(tp)
+
+
+def is_tuple(tp: Any) -> bool:
     return any(typing.get_origin(t) is tuple or t is tuple for t in (tp, *typing.get_args(tp)))
 
 
@@ -144,11 +148,18 @@ class Config:
     """Base of every settings dataclass (see the module's docstring)."""
 
     def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, list) and _is_tuple(_field_type(type(self), f)):
+            kind = hints[f.name]
+            if isinstance(value, list) and is_tuple(kind):
                 value = tuple(value)  # from JSON or a user's list
                 setattr(self, f.name, value)
+            if kind is bool and not isinstance(value, bool):
+                raise ConfigError(f.name, f"must be True or False, got {value!r}.")
+            sub = config_type(kind)
+            if sub is not None and not isinstance(value, sub) and not (value is None and _optional(kind)):
+                raise ConfigError(f.name, f"must be a {sub.__name__}, got {type(value).__name__}.")
             choices = f.metadata.get("choices")
             if choices is not None and value is not None and value not in choices:
                 raise ConfigError(f.name, f"must be one of {', '.join(map(str, choices))}, got {value!r}.")
@@ -193,7 +204,7 @@ class Config:
                                  f"{', '.join(known)}.")
         kwargs = {}
         for name, value in values.items():
-            nested = _config_type(_field_type(cls, known[name]))
+            nested = config_type(_field_type(cls, known[name]))
             kwargs[name] = nested.from_dict(value) if nested is not None and isinstance(value, dict) else value
         return cls(**kwargs)
 

@@ -18,6 +18,10 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _source_ids(tokenizer, source: str | os.PathLike | torch.Tensor, split: str, seed: int) -> torch.Tensor:
     if isinstance(source, torch.Tensor):
         return source.reshape(-1).long()
@@ -27,8 +31,9 @@ def _source_ids(tokenizer, source: str | os.PathLike | torch.Tensor, split: str,
 def calibration_tokens(tokenizer, source: str | os.PathLike | torch.Tensor, n_samples: int = 32,
                        seq_len: int = 512, seed: int = 0, split: str = "calib") -> torch.Tensor:
     """``n_samples`` windows of ``seq_len`` tokens at seeded random offsets: (n_samples, seq_len)."""
-    if n_samples < 1 or seq_len < 2:
-        raise FactorkitError(f"need at least 1 sample of at least 2 tokens, got {n_samples} x {seq_len}.")
+    if not (_whole(n_samples) and _whole(seq_len)) or n_samples < 1 or seq_len < 2:
+        raise FactorkitError(f"need at least 1 sample of at least 2 tokens (whole numbers), got {n_samples!r} x "
+                             f"{seq_len!r}.")
     ids = _source_ids(tokenizer, source, split, seed)
     if ids.numel() < seq_len:
         raise FactorkitError(
@@ -44,8 +49,10 @@ def eval_tokens(tokenizer, source: str | os.PathLike | torch.Tensor, seq_len: in
                 max_chunks: int | None = None, seed: int = 0, split: str = "eval") -> torch.Tensor:
     """Consecutive non-overlapping chunks from the start of the text: (chunks, seq_len).
     The tail shorter than ``seq_len`` is dropped."""
-    if seq_len < 2:
-        raise FactorkitError(f"seq_len must be at least 2 tokens, got {seq_len}.")
+    if not _whole(seq_len) or seq_len < 2:
+        raise FactorkitError(f"seq_len must be at least 2 tokens, got {seq_len!r}.")
+    if max_chunks is not None and (not _whole(max_chunks) or max_chunks < 1):
+        raise FactorkitError(f"max_chunks must be a whole number of at least 1 (or None for all), got {max_chunks!r}.")
     ids = _source_ids(tokenizer, source, split, seed)
     if max_chunks is not None:
         ids = ids[: max_chunks * seq_len]

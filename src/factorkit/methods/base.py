@@ -55,6 +55,8 @@ class CompressionConfig(Config):
     def from_dict(cls, values: dict) -> "CompressionConfig":
         """Rebuild the config a ``to_dict`` (or factorkit.json) describes; the
         ``method`` key picks the class when called on the base class."""
+        if not isinstance(values, dict):
+            raise FactorkitError(f"{cls.__name__} needs a mapping of settings, got {type(values).__name__}.")
         values = dict(values)
         name = values.pop("method", None)
         if cls is CompressionConfig or (name is not None and name != getattr(cls, "method", None)):
@@ -69,10 +71,11 @@ def check_targets(model: nn.Module, config: CompressionConfig) -> list[str]:
     """Names (inside a block) of the Linears ``config.targets`` selects; one clear error if none."""
     _, blocks = find_blocks(model)
     names = list(target_linears(blocks[0], config.targets))
-    if not names:
+    unmatched = [t for t in config.targets or () if not target_linears(blocks[0], [t])]
+    if not names or unmatched:  # a misspelt name is refused, never dropped
         available = ", ".join(target_linears(blocks[0])) or "none"
         raise FactorkitError(
-            f"no Linear layer in the blocks matches targets {list(config.targets or [])}; "
+            f"no Linear layer in the blocks matches targets {unmatched or list(config.targets or [])}; "
             f"the first block has: {available}."
         )
     return names

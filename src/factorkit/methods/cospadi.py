@@ -57,6 +57,8 @@ COUNTS = ("params", "storage")
 
 
 def _refresh(value) -> str | None:
+    if isinstance(value, bool):
+        return f"must be doubling, every or a positive whole number, got {value!r}."
     try:
         refresh_schedule(1, value)
     except (ValueError, TypeError):

@@ -118,8 +118,8 @@ class FWSVDConfig(LowRankConfig):
 
     def check(self) -> None:
         if self.whiten and self.axis != "out":
-            raise ConfigError("fisher_axis", "must be out with whiten=True, since the input side is whitened; "
-                                             "set fisher_axis='out' or leave it unset.")
+            raise ConfigError("fisher_axis", "must be out when whiten is on, since the input side is whitened; "
+                                             "set it to out or leave it unset.")
 
     def to_dict(self) -> dict:
         return {**super().to_dict(), "fisher_axis": self.axis}  # the axis used, for the record

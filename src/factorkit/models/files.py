@@ -59,6 +59,16 @@ def check_writable_target(path: str | os.PathLike, overwrite: bool, *,
     _check_parent_writable(path)
 
 
+def check_writable_file(path: str | os.PathLike, what: str = "the file") -> None:
+    """Refuse, before any work, a file target that cannot be written: a folder, a
+    path under a file, or one in a folder not writable. Missing folders on the way
+    are created when the file is written, as for an output folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise FactorkitError(f"{what} {path} is a folder; name a file to write.")
+    _check_parent_writable(path)
+
+
 def _check_parent_writable(path: Path) -> None:
     # the temporary folder is made beside the target: probe the nearest folder that exists on the way there
     ancestor = path.absolute().parent
@@ -226,8 +236,10 @@ def read_json(file: Path) -> dict:
 
 def first_sentence(exc: BaseException) -> str:
     """An exception's message cut to fit inside one sentence of ours."""
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return text.split(". ")[0].rstrip(".") or type(exc).__name__
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+    # "Validation error for field 'x':" and the like introduce the reason on the next line
+    text = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
+    return text.split(". ")[0].rstrip(".:") or type(exc).__name__
 
 
 def folder_size(path: str | os.PathLike, pattern: str = "*.safetensors") -> int:

@@ -22,11 +22,13 @@ from typing import Any
 
 import torch
 import transformers
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from torch import nn
 
 from ..errors import FactorkitError
 from .checkpoint import is_factorkit_dir, load_compressed, parse_dtype
-from .files import atomic_dir
+from .files import atomic_dir, first_sentence
 
 log = logging.getLogger("factorkit")
 
@@ -68,20 +70,59 @@ def _drop_gguf_quantization(model: nn.Module) -> None:
 
 def _load_gguf(file: Path, dtype: torch.dtype):
     kw = {"gguf_file": file.name}
-    tokenizer = transformers.AutoTokenizer.from_pretrained(file.parent, **kw)
-    model = transformers.AutoModelForCausalLM.from_pretrained(file.parent, dtype=dtype, **kw)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(file.parent, **kw)
+        model = transformers.AutoModelForCausalLM.from_pretrained(file.parent, dtype=dtype, **kw)
+    except FactorkitError:
+        raise
+    except Exception as exc:  # the GGUF parser fails on a damaged file in many ways (struct, value, key errors)
+        raise FactorkitError(f"{file} is not a GGUF file transformers can read ({first_sentence(exc)}); "
+                             "check the file or download it again.") from None
     _drop_gguf_quantization(model)
     return model, tokenizer
 
 
+# what transformers raises on a damaged folder: unreadable JSON or weights, unknown model types,
+# config values its validators refuse
+_LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, SafetensorError, StrictDataclassError)
+
+
 def _load_hf_folder(path: str | Path, dtype: torch.dtype, num_labels: int | None = None):
-    if num_labels is not None:  # a fresh classification head on the encoder
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
-                                                                                dtype=dtype)
-        return model, transformers.AutoTokenizer.from_pretrained(path)
-    config = transformers.AutoConfig.from_pretrained(path)
-    model = _model_class(config).from_pretrained(path, dtype=dtype)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    """A Hugging Face folder (or hub id): safetensors weights only (nothing is unpickled), every weight
+    of the model present (no silently random layer), and its tokenizer, or None when a local folder has
+    no tokenizer files."""
+    local = Path(path).is_dir()
+    if local and not any(Path(path).glob("*.safetensors")) and any(Path(path).glob("*.bin")):
+        raise FactorkitError(f"{path} holds its weights only as pickled .bin files, which factorkit never reads; "
+                             "convert them to model.safetensors (save_pretrained writes it).")
+    try:
+        if num_labels is not None:  # a fresh classification head on the encoder
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, dtype=dtype, use_safetensors=True)
+        else:
+            config = transformers.AutoConfig.from_pretrained(path)
+            model, info = _model_class(config).from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                               output_loading_info=True)
+            if info["missing_keys"]:
+                missing = sorted(info["missing_keys"])
+                raise FactorkitError(f"{path} lacks {len(missing)} of its model's weights, such as {missing[0]}; "
+                                     "the folder is damaged, save or download it again.")
+    except FactorkitError:
+        raise
+    except _LOAD_ERRORS as exc:
+        if not local:
+            raise  # a hub id: _load_from_hub says what went wrong
+        raise FactorkitError(f"{path} is not a model folder transformers can load ({first_sentence(exc)}); "
+                             "check its config.json and weights.") from None
+    if local and not _has_tokenizer(Path(path)):
+        return model, None
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    except _LOAD_ERRORS as exc:
+        if not local:
+            raise
+        raise FactorkitError(f"the tokenizer files in {path} cannot be loaded ({first_sentence(exc)}); "
+                             "save the model's tokenizer there again.") from None
     return model, tokenizer
 
 
@@ -159,7 +200,8 @@ def load(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = torc
 
 
 def _has_tokenizer(path: Path) -> bool:
-    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
+    return any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
+                                              "tokenizer.model", "spiece.model"))
 
 
 def _load_from_hub(repo_id: str, dtype: torch.dtype, num_labels: int | None = None):

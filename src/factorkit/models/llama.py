@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 import transformers
+from huggingface_hub.errors import StrictDataclassError
 
 from ..errors import FactorkitError
+from .files import first_sentence
 
 PRETRAIN_CONFIGS: dict[str, dict] = {
     # MLP width ~ 8/3 of hidden, a multiple of 16; llama-60m is the papers' own shape
@@ -28,6 +30,8 @@ PRETRAIN_CONFIGS: dict[str, dict] = {
     "llama-20m": {"hidden_size": 256, "num_hidden_layers": 6, "num_attention_heads": 4, "intermediate_size": 688},
     "llama-60m": {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8, "intermediate_size": 1376},
 }
+SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+         "max_position_embeddings")
 COMMON = {"max_position_embeddings": 1024, "tie_word_embeddings": False, "rms_norm_eps": 1e-6,
           "attention_dropout": 0.0, "hidden_act": "silu"}
 
@@ -42,16 +46,26 @@ def llama_config(name: str, vocab_size: int, max_positions: int | None = None) -
             raise FactorkitError(f"unknown model config {name!r}; use one of {', '.join(PRETRAIN_CONFIGS)} "
                                  "or a path to a JSON file of LlamaConfig fields.")
         try:
-            fields = {**COMMON, **json.loads(path.read_text())}
+            given = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise FactorkitError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); fix the file.") from None
+        if not isinstance(given, dict):
+            raise FactorkitError(f"{path} holds a JSON {type(given).__name__}, not an object of LlamaConfig fields; "
+                                 "fix the file.")
+        fields = {**COMMON, **given}
+    for size in SIZES:  # checked here: transformers builds zero or negative sizes, or fails deep inside
+        value = fields.get(size, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise FactorkitError(f"model config {name!r} sets {size} to {value!r}; it must be a whole number of at "
+                                 "least 1.")
     fields["vocab_size"] = vocab_size
     if max_positions is not None:
         fields["max_position_embeddings"] = max(max_positions, fields.get("max_position_embeddings", 0))
     try:
         return transformers.LlamaConfig(**fields)
-    except (TypeError, ValueError) as exc:
-        raise FactorkitError(f"model config {name!r} is not a valid LlamaConfig: {exc}") from None
+    except (TypeError, ValueError, StrictDataclassError) as exc:
+        raise FactorkitError(f"model config {name!r} is not a valid LlamaConfig ({first_sentence(exc)}); "
+                             "fix the file.") from None
 
 
 def build_llama(config: transformers.LlamaConfig, seed: int = 0, dtype: torch.dtype = torch.float32

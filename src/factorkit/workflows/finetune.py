@@ -18,12 +18,13 @@ from pathlib import Path
 
 from torch import nn
 
-from ..surgery import model_targets
+from ..surgery import find_blocks, model_targets, target_linears
 from ..data import pretrain_rows, train_heldout_text
 from ..errors import FactorkitError
 from ..eval import perplexity
+from ..eval.perplexity import check_token_ids
 from ..adapters.wara import WaRAConfig, get_wara_model, save_adapter, trainable_parameters
-from ..config import Config, nested, non_negative, option, positive, positive_int, whole
+from ..config import Config, ConfigError, nested, non_negative, option, positive, positive_int, whole
 from ..training.loop import TrainConfig, model_loss, train
 
 ADAPTERS = ("wara", "lora", "full")
@@ -56,6 +57,9 @@ class FinetuneConfig(Config):
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
             self.target_modules = tuple(t.strip() for t in self.target_modules.split(",") if t.strip())
+        if self.target_modules is not None and (not self.target_modules or
+                                                not all(isinstance(t, str) for t in self.target_modules)):
+            raise ConfigError("target_modules", f"must be Linear names such as q_proj, got {self.target_modules!r}.")
         super().__post_init__()
 
 
@@ -80,9 +84,12 @@ class FinetuneResult:
 def target_names(model: nn.Module, targets: tuple[str, ...] | None) -> list[str]:
     """The Linear names (inside a block) both adapters target, e.g. ["q_proj", "v_proj"]."""
     found = model_targets(model, targets)
-    if not found:
-        raise FactorkitError(f"no Linear layer in the blocks matches target_modules {targets}; "
-                             "name layers such as q_proj, v_proj, or pass None for all.")
+    first = find_blocks(model)[1][0]
+    unmatched = [t for t in targets or () if not target_linears(first, [t])]
+    if not found or unmatched:  # a misspelt name is refused, never dropped
+        raise FactorkitError(f"no Linear layer in the blocks matches target_modules "
+                             f"{unmatched or list(targets or [])}; "
+                             f"the first block has: {', '.join(target_linears(first)) or 'none'}.")
     return sorted({name.rsplit(".", 1)[-1] for name in found})
 
 
@@ -106,19 +113,27 @@ def finetune(config: FinetuneConfig, progress: bool = True, stop_after: int | No
              model: nn.Module | None = None, tokenizer=None) -> FinetuneResult:
     """Fine-tune (or resume, from ``config.train.checkpoint_dir``); ``model`` / ``tokenizer``
     may be given already loaded, otherwise ``config.model`` is loaded."""
+    given = model is not None
     if model is None:
         from ..models import load
 
         model, tokenizer = load(config.model)
     if tokenizer is None:
         raise FactorkitError(f"{config.model} has no tokenizer files; save the tokenizer beside the model.")
+    if config.adapter != "full":
+        target_names(model, config.target_modules)  # a misspelt target fails before any work
     train_text, heldout_text = train_heldout_text(config.text, config.train.seed)
     rows, heldout = pretrain_rows(tokenizer, train_text, heldout_text, config.seq_len)
     heldout = heldout[: config.eval_rows]
     if rows.shape[0] < config.train.batch_size:
         raise FactorkitError(f"the training text has {rows.shape[0]} sequences of {config.seq_len} tokens, fewer "
                              f"than one batch of {config.train.batch_size}; give more text or a smaller --batch-size.")
-    before = perplexity(model, heldout, batch_size=4, progress=False).perplexity
+    for ids in (rows, heldout):
+        check_token_ids(model, ids, "the tokenizer passed with the model does not match it; pass the model's own "
+                                    "tokenizer" if given else "the tokenizer saved with the model does not match it; "
+                                                              "save the model's own tokenizer beside it")
+    before = perplexity(model, heldout, batch_size=4, progress=False,
+                        nonfinite_hint="check the weights of the model to fine-tune").perplexity
     base = model.state_dict()  # the adapters start from the seed: the base weights tell runs apart
     model = attach(model, config)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -126,7 +141,7 @@ def finetune(config: FinetuneConfig, progress: bool = True, stop_after: int | No
                     desc=f"finetune {config.adapter}", run={"finetune": config.to_dict(), "base": base},
                     nonfinite_hint="lower --lr")
     trainable, total = trainable_parameters(model)
-    after = perplexity(model, heldout, batch_size=4, progress=False).perplexity
+    after = perplexity(model, heldout, batch_size=4, progress=False, nonfinite_hint="lower --lr").perplexity
     return FinetuneResult(model, tokenizer, before, after, trainable, total, trained.seconds,
                           len(trained.losses) - trained.resumed_from, trained.losses)
 

@@ -208,7 +208,8 @@ def pretrain(config: PretrainConfig, progress: bool = True, stop_after: int | No
     def evaluate(done: int, loss: float) -> dict | None:
         if done % config.eval_every and done != config.train.steps:
             return None
-        result = perplexity(model, heldout, batch_size=8, progress=False)
+        result = perplexity(model, heldout, batch_size=8, progress=False,
+                            nonfinite_hint="lower --lr or use --dtype float32")
         if sharded:  # FSDP2 keeps the root's parameters gathered after a forward with no backward
             model.reshard()
         return {"loss": result.nll, "perplexity": result.perplexity}
