@@ -13,7 +13,7 @@ scratch (embeddings, norms and the LM head stay full rank):
   paper's start: A Kaiming-uniform, B = 0, the values of S uniform in
   +-1/sqrt(in), so W = S at first.
 
-Training itself is ``training.pretrain``; this file only decides what each
+Training itself is ``workflows.pretrain``; this file only decides what each
 weight is.
 """
 
