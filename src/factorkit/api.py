@@ -158,16 +158,12 @@ def compress(model: nn.Module, config: CompressionConfig, data: torch.Tensor | N
 def _check_data(model: nn.Module, data) -> None:
     if isinstance(data, torch.Tensor):
         if data.ndim == 2 and data.dtype == torch.long and data.shape[0] >= 1:
-            _check_token_ids(model, data)
+            check_token_ids(model, data)
             return
     elif isinstance(data, (list, tuple)) and data and all(isinstance(b, Mapping) for b in data):
         return
     raise FactorkitError("calibration data must be a LongTensor of token ids with shape (samples, seq_len), "
                          "or a non-empty list of batches (dicts of model inputs, with 'labels' for Fisher).")
-
-
-def _check_token_ids(model: nn.Module, ids: torch.Tensor) -> None:
-    check_token_ids(model, ids)
 
 
 def _tokenizer_fix(loaded: tuple | None) -> str:

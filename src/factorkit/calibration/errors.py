@@ -10,6 +10,8 @@ methods compare matrix by matrix: where a perplexity gap comes from.
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -47,11 +49,9 @@ def _visit_dense(model: nn.Module, data: Any, visit: Callable[[str, torch.Tensor
         if wanted is not None and index >= max(wanted):
             raise _Done
 
-    try:
+    with contextlib.suppress(_Done):  # stopped after the last block asked for
         calibrate_blockwise(model, data, on_block, targets=targets, stats=kinds, sequential=False,
                             batch_size=batch_size, progress=progress, desc=desc)
-    except _Done:
-        pass
 
 
 def relative_output_errors(model: nn.Module, data: Any, approximations: Mapping[str, Approximation], *,

@@ -112,7 +112,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by another user
-        pass
+        return True
     return True
 
 
