@@ -190,8 +190,6 @@ class Config:
             out[f.name] = value
         return out
 
-    record = to_dict  # the name factorkit.json's writer used before
-
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "Config":
         """Rebuild a config from ``to_dict``'s output; an unknown key is one clear error."""

@@ -49,8 +49,6 @@ class CompressionConfig(Config):
     def to_dict(self) -> dict:
         return {"method": self.method, **super().to_dict()}
 
-    record = to_dict
-
     @classmethod
     def from_dict(cls, values: dict) -> "CompressionConfig":
         """Rebuild the config a ``to_dict`` (or factorkit.json) describes; the
