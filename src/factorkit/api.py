@@ -8,7 +8,7 @@ line does it, and returns a typed report:
     report.perplexity_after, report.compression.summary.ratio_targeted
 
 Jobs: :class:`CompressJob` (load, calibrate, compress, evaluate, save),
-:class:`EvalJob` (perplexity of any model), :class:`PretrainJob`,
+:class:`EvalJob` (perplexity and the zero-shot suite of any model), :class:`PretrainJob`,
 :class:`FinetuneJob` (the workflows, plus saving).
 """
 
@@ -26,7 +26,7 @@ from torch import nn
 
 from .config import Config, ConfigError, nested, option, optional, positive_int, whole
 from .errors import FactorkitError
-from .eval import PerplexityResult, perplexity
+from .eval import TASKS, PerplexityResult, ZeroShotResult, check_tasks, perplexity, zero_shot
 from .eval.perplexity import check_token_ids
 from .factors import FactorModule, factor_modules
 from .report import fmt_bytes, fmt_count, fmt_ppl
@@ -220,7 +220,7 @@ def _model_option(default: str = "smollm2-135m") -> Any:
 
 
 def _text_help(what: str) -> str:
-    return f"{what}: shakespeare (built in), wikitext2 or c4 (online), or a UTF-8 text file"
+    return f"{what}: shakespeare or general (built in), wikitext2 or c4 (online), or a UTF-8 text file"
 
 
 @dataclass
@@ -268,13 +268,38 @@ class CompressJob(_EvalSettings):
         super().__post_init__()
 
 
+def _task_names(value: Any) -> str | None:
+    if value is None or isinstance(value, tuple) and value and all(isinstance(t, str) and t.strip() for t in value):
+        return None
+    if isinstance(value, str):
+        return f"must be a tuple of task names such as ({value!r},), got the string {value!r}."
+    return f"must name at least one task, such as piqa,arc_easy, got {value!r}."
+
+
 @dataclass
 class EvalJob(_EvalSettings):
-    """Perplexity of ``model`` on ``text`` (for shakespeare, the held-out plays)."""
+    """Perplexity of ``model`` on ``text`` (for shakespeare, the held-out plays) and its accuracy on the
+    zero-shot ``tasks`` of lm-evaluation-harness (given tasks, perplexity is measured only with a text)."""
 
     model: str = _model_option()
-    text: str = option("shakespeare", _text_help("text to measure (its held-out split)"))
+    text: str | None = option(None, _text_help("text to measure perplexity on (its held-out split)")
+                              + "; when not given, shakespeare, or with --tasks no perplexity")
     seed: int = option(0, "seed of the shakespeare split", check=whole(0))
+    tasks: tuple[str, ...] | None = option(None, f"zero-shot tasks of lm-evaluation-harness, comma separated: "
+                                                 f"{', '.join(TASKS)} (documents on this machine), all (these 8), "
+                                                 "or any other lm-eval task (downloaded; online)", check=_task_names)
+    limit: int | None = option(None, "with --tasks, score only the first LIMIT documents of each task (none: all)",
+                               check=optional(positive_int))
+    batch_size: int = option(8, "with --tasks, requests scored per forward pass", check=positive_int)
+
+    @property
+    def perplexity_text(self) -> str | None:
+        """The text perplexity is measured on, or None."""
+        return self.text if self.text is not None else (None if self.tasks else "shakespeare")
+
+    def check(self) -> None:
+        if self.limit is not None and not self.tasks:
+            raise ConfigError("limit", "applies only with tasks (--tasks); name the tasks or drop it.")
 
 
 def _load_with_tokenizer(name: str, dtype: str):
@@ -331,25 +356,33 @@ class CompressJobReport:
 @dataclass
 class EvalReport:
     job: EvalJob
-    perplexity: PerplexityResult
+    perplexity: PerplexityResult | None  # None when no text was measured
     summary: CompressionSummary
     compression: dict | None  # the record of a compressed model, else None
-    seconds: float
+    seconds: float  # measuring perplexity
+    zero_shot: ZeroShotResult | None = None
 
     def as_dict(self) -> dict:
-        return {"job": self.job.to_dict(), "perplexity": self.perplexity.as_dict(), "summary": self.summary.as_dict(),
-                "compression": self.compression, "seconds": self.seconds}
+        return {"job": self.job.to_dict(), "perplexity": self.perplexity.as_dict() if self.perplexity else None,
+                "summary": self.summary.as_dict(), "compression": self.compression, "seconds": self.seconds,
+                "zero_shot": self.zero_shot.as_dict() if self.zero_shot else None}
 
-    def table(self) -> tuple:
+    def tables(self) -> list[tuple]:
+        """The model (and perplexity) table, then the zero-shot table; each for ``report.print_table``."""
         r, c = self.perplexity, self.compression
-        rows = [["perplexity", fmt_ppl(r.perplexity)],
-                ["tokens counted", f"{r.tokens} ({r.chunks} chunks of {r.seq_len})"],
-                ["dtype", r.dtype],
+        rows = [["dtype", self.job.dtype],
                 ["parameters", fmt_count(self.summary.model_params_after)],
                 ["compression", f"{c['method']}, {self.summary.ratio_targeted:.1%} of targeted parameters removed"
-                 if c else "none"],
-                ["wall time", f"{self.seconds:.1f} s"]]
-        return f"{self.job.model} on {self.job.text}", ["", "value"], rows, None
+                 if c else "none"]]
+        if r is not None:
+            rows = [["perplexity", fmt_ppl(r.perplexity)],
+                    ["tokens counted", f"{r.tokens} ({r.chunks} chunks of {r.seq_len})"],
+                    *rows, ["wall time", f"{self.seconds:.1f} s"]]
+        title = f"{self.job.model} on {self.job.perplexity_text}" if r is not None else self.job.model
+        return [(title, ["", "value"], rows, None)] + ([self.zero_shot.table()] if self.zero_shot else [])
+
+    def table(self) -> tuple:
+        return self.tables()[0]
 
 
 def _run_compress(job: CompressJob, progress: bool, loaded: tuple | None) -> CompressJobReport:
@@ -391,15 +424,22 @@ def _run_compress(job: CompressJob, progress: bool, loaded: tuple | None) -> Com
 def _run_eval(job: EvalJob, progress: bool, loaded: tuple | None) -> EvalReport:
     from .data import eval_tokens
 
+    plan = check_tasks(job.tasks) if job.tasks else None  # before any model work
     model, tokenizer = loaded if loaded is not None else _load_with_tokenizer(job.model, job.dtype)
-    chunks = eval_tokens(tokenizer, job.text, job.seq_len, job.max_chunks, job.seed)
-    check_token_ids(model, chunks, _tokenizer_fix(loaded))
-    compressed = compression_record(model) is not None
-    t = time.perf_counter()
-    result = perplexity(model, chunks, progress=progress,
-                        nonfinite_hint="try --dtype float32 or " + ("compress it with a smaller ratio" if compressed
-                                                                    else "check the model's weights"))
-    return EvalReport(job, result, summarize(model), compression_record(model), time.perf_counter() - t)
+    text = job.perplexity_text
+    chunks = eval_tokens(tokenizer, text, job.seq_len, job.max_chunks, job.seed) if text else None
+    if chunks is not None:
+        check_token_ids(model, chunks, _tokenizer_fix(loaded))
+    suite = None
+    if plan is not None:
+        suite = zero_shot(model, tokenizer, plan, job.limit, job.batch_size, progress=progress)
+    result, t = None, time.perf_counter()
+    if chunks is not None:
+        compressed = compression_record(model) is not None
+        result = perplexity(model, chunks, progress=progress,
+                            nonfinite_hint="try --dtype float32 or " + ("compress it with a smaller ratio" if compressed
+                                                                        else "check the model's weights"))
+    return EvalReport(job, result, summarize(model), compression_record(model), time.perf_counter() - t, suite)
 
 
 @dataclass

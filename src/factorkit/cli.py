@@ -2,6 +2,7 @@
 
     factorkit compress --model smollm2-135m --method svdllm --ratio 0.2 --calib shakespeare --out out/svdllm
     factorkit eval --model out/svdllm --text shakespeare
+    factorkit eval --model out/svdllm --tasks all --limit 100      (lm-eval's zero-shot suite; writes a JSON file)
     factorkit finetune --model smollm2-135m --adapter wara --r 8 --text my_notes.txt --out out/wara
     factorkit pretrain --config llama-20m --param sltrain --rank 64 --delta 0.03 --steps 300 --out out/sltrain
     torchrun --nproc-per-node 2 -m factorkit.cli pretrain ...   (data parallel, same loss curve)
@@ -17,8 +18,11 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import sys
+import time
 import typing
+from pathlib import Path
 from typing import Any, Sequence
 
 from . import api
@@ -90,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "as structured factorizations.",
                      epilog="Start with: factorkit compress --out out/demo --eval shakespeare")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
+    parser.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE (eval --tasks always "
+                                                       "writes one: to a new file under factorkit-results/ without it)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     methods = "\n".join(f"  {m.name:8s} {m.summary}" for m in METHODS.values())
     c = sub.add_parser("compress", help="compress a model and save it", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -164,6 +169,18 @@ def make_job(args: argparse.Namespace) -> Config:
                   base=api.CompressJob(method=method))
 
 
+def default_json(job: api.EvalJob) -> Path:
+    """Where a zero-shot evaluation writes its results without --json: a new file under
+    factorkit-results/, named after the model and the time (never an existing file)."""
+    model = Path(job.model).resolve().name if Path(job.model).exists() else Path(job.model).name
+    stem = f"eval-{re.sub(r'[^A-Za-z0-9._-]+', '-', model).strip('-.') or 'model'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = Path("factorkit-results") / f"{stem}.json", 1
+    while path.exists():
+        n += 1
+        path = path.with_name(f"{stem}-{n}.json")
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -174,15 +191,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         job = make_job(args)
         if getattr(job, "out", "") is None:
             raise FactorkitError(f"{args.command} writes a model; name the folder with --out.")
-        if args.json:
-            check_writable_file(args.json, "--json")  # before any work, like --out
+        report_file = args.json
+        if report_file is None and isinstance(job, api.EvalJob) and job.tasks:
+            report_file = default_json(job)  # zero-shot results are always kept
+        if report_file:
+            check_writable_file(report_file, "--json")  # before any work, like --out
         report = api.run(job, progress=not args.quiet)
         if getattr(report, "saved", True) is False and job.out is not None:
             return 0  # another process of a torchrun job wrote and reports
-        print_table(*report.table())
-        if args.json:
-            with atomic_file(args.json) as tmp:
+        for table in report.tables() if hasattr(report, "tables") else [report.table()]:
+            print_table(*table)
+        if report_file:
+            with atomic_file(report_file) as tmp:
                 tmp.write_text(json.dumps(report.as_dict(), indent=2, default=str))
+            if not args.json:
+                print(f"Results written to {report_file}.")
     except FactorkitError as exc:
         print(f"factorkit: error: {exc}", file=sys.stderr)
         return 2

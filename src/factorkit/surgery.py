@@ -33,7 +33,7 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The list of repeated transformer blocks: the ModuleList of identical
-    module types holding the most parameters (model.layers in LLaMA/Qwen/Mistral,
+    module types holding the most parameters (model.layers in LLaMA/Qwen/Mistral/Gemma,
     transformer.h in GPT-2). Blocks already compressed still count."""
     best: tuple[int, str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
@@ -49,7 +49,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     if best is None:
         raise FactorkitError(
             f"{type(model).__name__} has no list of repeated blocks containing Linear layers; "
-            "factorkit compresses transformers built from such blocks (LLaMA, Qwen, Mistral, GPT-2 style)."
+            "factorkit compresses transformers built from such blocks (LLaMA, Qwen, Mistral, Gemma, GPT-2 style)."
         )
     return best[1], best[2]
 

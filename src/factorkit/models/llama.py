@@ -9,7 +9,10 @@ tokenizer (a 4k one trained on Shakespeare makes llama-20m 6.8M parameters,
 in the papers.
 
 A name is one of ``PRETRAIN_CONFIGS`` or a path to a JSON file of
-``transformers.LlamaConfig`` fields (vocab_size is set from the tokenizer).
+``transformers.LlamaConfig`` fields (vocab_size is set from the tokenizer);
+a file naming another ``model_type`` (a Gemma-3 config.json) is refused, since
+pretraining is LLaMA-only by design. Compression and fine-tuning take any
+architecture built from Linear blocks.
 """
 
 from __future__ import annotations
@@ -52,6 +55,10 @@ def llama_config(name: str, vocab_size: int, max_positions: int | None = None) -
         if not isinstance(given, dict):
             raise FactorkitError(f"{path} holds a JSON {type(given).__name__}, not an object of LlamaConfig fields; "
                                  "fix the file.")
+        model_type = given.pop("model_type", "llama")
+        if model_type != "llama":  # LlamaConfig would take a Gemma's fields and build a LLaMA that claims to be one
+            raise FactorkitError(f"{path} describes a {model_type!r} model, but pretraining builds LLaMA models "
+                                 "only; give LlamaConfig fields (or model_type llama).")
         fields = {**COMMON, **given}
     for size in SIZES:  # checked here: transformers builds zero or negative sizes, or fails deep inside
         value = fields.get(size, 1)

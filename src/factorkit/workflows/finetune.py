@@ -4,9 +4,9 @@ real ``peft`` package) or all of its weights, through the shared loop.
     result = finetune(FinetuneConfig(model="smollm2-135m", adapter="wara", r=8, text="my.txt"))
 
 The text is split into training and held-out text (``data.train_heldout_text``:
-for shakespeare the calibration plays and the held-out plays), cut into rows
-of ``seq_len`` tokens; perplexity on the first ``eval_rows`` held-out rows is
-measured before and after training. WaRA and LoRA target the same Linears at
+for shakespeare the calibration plays and the held-out plays, for general its
+calib and eval splits), cut into rows of ``seq_len`` tokens; perplexity on the
+first ``eval_rows`` held-out rows is measured before and after training. WaRA and LoRA target the same Linears at
 the same rank and alpha, so they train the same number of parameters.
 """
 
@@ -47,8 +47,8 @@ class FinetuneConfig(Config):
     target_modules: tuple[str, ...] | None = option(
         None, "comma-separated Linear names to adapt, e.g. q_proj,v_proj (default: all)", flag="targets",
         when=("adapter", ("wara", "lora")))
-    text: str = option("shakespeare", "shakespeare (calibration plays; the others held out), wikitext2, c4 or a "
-                                      "text file (its last 10% held out)")
+    text: str = option("shakespeare", "shakespeare (calibration plays; the others held out), general (its calib "
+                                      "split; eval held out), wikitext2, c4 or a text file (its last 10% held out)")
     seq_len: int = option(256, "tokens per sequence", check=whole(2))
     eval_rows: int = option(32, "held-out sequences evaluated", check=positive_int)
     train: TrainConfig = nested(TrainConfig, "the training loop", hide=("distill", "temperature"),

@@ -61,7 +61,8 @@ class PretrainConfig(Config):
     alpha: float = option(32.0, "sltrain: the low-rank part is scaled by alpha/rank (the paper's 32)",
                           check=positive, when=("param", "sltrain"))
     text: str = option("shakespeare", "training text: shakespeare (calibration plays; the others held out), "
-                                      "wikitext2, c4 or a text file (its last 10% held out)")
+                                      "general (its calib split; eval held out), wikitext2, c4 or a text file "
+                                      "(its last 10% held out)")
     tokenizer: str = option("bpe-4096", "bpe-N (trained on the training text) or a model's tokenizer, e.g. "
                                         "smollm2-135m")
     seq_len: int = option(256, "tokens per sequence", check=whole(2))

@@ -1,0 +1,214 @@
+"""Every compression method measured as the field measures it, on one model.
+
+For dense and each method at ratios 0.2 / 0.3 / 0.4, calibrated on the built-in
+general-English corpus: perplexity on its held-out passages, perplexity on the
+held-out Shakespeare plays, and lm-evaluation-harness's zero-shot suite (8
+tasks, a fixed number of documents per task). SVD-LLM calibrated on the plays
+is the domain-specific second calibration. One run per model, side by side;
+resumable (results/eval-<model>.json), then the `eval-<model>` section of
+BENCHMARKS.md and a plot.
+
+    python benchmarks/bench_eval.py --model smollm2-135m [--limit 100] [--methods svdllm,cospadi] [--report]
+    python benchmarks/bench_eval.py --model gemma3-270m
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, Results, held_out, machine, run_point, write_section  # noqa: E402
+
+import factorkit as fk  # noqa: E402
+from factorkit.eval import TASKS, zero_shot  # noqa: E402
+from factorkit.report import markdown_table  # noqa: E402
+
+RATIOS = (0.2, 0.3, 0.4)
+
+
+def methods(cospadi_iterations: int) -> dict:
+    """name -> config factory(ratio); every point calibrated on the general corpus unless the name says plays."""
+    return {
+        "svd": lambda r: fk.SVDConfig(ratio=r),
+        "asvd": lambda r: fk.ASVDConfig(ratio=r),
+        "svdllm": lambda r: fk.SVDLLMConfig(ratio=r),
+        "svdllm-global": lambda r: fk.SVDLLMConfig(ratio=r, allocation="global"),
+        "fwsvd-white-global": lambda r: fk.FWSVDConfig(ratio=r, whiten=True, allocation="global"),
+        "cospadi": lambda r: fk.CoSpaDiConfig(ratio=r, iterations=cospadi_iterations),
+        "dsformer": lambda r: fk.DSFormerConfig(ratio=r),
+        "svdllm (plays calib)": lambda r: fk.SVDLLMConfig(ratio=r),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--limit", type=int, default=50, help="documents per zero-shot task (first N of each)")
+    ap.add_argument("--methods", default=None, help="comma-separated subset of the methods (default: all)")
+    ap.add_argument("--ratios", default=",".join(map(str, RATIOS)), help="comma-separated subset of the ratios")
+    ap.add_argument("--cospadi-iterations", type=int, default=8)
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--calib-seq-len", type=int, default=512)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--max-chunks", type=int, default=8)
+    ap.add_argument("--fresh", action="store_true", help="ignore results of an earlier, interrupted run")
+    ap.add_argument("--report", action="store_true", help="only rewrite BENCHMARKS.md and the plot")
+    args = ap.parse_args()
+    settings = {k: getattr(args, k) for k in ("model", "limit", "cospadi_iterations", "calib_samples",
+                                              "calib_seq_len", "seq_len", "max_chunks")}
+    results = Results(f"eval-{args.model}", settings, fresh=args.fresh)
+    table = methods(args.cospadi_iterations)
+    chosen = list(table) if args.methods is None else args.methods.split(",")
+    unknown = [m for m in chosen if m not in table]
+    if unknown:
+        ap.error(f"unknown method {unknown[0]!r}; choose from {', '.join(table)}")
+    ratios = tuple(float(r) for r in args.ratios.split(","))
+    if not set(ratios) <= set(RATIOS):
+        ap.error(f"--ratios must be among {', '.join(map(str, RATIOS))}")
+    if not args.report:
+        measure(results, settings, {m: table[m] for m in chosen}, ratios)
+    report(results, settings, table)
+
+
+def measure(results: Results, settings: dict, chosen: dict, ratios: tuple[float, ...]) -> None:
+    base, tok = fk.models.load(settings["model"])
+    job = fk.CompressJob(model=settings["model"], calib="general", eval="general", eval_before=False, seed=0,
+                         **{k: settings[k] for k in ("calib_samples", "calib_seq_len", "seq_len", "max_chunks")})
+
+    def evaluate(model, extra: dict) -> dict:
+        t = time.perf_counter()
+        plays = held_out(model, tok, dataclasses.replace(job, eval="shakespeare")).perplexity
+        suite = zero_shot(model, tok, TASKS, limit=settings["limit"], progress=False)
+        return {**extra, "ppl_plays": plays.perplexity, "plays_tokens": plays.tokens, "zero_shot": suite.as_dict(),
+                "eval_s": time.perf_counter() - t + extra.get("eval_s", 0.0)}
+
+    if "dense" not in results:
+        t = time.perf_counter()
+        general = held_out(base, tok, job).perplexity
+        results.put("dense", evaluate(base, {"ppl_general": general.perplexity, "general_tokens": general.tokens,
+                                             "eval_s": time.perf_counter() - t}))
+        print("dense", summary_line(results["dense"]), flush=True)
+    for ratio in ratios:
+        for name, make in chosen.items():
+            key = f"{name}@{ratio}"
+            if key in results:
+                continue
+            point = dataclasses.replace(job, calib="shakespeare") if "plays" in name else job
+            model, rep = run_point(base, tok, point, make(ratio))
+            if "plays" in name:  # calibrated on the plays; general-text perplexity measured separately
+                general = held_out(model, tok, job).perplexity
+            else:
+                general = rep.perplexity_after
+            s = rep.compression.summary
+            results.put(key, evaluate(model, {
+                "ppl_general": general.perplexity, "compress_s": rep.compression.seconds,
+                "ratio_targeted": s.ratio_targeted, "ratio_model": s.ratio_model, "params": s.model_params_after,
+                "eval_s": rep.eval_seconds[1]}))
+            print(key, summary_line(results[key]), f"compressed in {rep.compression.seconds:.0f} s", flush=True)
+            del model
+
+
+def summary_line(item: dict) -> str:
+    return (f"general ppl {item['ppl_general']:.4g}, plays ppl {item['ppl_plays']:.4g}, "
+            f"zero-shot {100 * item['zero_shot']['average']:.2f}")
+
+
+def fmt_ppl(p: float) -> str:
+    return f"{p:.2f}" if p < 1e4 else f"{p:.3g}"
+
+
+def report(results: Results, settings: dict, table: dict) -> None:
+    if "dense" not in results:
+        print("no results yet")
+        return
+    dense = results["dense"]
+    model = settings["model"]
+    zs = dense["zero_shot"]
+    rows = [["dense", "-", "-", fmt_ppl(dense["ppl_general"]), "1.00x", "-", fmt_ppl(dense["ppl_plays"]), "1.00x",
+             f"{100 * zs['average']:.2f} ± {100 * zs['average_stderr']:.2f}", "-",
+             f"{100 * zs['average_norm']:.2f}", "-"]]
+    for ratio in RATIOS:
+        ref = results.items.get(f"svdllm@{ratio}")
+        for name in table:
+            item = results.items.get(f"{name}@{ratio}")
+            if item is None:
+                continue
+            z = item["zero_shot"]
+            vs_ref = lambda k: f"{item[k] / ref[k]:.3g}x" if ref else "-"  # noqa: E731
+            rows.append([name, ratio, f"{item['ratio_model']:.1%}", fmt_ppl(item["ppl_general"]),
+                         f"{item['ppl_general'] / dense['ppl_general']:.3g}x", vs_ref("ppl_general"),
+                         fmt_ppl(item["ppl_plays"]), f"{item['ppl_plays'] / dense['ppl_plays']:.3g}x",
+                         f"{100 * z['average']:.2f} ± {100 * z['average_stderr']:.2f}",
+                         f"{100 * (z['average'] - zs['average']):+.2f}", f"{100 * z['average_norm']:.2f}",
+                         f"{item['compress_s']:.0f}"])
+    main_table = markdown_table(
+        ["method", "ratio", "removed (model)", "general ppl", "vs dense", "vs svdllm", "plays ppl", "vs dense",
+         "zero-shot acc avg (%)", "vs dense (points)", "acc_norm avg (%)", "compress (s)"], rows)
+    task_rows = [[t, f"{zs['tasks'][t]['n']} of {zs['tasks'][t]['docs']}",
+                  f"{100 * zs['tasks'][t]['acc']:.2f} ± {100 * zs['tasks'][t]['acc_stderr']:.2f}",
+                  (f"{100 * zs['tasks'][t]['acc_norm']:.2f} ± {100 * zs['tasks'][t]['acc_norm_stderr']:.2f}"
+                   if zs["tasks"][t].get("acc_norm") is not None else "-")] for t in zs["tasks"]]
+    task_table = markdown_table(["task", "documents", "acc (%)", "acc_norm (%)"], task_rows)
+    plot(results, settings, table)
+    missing = [f"{n}@{r}" for r in RATIOS for n in table if f"{n}@{r}" not in results]
+    pending = ("" if not missing else
+               "\nNot measured yet (the run is resumable: rerun the command): " + ", ".join(missing) + ".\n")
+    write_section(f"eval-{model}", f"""
+## {model}: general text, the plays and the zero-shot suite
+
+`python benchmarks/bench_eval.py --model {model}`, {results.measured()}, {machine()}.
+
+Calibration: {settings['calib_samples']} random windows of {settings['calib_seq_len']} tokens from the calibration
+split of the built-in `general` corpus (seed 0); `svdllm (plays calib)` is calibrated on the calibration plays instead.
+Perplexity: {dense['general_tokens']} tokens of the corpus's held-out split and {dense['plays_tokens']} tokens of the
+held-out plays, chunks of {settings['seq_len']}, float32. Zero-shot: lm-evaluation-harness {zs['lm_eval_version']},
+0-shot, the first {settings['limit']} documents of each of the 8 tasks; "acc avg" is the mean of acc over the
+tasks (as SVD-LLM and ROCKET report it), its stderr the tasks' combined (sqrt of the sum of squares / 8);
+"acc_norm avg" takes acc_norm where lm-eval reports it (piqa, hellaswag, arc, openbookqa), acc elsewhere.
+CoSpaDi runs {settings['cospadi_iterations']} alternations (the paper: 60) to fit this CPU; DSFormer its default
+training. Ratio = fraction of the targeted matrices' parameters removed; "removed (model)" counts the whole model.
+{pending}
+{main_table}
+
+Dense, per task:
+
+{task_table}
+
+![zero-shot and perplexity against ratio](benchmarks/results/eval-{model}.png)
+""")
+    print(main_table)
+
+
+def plot(results: Results, settings: dict, table: dict) -> None:
+    dense = results["dense"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, name in enumerate(table):
+        pts = [(r, results[f"{name}@{r}"]) for r in RATIOS if f"{name}@{r}" in results]
+        if not pts:
+            continue
+        xs = [r for r, _ in pts]
+        ax1.plot(xs, [100 * p["zero_shot"]["average"] for _, p in pts], marker="o", color=f"C{i}", label=name)
+        ax2.plot(xs, [p["ppl_general"] for _, p in pts], marker="o", color=f"C{i}", label=name)
+    ax1.axhline(100 * dense["zero_shot"]["average"], color="gray", ls=":", label="dense")
+    ax2.axhline(dense["ppl_general"], color="gray", ls=":", label="dense")
+    ax1.set(xlabel="ratio of targeted parameters removed", ylabel="zero-shot average (%)",
+            title=f"{settings['model']}: zero-shot average (8 tasks)")
+    ax2.set(xlabel="ratio of targeted parameters removed", ylabel="perplexity, held-out general text (log)",
+            yscale="log", title="general-text perplexity")
+    ax1.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"eval-{settings['model']}.png", dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
