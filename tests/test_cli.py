@@ -112,3 +112,17 @@ def test_fwsvd_with_global_allocation_from_the_command_line(capsys, model_dir, t
 def test_fwsvd_options_on_another_method_fail_cleanly(capsys, tmp_path):
     code, out, err = run(capsys, "compress", "--method", "svdllm", "--whiten", "--out", tmp_path / "out")
     _assert_clean_failure(code, out, err, tmp_path, "--whiten/--no-whiten applies to --method cospadi or fwsvd only")
+
+
+@pytest.mark.parametrize("command", ["compress", "eval", "finetune", "pretrain"])
+def test_every_command_prints_its_help(command, capsys):
+    """argparse formats help with %: a help text holding "10%" must not crash --help (it did for TrainConfig)."""
+    from factorkit.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "--seed" in out or "--steps" in out or "--text" in out
+    if command in ("compress", "finetune", "pretrain"):
+        assert "%" in out  # the percent signs of the help texts survive, escaped for argparse

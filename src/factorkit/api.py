@@ -216,7 +216,7 @@ def summarize(model: nn.Module) -> CompressionSummary:
 
 def _model_option(default: str = "smollm2-135m") -> Any:
     return option(default, "a folder written by factorkit, a Hugging Face model folder, a .gguf file, a built-in "
-                           "name (smollm2-135m, all-minilm-l6-v2) or a hub id (online)")
+                           "name (smollm2-135m, gemma3-270m, all-minilm-l6-v2) or a hub id (online)")
 
 
 def _text_help(what: str) -> str:

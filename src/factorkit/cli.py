@@ -80,7 +80,7 @@ def _add_options(parser: argparse.ArgumentParser, cls: type[Config], root: tuple
             continue
         seen[flag] = root + path
         kind = typing.get_type_hints(owner)[f.name]
-        help_text = f"{f.metadata['help']} (default {value if value is not None else 'none'})"
+        help_text = f"{f.metadata['help']} (default {value if value is not None else 'none'})".replace("%", "%%")
         common = dict(dest=".".join(root + path), default=argparse.SUPPRESS, help=help_text)
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
