@@ -49,6 +49,42 @@ def test_eval_tokens_are_consecutive_non_overlapping_chunks(tokenizer, text_file
     assert eval_tokens(tokenizer, text_file, seq_len=20, max_chunks=3).shape == (3, 20)
 
 
+def _bos_tokenizer():
+    """A tokenizer that starts every text with <bos>, as Gemma's does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import SAMPLE_TEXT
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator([SAMPLE_TEXT], trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<bos>"],
+                                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bos = tok.token_to_id("<bos>")
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<bos>"), bos
+
+
+def test_a_bos_adding_tokenizer_starts_every_row_with_bos(text_file, tokenizer):
+    from factorkit.data.tokens import bos_id
+
+    tok, bos = _bos_tokenizer()
+    assert bos_id(tok) == bos and bos_id(tokenizer) is None
+    ids = torch.tensor(tok(text_file.read_text(), add_special_tokens=False)["input_ids"])
+    assert bos not in ids.tolist()
+    chunks = eval_tokens(tok, text_file, seq_len=20)
+    assert chunks.shape == (ids.numel() // 19, 20) and (chunks[:, 0] == bos).all()
+    assert torch.equal(chunks[:, 1:].reshape(-1), ids[: chunks.shape[0] * 19])  # nothing skipped, nothing repeated
+    assert eval_tokens(tok, text_file, seq_len=20, max_chunks=2).shape == (2, 20)
+    rows = calibration_tokens(tok, text_file, n_samples=6, seq_len=16, seed=1)
+    assert rows.shape == (6, 16) and (rows[:, 0] == bos).all()
+    joined = ",".join(map(str, ids.tolist()))
+    assert all(",".join(map(str, row[1:].tolist())) in joined for row in rows)
+    # ids given as a tensor are the caller's own: used as they are
+    assert torch.equal(calibration_tokens(tok, ids, n_samples=2, seq_len=8, seed=0),
+                       calibration_tokens(tokenizer, ids, n_samples=2, seq_len=8, seed=0))
+
+
 def test_too_little_calibration_text_is_one_clear_error(tokenizer, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("Fair is foul.")

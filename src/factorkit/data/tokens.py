@@ -18,6 +18,27 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def bos_id(tokenizer) -> int | None:
+    """The id the tokenizer puts at the start of every text (Gemma's ``<bos>``),
+    or None when it adds none (SmolLM2). Models trained with such a token read
+    text without it as out of distribution: Gemma-3-270M's perplexity on the
+    held-out plays is ~2.3x higher without it."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    try:
+        with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    except Exception:  # a tokenizer without special-token handling adds nothing
+        return None
+    return bos if with_special and with_special[0] == bos else None
+
+
+def _with_bos(rows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    if bos is None:
+        return rows
+    return torch.cat([torch.full((rows.shape[0], 1), bos, dtype=rows.dtype), rows], dim=1)
+
+
 def _whole(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -30,33 +51,42 @@ def _source_ids(tokenizer, source: str | os.PathLike | torch.Tensor, split: str,
 
 def calibration_tokens(tokenizer, source: str | os.PathLike | torch.Tensor, n_samples: int = 32,
                        seq_len: int = 512, seed: int = 0, split: str = "calib") -> torch.Tensor:
-    """``n_samples`` windows of ``seq_len`` tokens at seeded random offsets: (n_samples, seq_len)."""
+    """``n_samples`` windows of ``seq_len`` tokens at seeded random offsets: (n_samples, seq_len).
+
+    When the tokenizer starts every text with a BOS token, each row is that
+    token followed by ``seq_len - 1`` tokens of text, as the model saw text in
+    training. Token ids given as a tensor are used as they are."""
     if not (_whole(n_samples) and _whole(seq_len)) or n_samples < 1 or seq_len < 2:
         raise FactorkitError(f"need at least 1 sample of at least 2 tokens (whole numbers), got {n_samples!r} x "
                              f"{seq_len!r}.")
     ids = _source_ids(tokenizer, source, split, seed)
-    if ids.numel() < seq_len:
+    bos = None if isinstance(source, torch.Tensor) else bos_id(tokenizer)
+    width = seq_len - (bos is not None)
+    if ids.numel() < width:
         raise FactorkitError(
             f"the calibration text has {ids.numel()} tokens, fewer than one batch of {seq_len}; "
             "give more text or a smaller --calib-seq-len."
         )
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seq_len + 1, (n_samples,), generator=g)
-    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+    starts = torch.randint(0, ids.numel() - width + 1, (n_samples,), generator=g)
+    return _with_bos(torch.stack([ids[s : s + width] for s in starts.tolist()]), bos)
 
 
 def eval_tokens(tokenizer, source: str | os.PathLike | torch.Tensor, seq_len: int = 2048,
                 max_chunks: int | None = None, seed: int = 0, split: str = "eval") -> torch.Tensor:
     """Consecutive non-overlapping chunks from the start of the text: (chunks, seq_len).
-    The tail shorter than ``seq_len`` is dropped."""
+    The tail shorter than ``seq_len`` is dropped. With a BOS-adding tokenizer
+    each chunk is BOS + ``seq_len - 1`` text tokens (BOS is never scored)."""
     if not _whole(seq_len) or seq_len < 2:
         raise FactorkitError(f"seq_len must be at least 2 tokens, got {seq_len!r}.")
     if max_chunks is not None and (not _whole(max_chunks) or max_chunks < 1):
         raise FactorkitError(f"max_chunks must be a whole number of at least 1 (or None for all), got {max_chunks!r}.")
     ids = _source_ids(tokenizer, source, split, seed)
+    bos = None if isinstance(source, torch.Tensor) else bos_id(tokenizer)
+    width = seq_len - (bos is not None)
     if max_chunks is not None:
-        ids = ids[: max_chunks * seq_len]
-    return chunk_rows(ids, seq_len, "evaluation text")
+        ids = ids[: max_chunks * width]
+    return _with_bos(chunk_rows(ids, width, "evaluation text"), bos)
 
 
 def chunk_rows(ids: torch.Tensor, seq_len: int, what: str = "text") -> torch.Tensor:
