@@ -33,8 +33,9 @@ def machine() -> str:
                 break
     except OSError:
         pass
+    threads = torch.get_num_threads()
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
+            f"{threads} thread{'' if threads == 1 else 's'}, Python {platform.python_version()}")
 
 
 def today() -> str:
