@@ -14,6 +14,7 @@ Jobs: :class:`CompressJob` (load, calibrate, compress, evaluate, save),
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 import weakref
@@ -122,7 +123,9 @@ def compress(model: nn.Module, config: CompressionConfig, data: torch.Tensor | N
     :func:`factorkit.data.calibration_tokens`. Models with a task head may
     instead get a list of labelled batches (dicts of model inputs with
     ``labels``): FWSVD's Fisher information then comes from the task loss.
-    Data-free methods ignore it.
+    Data-free methods ignore it. With ``config.heal`` > 0 the compressed model
+    is then distilled from a copy of the dense one on ``data`` for that many
+    steps (see :mod:`factorkit.methods.heal`); ``fit["heal"]`` holds its losses.
     """
     if not isinstance(model, nn.Module):
         raise FactorkitError(f"model must be a torch.nn.Module such as a transformers model, got "
@@ -133,9 +136,11 @@ def compress(model: nn.Module, config: CompressionConfig, data: torch.Tensor | N
     find_blocks(model)  # fails with a clear message on a model without Linear blocks
     if any(True for _ in factor_modules(model)):
         raise FactorkitError("this model is already compressed; load the original model to compress it again.")
-    if config.uses_data():
+    if config.wants_data():
         if data is None:
-            raise FactorkitError(f"{config.method} is data-aware and needs calibration tokens; pass data=calibration_tokens(...).")
+            need = "is data-aware" if config.uses_data() else "heals on text (heal > 0)"
+            raise FactorkitError(f"{config.method} {need} and needs calibration tokens; pass "
+                                 "data=calibration_tokens(...).")
         _check_data(model, data)
     targeted = model_targets(model, config.targets)
     for name, linear in targeted.items():
@@ -144,7 +149,13 @@ def compress(model: nn.Module, config: CompressionConfig, data: torch.Tensor | N
                                  "weights (check how it was loaded or trained).")
     before = sum(p.numel() for p in model.parameters())
     start = time.perf_counter()
+    teacher = copy.deepcopy(model) if config.heal else None  # the dense model, before the method changes it
     fit = method.fn(model, config, data, progress) or {}
+    if teacher is not None:
+        from .methods.heal import heal
+
+        fit["heal"] = heal(model, teacher, data, config, progress)
+        del teacher
     seconds = time.perf_counter() - start
     # Targeted matrices a method chose to keep dense (global allocation does
     # when a factorization would store as much); summarize() counts them.
@@ -337,6 +348,10 @@ class CompressJobReport:
                 [f"file size (model.safetensors, {job.dtype})", fmt_bytes(self.bytes_before),
                  fmt_bytes(self.bytes_after) if job.out else "not saved"],
                 ["compression wall time", "", f"{self.compression.seconds:.1f} s"]]
+        healed = self.compression.fit.get("heal")
+        if healed and healed["losses"]:
+            rows.append([f"healing loss (first and last of {len(healed['losses'])} steps, "
+                         f"{healed['seconds']:.0f} s)", f"{healed['losses'][0]:.4f}", f"{healed['losses'][-1]:.4f}"])
         if self.perplexity_after is not None:
             rows.insert(0, [f"perplexity ({job.eval}, {self.perplexity_after.tokens} tokens)",
                             fmt_ppl(self.perplexity_before.perplexity) if self.perplexity_before else "",
@@ -394,7 +409,7 @@ def _run_compress(job: CompressJob, progress: bool, loaded: tuple | None) -> Com
     model, tokenizer = loaded if loaded is not None else _load_with_tokenizer(job.model, job.dtype)
     config = job.method
     data = None
-    if config.uses_data():
+    if config.wants_data():
         data = calibration_tokens(tokenizer, job.calib, job.calib_samples, job.calib_seq_len, job.seed)
     chunks = eval_tokens(tokenizer, job.eval, job.seq_len, job.max_chunks, job.seed) if job.eval else None
     for ids in (data, chunks):

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import api
-from .config import Config, ConfigError, config_type, is_tuple
+from .config import Above, Config, ConfigError, config_type, is_tuple
 from .errors import FactorkitError
 from .methods import DEFAULT_METHOD, METHODS
 from .models.files import atomic_file, check_writable_file
@@ -130,10 +130,13 @@ def _build(cls: type[Config], given: dict[tuple, Any], flags: dict[tuple, str], 
             kwargs[name] = given[here]
     for name in kwargs:
         when = fields[name].metadata.get("when")
-        wanted = when and (when[1] if isinstance(when[1], tuple) else (when[1],))
+        wanted = when and (when[1] if isinstance(when[1], (tuple, Above)) else (when[1],))
         if when and kwargs.get(when[0], getattr(base, when[0])) not in wanted:
-            raise FactorkitError(f"{flags[path + (name,)]} applies only with {flags[path + (when[0],)]} "
-                                 f"{' or '.join(map(str, wanted))}; drop it or change that setting.")
+            here = path + (name,)  # a nested config names the first of its options given
+            flag = flags.get(here) or next(flags[k] for k in given if k[:len(here)] == here)
+            need = str(wanted) if isinstance(wanted, Above) else " or ".join(map(str, wanted))
+            raise FactorkitError(f"{flag} applies only with {flags[path + (when[0],)]} {need}; drop it or "
+                                 "change that setting.")
     try:
         return dataclasses.replace(base, **kwargs)
     except ConfigError as err:
@@ -162,7 +165,7 @@ def make_job(args: argparse.Namespace) -> Config:
     method = _build(METHODS[args.method].config_cls, {k[1:]: v for k, v in given.items() if k[0] == "method"},
                     {k[1:]: v for k, v in flags.items() if k[0] == "method"})
     unused = [flags[k] for k in given if k in (("calib",), ("calib_samples",), ("calib_seq_len",))]
-    if unused and not method.uses_data():
+    if unused and not method.wants_data():
         raise FactorkitError(f"{unused[0]} applies only to a method that calibrates, and {args.method} with these "
                              "settings uses no data; drop it.")
     return _build(api.CompressJob, {k: v for k, v in given.items() if k[0] != "method"}, flags,

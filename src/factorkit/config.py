@@ -41,6 +41,20 @@ class ConfigError(FactorkitError):
 Check = Callable[[Any], "str | None"]  # None when the value is fine, else what is wrong (and the fix)
 
 
+@dataclass(frozen=True)
+class Above:
+    """For ``option(when=("heal", Above(0)))``: the option means something only while
+    that other field is above ``bound``."""
+
+    bound: float
+
+    def __contains__(self, value: Any) -> bool:
+        return _number(value) and value > self.bound
+
+    def __str__(self) -> str:
+        return f"above {self.bound:g}"
+
+
 def option(default: Any = MISSING, help: str = "", *, check: Check | None = None, choices: tuple | None = None,
            cli: bool = True, flag: str | None = None, record: bool = True, factory: Callable | None = None,
            prefix: str = "", hide: tuple[str, ...] = (), when: tuple[str, Any] | None = None) -> Any:
@@ -55,7 +69,8 @@ def option(default: Any = MISSING, help: str = "", *, check: Check | None = None
     prefix: for a nested config, put before the nested options' names.
     hide: for a nested config, its options that mean nothing for this owner.
     when: (field, value): the option only means something when that other
-        field has that value; the CLI refuses it otherwise.
+        field has that value (one of a tuple of values, or a number
+        ``Above(bound)``); the CLI refuses it otherwise.
     """
     metadata = {"help": help, "check": check, "choices": choices, "cli": cli, "flag": flag, "record": record,
                 "prefix": prefix, "hide": hide, "when": when}
@@ -212,8 +227,9 @@ class Config:
         return [f for f in fields(cls) if f.init and f.metadata.get("cli", True)]
 
 
-def nested(cls: type[Config], help: str = "", prefix: str = "", hide: tuple[str, ...] = (), **defaults: Any) -> Any:
+def nested(cls: type[Config], help: str = "", prefix: str = "", hide: tuple[str, ...] = (),
+           when: tuple[str, Any] | None = None, **defaults: Any) -> Any:
     """A field holding another config (``TrainConfig`` inside ``DSFormerConfig``);
     ``defaults`` change the nested config's defaults for this owner."""
-    return option(help=help, prefix=prefix, hide=hide, factory=lambda: cls(**defaults))
+    return option(help=help, prefix=prefix, hide=hide, when=when, factory=lambda: cls(**defaults))
 

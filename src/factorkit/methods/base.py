@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from ..surgery import find_blocks, target_linears
-from ..config import Config, ConfigError, hint, open_unit, option, positive_int
+from ..config import Above, Config, ConfigError, hint, nested, open_unit, option, positive_int, whole
 from ..errors import FactorkitError
+from ..training import TrainConfig
 
 log = logging.getLogger("factorkit")
 
@@ -34,6 +35,10 @@ class CompressionConfig(Config):
         None, "comma-separated Linear names to compress inside each block, e.g. q_proj,k_proj (default: all); "
               "a name matches itself or any *.name")
     batch_size: int = option(4, "calibration sequences run through a block at once", check=positive_int)
+    heal: int = option(0, "steps of healing after compressing: the compressed model distilled from the dense one "
+                          "on the calibration text, only the factors trained (0: none)", check=whole(0))
+    heal_train: TrainConfig = nested(TrainConfig, "the healing run", prefix="heal-", hide=("steps",),
+                                     when=("heal", Above(0)), distill=1.0, lr=5e-5, warmup=None)
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
@@ -43,11 +48,20 @@ class CompressionConfig(Config):
         super().__post_init__()
 
     def uses_data(self) -> bool:
-        """Whether compress() needs calibration data with this config."""
+        """Whether the method itself needs calibration data with this config."""
         return self.needs_data
 
+    def wants_data(self) -> bool:
+        """Whether compress() needs calibration data: for the method, or to heal on."""
+        return self.uses_data() or self.heal > 0
+
     def to_dict(self) -> dict:
-        return {"method": self.method, **super().to_dict()}
+        out = {"method": self.method, **super().to_dict()}
+        if not self.heal:  # the healing run's settings mean nothing without it; its steps are ``heal``
+            out.pop("heal_train", None)
+        elif "heal_train" in out:
+            out["heal_train"].pop("steps", None)
+        return out
 
     @classmethod
     def from_dict(cls, values: dict) -> "CompressionConfig":

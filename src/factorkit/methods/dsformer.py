@@ -46,7 +46,7 @@ from ..solvers.dictionary import sparse_dictionary
 from ..solvers.sparsity import Pattern, dense_sparse_budget, magnitude_mask, refit_coefficients, \
     whitened_dense_sparse
 from ..training import TrainConfig, model_loss, train
-from ..config import at_least, nested, option, positive_int
+from ..config import ConfigError, at_least, nested, option, positive_int
 from .base import CompressionConfig, check_targets, log, register
 
 INITS = ("svd", "cospadi", "random")
@@ -75,6 +75,11 @@ class DSFormerConfig(CompressionConfig):
                         choices=("params", "storage"))
     train: TrainConfig = nested(TrainConfig, "the training run (its seed also seeds a random start)",
                                 prefix="train-")
+
+    def check(self) -> None:
+        if self.heal:
+            raise ConfigError("heal", "applies to the training-free methods; dsformer trains its factors already "
+                                      "(with distillation: --train-distill), so raise --train-steps instead.")
 
 
 def _budget(name: str, out_f: int, in_f: int, config: DSFormerConfig, pattern: Pattern, value_bits: int):

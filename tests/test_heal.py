@@ -1,0 +1,128 @@
+"""Healing: distillation of the compressed model from the dense one, only the factors trained, resumable."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+import factorkit as fk
+from factorkit.cli import main
+from factorkit.factors import DictionaryLinear, LowRankLinear, factor_modules
+from factorkit.methods.heal import factor_parameters, heal
+from factorkit.surgery import model_targets
+from factorkit.training import TrainConfig, model_loss, train
+
+from conftest import tiny_llama
+
+FAST = TrainConfig(lr=3e-3, batch_size=4, warmup=2, distill=1.0)
+
+
+def distill_loss(model, teacher, data) -> float:
+    """T^2 KL(teacher || model) at T = 2, the distillation term alone."""
+    with torch.no_grad():
+        return float(model_loss(model, data, teacher, 1.0, 2.0) - model_loss(model, data))
+
+
+def trained_llama(data, seed=3):
+    """A tiny model trained on ``data`` first, so that it has something to teach (a random one
+    predicts nearly uniformly, and any compression of it changes next to nothing)."""
+    model = tiny_llama(seed=seed)
+    train(model, data, list(model.named_parameters()), TrainConfig(steps=60, lr=1e-2, warmup=5, batch_size=8),
+          progress=False)
+    return model.eval()
+
+
+@pytest.mark.parametrize("config", [fk.SVDLLMConfig(ratio=0.6, heal=40, heal_train=FAST),
+                                    fk.SVDConfig(ratio=0.6, heal=40, heal_train=FAST),
+                                    fk.CoSpaDiConfig(ratio=0.5, iterations=2, heal=40, heal_train=FAST)],
+                         ids=["svdllm", "svd", "cospadi"])
+def test_healing_lowers_the_distillation_loss_and_trains_only_the_factors(config, calib):
+    dense = trained_llama(calib)
+    unhealed = copy.deepcopy(dense)
+    fk.compress(unhealed, dataclasses.replace(config, heal=0), calib, progress=False)
+    healed = copy.deepcopy(dense)
+    report = fk.compress(healed, config, calib, progress=False)
+    before, after = distill_loss(unhealed, dense, calib), distill_loss(healed, dense, calib)
+    assert after < 0.5 * before, (before, after)
+    objective = [float(model_loss(m, calib, dense, 1.0, 2.0).detach()) for m in (unhealed, healed)]
+    assert objective[1] < objective[0]
+    assert len(report.fit["heal"]["losses"]) == 40
+    factor_names = {n for n, _ in factor_parameters(healed)}
+    changed = {n for n, p in healed.named_parameters() if not torch.equal(p, unhealed.get_parameter(n))}
+    assert changed and changed <= factor_names  # embeddings, norms, anything kept dense: untouched
+    for (name, a), (_, b) in zip(factor_modules(healed), factor_modules(unhealed)):
+        if isinstance(a, DictionaryLinear):
+            assert torch.equal(a.indices, b.indices)  # the supports of the codes stay where they were
+        assert type(a) is type(b)
+
+
+def test_healing_resumes_to_the_same_weights_after_an_interruption(calib, tmp_path):
+    dense = tiny_llama(seed=4)
+    compressed = copy.deepcopy(dense)
+    fk.compress(compressed, fk.SVDLLMConfig(ratio=0.5), calib, progress=False)
+    config = fk.SVDLLMConfig(ratio=0.5, heal=12,
+                             heal_train=TrainConfig(lr=2e-3, batch_size=4, warmup=2, checkpoint_dir=str(tmp_path),
+                                                    checkpoint_every=5))
+    whole = copy.deepcopy(compressed)
+    heal(whole, dense, calib, dataclasses.replace(config, heal_train=dataclasses.replace(config.heal_train,
+                                                                                          checkpoint_dir=None)),
+         progress=False)
+    first = copy.deepcopy(compressed)
+    heal(first, dense, calib, config, progress=False, stop_after=7)  # interrupted after step 7 (saved at 5 and 7)
+    resumed = copy.deepcopy(compressed)
+    out = heal(resumed, dense, calib, config, progress=False)
+    assert out["resumed_from"] == 7 and len(out["losses"]) == 12
+    for (n, a), (_, b) in zip(factor_parameters(resumed), factor_parameters(whole)):
+        assert torch.equal(a, b), n
+    other = dataclasses.replace(config, heal_train=dataclasses.replace(config.heal_train, lr=1e-3))
+    with pytest.raises(fk.FactorkitError, match="training state of another run"):
+        heal(copy.deepcopy(compressed), dense, calib, other, progress=False)
+
+
+def test_a_healed_model_saves_and_reloads_to_identical_logits(calib, tmp_path):
+    model = tiny_llama(seed=5)
+    config = fk.SVDLLMConfig(ratio=0.5, heal=5, heal_train=FAST)
+    report = fk.compress(model, config, calib, progress=False)
+    fk.save(model, tmp_path / "m")
+    back = fk.load(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(model(calib[:2]).logits, back(calib[:2]).logits)
+    assert fk.CompressionConfig.from_dict(report.record()["config"]) == config
+    assert any(isinstance(m, LowRankLinear) for _, m in factor_modules(back))
+
+
+def test_healing_a_data_free_method_needs_data_and_a_dense_model_has_nothing_to_heal(calib):
+    with pytest.raises(fk.FactorkitError, match="heals on text"):
+        fk.compress(tiny_llama(), fk.SVDConfig(ratio=0.3, heal=3), None, progress=False)
+    # ratio so small that global allocation keeps every matrix dense: nothing to train
+    model = tiny_llama()
+    with pytest.raises(fk.FactorkitError, match="nothing to heal"):
+        fk.compress(model, fk.SVDLLMConfig(ratio=0.3, heal=3, ranks={n: 10_000 for n in
+                                                                      model_targets(model, None)}),
+                    calib, progress=False)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--method", "svdllm", "--heal-lr", "1e-3"], "--heal-lr applies only with --heal above 0"),
+    (["--method", "dsformer", "--heal", "5"], "dsformer trains its factors already"),
+    (["--method", "svdllm", "--heal", "-1"], "--heal must be a whole number of at least 0"),
+])
+def test_healing_options_are_refused_in_one_sentence(argv, expected, capsys, tmp_path):
+    code = main(["-q", "compress", *argv, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_heal_from_the_command_line_records_its_settings(capsys, model_dir, text_file, tmp_path):
+    out_dir = tmp_path / "healed"
+    code = main(["-q", "compress", "--model", str(model_dir), "--method", "svd", "--ratio", "0.4", "--heal", "3",
+                 "--heal-lr", "1e-3", "--calib", str(text_file), "--calib-samples", "4", "--calib-seq-len", "32",
+                 "--out", str(out_dir)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "healing loss (first and last of 3 steps" in out
+    record = fk.load(out_dir)
+    config = fk.CompressionConfig.from_dict(fk.compression_record(record)["config"])
+    assert config.heal == 3 and config.heal_train.lr == 1e-3
