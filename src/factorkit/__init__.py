@@ -31,6 +31,7 @@ from .api import (  # noqa: E402
 from .errors import FactorkitError  # noqa: E402
 from .methods import (  # noqa: E402
     ASVDConfig,
+    AutoConfig,
     CoSpaDiConfig,
     CompressionConfig,
     DSFormerConfig,
@@ -53,6 +54,7 @@ __all__ = [
     "TrainConfig",
     "compression_record",
     "run",
+    "AutoConfig",
     "CoSpaDiConfig",
     "CompressionConfig",
     "DSFormerConfig",

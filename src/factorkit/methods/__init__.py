@@ -16,6 +16,7 @@ from .lowrank import (
     fisher_information,
     rank_profile,
 )
+from .auto import AutoConfig
 
 # The method `factorkit compress` uses when none is named: the best one
 # implemented so far (see BENCHMARKS.md).
@@ -23,6 +24,7 @@ DEFAULT_METHOD = "svdllm"
 
 __all__ = [
     "ASVDConfig",
+    "AutoConfig",
     "CoSpaDiConfig",
     "CompressionConfig",
     "DSFormerConfig",

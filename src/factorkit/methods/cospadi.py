@@ -20,6 +20,10 @@ Budget, for ratio CR and rho = k/s: k = floor((1-CR) in out / (in + out/rho)),
 s = floor(k/rho) counting parameters (the paper's count), or with the support
 mask bits included (``count="storage"``, at the model's dtype).
 
+Global allocation (``allocation="global"``): one budget of stored bytes over
+the model, each matrix's dictionary size (or keeping it dense) chosen by a
+knapsack on predicted loss; see ``methods.auto``, which also mixes in low rank.
+
 Shared dictionaries: ``group=g`` fits one dictionary per projection type
 for g consecutive layers (their weights side by side, Grams averaged), with
 per-layer codes; the budget then counts the dictionary once for the group.
@@ -50,7 +54,7 @@ from ..errors import FactorkitError
 from ..factors import DictionaryLinear
 from ..models.partial import FinishedGroups, fingerprint
 from ..solvers.dictionary import dictionary_budget, refresh_schedule, sparse_dictionary
-from ..config import at_least, option, positive, positive_int, whole
+from ..config import ConfigError, at_least, option, positive, positive_int, whole
 from .base import CompressionConfig, check_targets, log, register, warn_shift
 
 COUNTS = ("params", "storage")
@@ -85,6 +89,12 @@ class CoSpaDiConfig(CompressionConfig):
     sequential: bool = option(True, "calibrate each block on the compressed model's outputs", cli=False)
     checkpoint_dir: str | None = option(None, "keep every finished group of blocks here; a rerun of the same "
                                               "compression resumes from them", record=False)
+    allocation: str = option("uniform", "uniform: every matrix loses --ratio; global: one budget of stored bytes, "
+                                        "each matrix's dictionary size (or keeping it dense) chosen by predicted "
+                                        "loss (a Fisher gradient pass and cheap probe fits first)",
+                             choices=("uniform", "global"))
+    probe_iterations: int = option(2, "global allocation: alternations of the cheap fits that price each "
+                                      "matrix's dictionary sizes", check=positive_int, when=("allocation", "global"))
 
     def __post_init__(self) -> None:
         if isinstance(self.refresh, str) and self.refresh.isdigit():  # "4" from the command line
@@ -92,7 +102,12 @@ class CoSpaDiConfig(CompressionConfig):
         super().__post_init__()
 
     def uses_data(self) -> bool:
-        return self.whiten
+        return self.whiten or self.allocation == "global"
+
+    def check(self) -> None:
+        if self.allocation == "global" and (self.group > 1 or not self.whiten or self.checkpoint_dir):
+            what = ("--group" if self.group > 1 else "--no-whiten" if not self.whiten else "--checkpoint-dir")
+            raise ConfigError("allocation", f"global does not combine with {what} yet; drop one of the two.")
 
 
 def _groups_without_data(model: nn.Module, size: int, on_group) -> None:
@@ -107,6 +122,11 @@ def _averaged_gram(stats: list[LinearStats]) -> torch.Tensor:
 
 
 def _compress_cospadi(model: nn.Module, config: CoSpaDiConfig, data: Any, progress: bool) -> dict:
+    if config.allocation == "global":
+        from .auto import allocate_and_solve
+
+        return allocate_and_solve(model, config, data, ("dictionary",), progress, config.iterations,
+                                  config.refresh, config.power_iterations)
     names = check_targets(model, config)
     dtype = next(model.parameters()).dtype
     value_bits = torch.finfo(dtype).bits

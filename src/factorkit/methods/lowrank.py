@@ -54,8 +54,8 @@ class LowRankConfig(CompressionConfig):
         compressing at several ratios. Neither is recorded nor on the CLI.
     """
 
-    allocation: str = option("uniform", "uniform: every matrix loses --ratio; global: one budget, ranks chosen by "
-                                        "predicted loss (needs a Fisher gradient pass)", choices=ALLOCATIONS)
+    allocation: str = option("uniform", "uniform: every matrix loses --ratio; global: one budget, each matrix's size "
+                                        "chosen by predicted loss (needs a Fisher gradient pass)", choices=ALLOCATIONS)
     min_rank: int = option(32, "global allocation: smallest rank of any matrix (never more than the uniform rank)",
                            check=positive_int, when=("allocation", "global"))
     fisher_samples: int | None = option(None, "calibration sequences used for the Fisher gradient pass "

@@ -1,0 +1,263 @@
+"""auto: one byte budget over every targeted matrix, the factor type chosen per matrix.
+
+1. Profile, on the dense model (one Fisher gradient pass, one calibration pass
+   in which every block sees the original model's activations):
+   - each matrix's Fisher deletion loss (``calibration.fisher``) puts the
+     matrices on one scale: sensitivity = deletion / ||W L||^2, with L L^T = X^T X,
+     the loss per unit of whitened squared output error (as the global ranks
+     of ``methods.lowrank`` do);
+   - low rank: the singular values of W L price every rank at once (SVD-LLM's
+     whitened error at rank r is exactly the energy it drops);
+   - dictionary: a cheap CoSpaDi fit (``probe_iterations`` alternations
+     instead of ``iterations``) at each of a few per-matrix ratios; between
+     them the error is interpolated (log-linear in the ratio). The estimate
+     overstates what the full solve reaches, by a similar factor at every
+     ratio, so it ranks a matrix's options as the full solve would
+     (BENCHMARKS.md measures the rank correlation on one block).
+2. Each matrix's menu: keep it dense, a rank r, or a dictionary (k, s);
+   costs are the bytes each stores at the model's dtype (a dictionary's codes
+   also store one support bit per output and atom), the predicted loss is
+   sensitivity x whitened squared error. ``solvers.knapsack.choose`` picks one
+   option per matrix within (1 - ratio) x the targeted matrices' dense bytes,
+   never over, with a certificate of its distance to the optimum.
+3. Solve, block by block on the compressed model's outputs: SVD-LLM's
+   whitened truncation at the chosen rank, a CoSpaDi dictionary with
+   ``iterations`` alternations, or nothing for a matrix kept dense.
+
+``CoSpaDiConfig(allocation="global")`` is this with dictionaries only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..calibration import LinearStats, calibrate_blockwise
+from ..calibration.fisher import FisherStats, collect_fisher
+from ..config import ConfigError, at_least, option, optional, positive, positive_int, whole
+from ..errors import FactorkitError
+from ..factors import DictionaryLinear, LowRankLinear
+from ..solvers import whitened_svd
+from ..solvers.dictionary import dictionary_budget, sparse_dictionary
+from ..solvers.knapsack import Menu, choose
+from ..surgery import linear_weight, replace_module, target_linears
+from .base import CompressionConfig, check_targets, log, register, warn_shift
+
+TYPES = ("lowrank", "dictionary")
+PROBE_RATIOS = (0.1, 0.3, 0.5, 0.7)  # per-matrix ratios a dictionary is fitted at cheaply
+DICTIONARY_RATIOS = tuple(round(0.1 + 0.05 * i, 2) for i in range(13))  # 0.1 .. 0.7: the menu's dictionaries
+
+
+def _types(value: Any) -> str | None:
+    if not value or any(t not in TYPES for t in value) or len(set(value)) != len(value):
+        return f"must be one or more of {', '.join(TYPES)} (comma separated, each once), got {value!r}."
+    return None
+
+
+@dataclass
+class AutoConfig(CompressionConfig):
+    """Per matrix the allocation picks the factor type and its size; ``ratio`` counts stored bytes."""
+
+    method = "auto"
+    types: tuple[str, ...] = option(TYPES, "factor types a matrix may take besides staying dense: lowrank, "
+                                           "dictionary", check=_types)
+    rank_options: int = option(48, "ranks per matrix on the menu, evenly spaced up to the dense size",
+                               check=whole(2))
+    rho: float = option(2.0, "dictionary options: atoms per nonzero, k/s", check=at_least(1.0))
+    probe_iterations: int = option(2, "alternations of the cheap dictionary fits that price the dictionary "
+                                      "options", check=positive_int)
+    iterations: int = option(8, "alternations of each chosen dictionary's fit (CoSpaDi's T; 60 in its paper)",
+                             check=positive_int)
+    fisher_samples: int | None = option(None, "calibration sequences used for the Fisher gradient pass "
+                                              "(default: all)", check=optional(positive_int))
+    seed: int = option(0, "seed of the dictionary initialisations", check=whole(0))
+    eps: float = option(1e-6, "relative diagonal shift used when X^T X is not positive definite", check=positive,
+                        cli=False)
+    sequential: bool = option(True, "calibrate each block on the compressed model's outputs", cli=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.types, str):
+            self.types = tuple(t.strip() for t in self.types.split(",") if t.strip())
+        super().__post_init__()
+
+    def check(self) -> None:
+        if self.ratio > max(PROBE_RATIOS) and "lowrank" not in self.types:
+            raise ConfigError("ratio", f"above {max(PROBE_RATIOS)} leaves no dictionary on the menu small enough; "
+                                       "lower the ratio or add lowrank to the types.")
+
+
+@dataclass
+class Option:
+    """One way to store one matrix: kind ("dense", "lowrank", "dictionary"), size, bytes, predicted loss."""
+
+    kind: str
+    size: tuple[int, ...]  # () dense, (rank,), (atoms, sparsity)
+    bytes: int
+    loss: float
+
+    def label(self) -> str:
+        return {"dense": "dense", "lowrank": "rank {}", "dictionary": "k={} s={}"}[self.kind].format(*self.size)
+
+
+def _value_bytes(weight: torch.Tensor) -> int:
+    return weight.element_size()
+
+
+def lowrank_options(m: int, n: int, spectrum: torch.Tensor, sensitivity: float, count: int,
+                    value_bytes: int) -> list[Option]:
+    """Ranks evenly spaced up to the largest that stores less than the dense matrix; spectrum: squared
+    whitened singular values, descending."""
+    top = (m * n - 1) // (m + n)  # r (m + n) < m n
+    ranks = sorted({max(1, round(top * i / count)) for i in range(1, count + 1)} & set(range(1, top + 1)))
+    tail = torch.flip(torch.cumsum(torch.flip(spectrum.double(), [0]), 0), [0])  # tail[r] = sum_{k>=r} s_k^2
+    return [Option("lowrank", (r,), r * (m + n) * value_bytes,
+                   sensitivity * (float(tail[r]) if r < tail.numel() else 0.0)) for r in ranks]
+
+
+def dictionary_options(weight: torch.Tensor, gram: torch.Tensor, sensitivity: float, energy: float,
+                       config: Any, iterations: int) -> list[Option]:
+    """Dictionaries at DICTIONARY_RATIOS, priced by fits of ``iterations`` alternations at PROBE_RATIOS
+    (log-linear in between, nothing outside)."""
+    m, n = weight.shape
+    bits = 8 * _value_bytes(weight)
+    probed: dict[float, float] = {}
+    for q in PROBE_RATIOS:
+        k, s = dictionary_budget(n, m, q, config.rho, count="storage", value_bits=bits)
+        if s < 1 or k < 1:
+            continue
+        fit = sparse_dictionary([weight], k, s, gram=gram, eps=config.eps, iterations=iterations,
+                                refresh="every", seed=config.seed)[0]
+        probed[q] = max(fit.errors[-1], 1e-12)
+    qs = sorted(probed)
+    out = []
+    for q in DICTIONARY_RATIOS:
+        if not qs or q < qs[0] or q > qs[-1]:
+            continue
+        hi = next(i for i, p in enumerate(qs) if p >= q)
+        if qs[hi] == q:
+            err = probed[q]
+        else:
+            a, b = qs[hi - 1], qs[hi]
+            t = (q - a) / (b - a)
+            err = math.exp((1 - t) * math.log(probed[a]) + t * math.log(probed[b]))
+        k, s = dictionary_budget(n, m, q, config.rho, count="storage", value_bits=bits)
+        out.append(Option("dictionary", (k, s), dictionary_bytes(m, n, k, s, bits // 8),
+                          sensitivity * err * err * energy))
+    return out
+
+
+def dictionary_bytes(m: int, n: int, k: int, s: int, value_bytes: int) -> int:
+    """What a DictionaryLinear (out m, in n, k atoms, s per row) stores: atoms and code values at the
+    model's dtype, and its support mask, ceil(k / 8) bytes per output row."""
+    return (k * n + m * s) * value_bytes + m * -(-k // 8)
+
+
+def _fisher(model: nn.Module, config: Any, data: Any, progress: bool) -> dict[str, FisherStats]:
+    limit = getattr(config, "fisher_samples", None)
+    if limit is not None:
+        data = data[:limit] if isinstance(data, torch.Tensor) else list(data)[:limit]
+    return collect_fisher(model, data, targets=config.targets, batch_size=config.batch_size, progress=progress)
+
+
+def profile_menus(model: nn.Module, config: Any, data: Any, types: tuple[str, ...], progress: bool = True,
+                  fisher: dict[str, FisherStats] | None = None) -> dict[str, list[Option]]:
+    """Every targeted matrix's menu (dense first), measured on the dense model."""
+    fisher = fisher if fisher is not None else _fisher(model, config, data, progress)
+    menus: dict[str, list[Option]] = {}
+
+    def on_block(index: int, block_name: str, block: nn.Module, stats: dict[str, LinearStats]) -> None:
+        for name in list(target_linears(block, config.targets)):
+            full = f"{block_name}.{name}"
+            weight = linear_weight(block.get_submodule(name)).detach()
+            m, n = weight.shape
+            spectrum = whitened_svd(weight, stats[name].gram, 1, config.eps).singular_values.square()
+            energy = float(spectrum.sum())
+            sensitivity = fisher[full].deletion / energy if energy > 0 else 0.0
+            menu = [Option("dense", (), m * n * _value_bytes(weight), 0.0)]
+            if "lowrank" in types:
+                menu += lowrank_options(m, n, spectrum, sensitivity, getattr(config, "rank_options", 48),
+                                        _value_bytes(weight))
+            if "dictionary" in types:
+                menu += dictionary_options(weight, stats[name].gram, sensitivity, energy, config,
+                                           getattr(config, "probe_iterations", 2))
+            menus[full] = menu
+
+    calibrate_blockwise(model, data, on_block, targets=config.targets, stats=("gram",), sequential=False,
+                        batch_size=config.batch_size, progress=progress, desc=f"profile {config.method}")
+    return menus
+
+
+def allocate_and_solve(model: nn.Module, config: Any, data: Any, types: tuple[str, ...], progress: bool,
+                       iterations: int, refresh: str | int = "doubling", power_iterations: int = 2) -> dict:
+    """Profile, choose within the byte budget, then factorize each matrix as chosen. Returns the fit report."""
+    check_targets(model, config)
+    if data is None:
+        raise FactorkitError(f"{config.method} with one budget over the model needs calibration tokens; pass "
+                             "data=calibration_tokens(...).")
+    times = {}
+    t = time.perf_counter()
+    fisher = _fisher(model, config, data, progress)
+    times["fisher_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    menus = profile_menus(model, config, data, types, progress, fisher)
+    times["profile_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    names = list(menus)
+    dense_bytes = sum(menus[n][0].bytes for n in names)
+    budget = math.floor((1.0 - config.ratio) * dense_bytes)
+    try:
+        picked = choose([Menu([o.bytes for o in menus[n]], [o.loss for o in menus[n]]) for n in names], budget)
+    except ValueError:
+        raise FactorkitError(f"ratio {config.ratio} is more than the smallest options of every matrix remove; "
+                             "lower the ratio or allow more factor types.") from None
+    times["knapsack_s"] = time.perf_counter() - t
+    chosen = {n: menus[n][o] for n, o in zip(names, picked.picks)}
+    t = time.perf_counter()
+
+    def on_block(index: int, block_name: str, block: nn.Module, stats: dict[str, LinearStats]) -> None:
+        for name in list(target_linears(block, config.targets)):
+            full = f"{block_name}.{name}"
+            option_ = chosen[full]
+            if option_.kind == "dense":
+                continue
+            linear = block.get_submodule(name)
+            weight = linear_weight(linear).detach()
+            bias = linear.bias.detach() if getattr(linear, "bias", None) is not None else None
+            gram = stats[name].gram
+            if option_.kind == "lowrank":
+                factors = whitened_svd(weight, gram, option_.size[0], config.eps)
+                shift = factors.shift
+                module = LowRankLinear.from_factors(factors.U, factors.V, bias, dtype=weight.dtype)
+            else:
+                fit = sparse_dictionary([weight], *option_.size, gram=gram, eps=config.eps, iterations=iterations,
+                                        refresh=refresh, power_iterations=power_iterations, seed=config.seed)[0]
+                shift = fit.shift
+                module = DictionaryLinear.from_codes(fit.atoms, fit.indices, fit.values, bias, dtype=weight.dtype)
+            if shift:
+                warn_shift(full, shift, gram)
+            replace_module(block, name, module)
+
+    calibrate_blockwise(model, data, on_block, targets=config.targets, stats=("gram",), sequential=config.sequential,
+                        batch_size=config.batch_size, progress=progress, desc=f"{config.method} r={config.ratio}")
+    times["solve_s"] = time.perf_counter() - t
+    by_type: dict[str, dict] = {}
+    for option_ in chosen.values():
+        entry = by_type.setdefault(option_.kind, {"matrices": 0, "bytes": 0})
+        entry["matrices"] += 1
+        entry["bytes"] += option_.bytes
+    log.info("%s at ratio %.2f: %s; predicted loss %.4g (at most %.3g above the optimum)", config.method,
+             config.ratio, ", ".join(f"{v['matrices']} {k}" for k, v in by_type.items()), picked.loss, picked.gap)
+    return {"choice": {n: {"type": o.kind, "size": list(o.size), "bytes": o.bytes, "predicted_loss": o.loss}
+                       for n, o in chosen.items()},
+            "types": by_type, "budget_bytes": budget, "dense_bytes": dense_bytes, "bytes": picked.cost,
+            "predicted_loss": picked.loss, "optimality_gap": picked.gap, **times}
+
+
+@register(AutoConfig, "one byte budget: per matrix dense, low rank or a sparse dictionary, by a knapsack")
+def compress_auto(model: nn.Module, config: AutoConfig, data: Any, progress: bool) -> dict:
+    return allocate_and_solve(model, config, data, config.types, progress, config.iterations)

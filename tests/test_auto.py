@@ -1,0 +1,118 @@
+"""One byte budget over the model: menus of dense / low-rank / dictionary options, the knapsack's pick,
+mixed models that save and reload, CoSpaDi with global allocation."""
+
+import pytest
+import torch
+
+import factorkit as fk
+from factorkit.cli import main
+from factorkit.factors import DictionaryLinear, FactorModule, LowRankLinear
+from factorkit.methods.auto import dictionary_bytes, lowrank_options
+from factorkit.surgery import linear_weight, model_targets
+
+from conftest import tiny_llama
+
+
+def stored_bytes(model, names) -> int:
+    """What the targeted matrices store now, counted from the modules themselves (biases aside)."""
+    total = 0
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, LowRankLinear):
+            total += sum(p.numel() * p.element_size() for n, p in module.named_parameters() if n != "bias")
+        elif isinstance(module, DictionaryLinear):
+            total += (module.atoms.numel() + module.values.numel()) * module.values.element_size()
+            total += module.support.numel()  # uint8 mask
+        else:
+            total += linear_weight(module).numel() * linear_weight(module).element_size()
+    return total
+
+
+@pytest.fixture
+def data():
+    return torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.4, 0.6])
+def test_auto_stays_within_the_byte_budget_and_mixes_types(ratio, data):
+    model = tiny_llama(seed=1, hidden=64)
+    names = list(model_targets(model, None))
+    dense = stored_bytes(model, names)
+    report = fk.compress(model, fk.AutoConfig(ratio=ratio, probe_iterations=1, iterations=2), data, progress=False)
+    fit = report.fit
+    assert fit["dense_bytes"] == dense
+    assert stored_bytes(model, names) == fit["bytes"] <= fit["budget_bytes"] <= (1 - ratio) * dense
+    assert sum(t["matrices"] for t in fit["types"].values()) == len(names)
+    assert sum(t["bytes"] for t in fit["types"].values()) == fit["bytes"]
+    assert fit["optimality_gap"] >= 0 and all(k in fit for k in ("fisher_s", "profile_s", "knapsack_s", "solve_s"))
+    kinds = {n: type(model.get_submodule(n)) for n in names}
+    for name, choice in fit["choice"].items():
+        expected = {"dense": torch.nn.Linear, "lowrank": LowRankLinear, "dictionary": DictionaryLinear}[choice["type"]]
+        assert kinds[name] is expected
+
+
+def test_a_mixed_model_saves_and_reloads_to_identical_logits(data, tmp_path):
+    model = tiny_llama(seed=2, hidden=64)
+    report = fk.compress(model, fk.AutoConfig(ratio=0.4, probe_iterations=1, iterations=2), data, progress=False)
+    assert len(report.fit["types"]) >= 2  # at least two kinds side by side in one model
+    fk.save(model, tmp_path / "mixed")
+    back = fk.load(tmp_path / "mixed")
+    with torch.no_grad():
+        assert torch.equal(model(data[:2]).logits, back(data[:2]).logits)
+    assert [type(m) for m in back.modules() if isinstance(m, FactorModule)] == \
+        [type(m) for m in model.modules() if isinstance(m, FactorModule)]
+
+
+def test_lowrank_menu_prices_ranks_by_the_discarded_whitened_energy():
+    spectrum = torch.tensor([9.0, 4.0, 1.0, 0.25])
+    options = lowrank_options(6, 4, spectrum, sensitivity=2.0, count=100, value_bytes=4)
+    assert [o.size[0] for o in options] == [1, 2]  # rank 3 would store 30 numbers >= 24 dense
+    assert [o.loss for o in options] == [2.0 * 5.25, 2.0 * 1.25]
+    assert [o.bytes for o in options] == [40, 80]
+    assert dictionary_bytes(1536, 576, 300, 150, 2) == (300 * 576 + 1536 * 150) * 2 + 1536 * 38
+
+
+def test_lowrank_only_auto_predicts_no_more_loss_than_uniform_ranks(data):
+    """On the same menu, the uniform SVD-LLM ranks are one feasible pick; the knapsack's is at least as good."""
+    from factorkit.methods.auto import profile_menus
+
+    model = tiny_llama(seed=3, hidden=64)
+    config = fk.AutoConfig(ratio=0.3, types=("lowrank",), rank_options=1000)
+    menus = profile_menus(model, config, data, config.types, progress=False)
+    uniform_loss, uniform_bytes = 0.0, 0
+    for name, menu in menus.items():
+        m, n = linear_weight(model.get_submodule(name)).shape
+        rank = fk.solvers.rank_for_ratio(m, n, 0.3)
+        option = next(o for o in menu if o.size == (rank,))
+        uniform_loss += option.loss
+        uniform_bytes += option.bytes
+    fit = fk.compress(model, config, data, progress=False).fit
+    assert fit["bytes"] <= fit["budget_bytes"] and uniform_bytes <= fit["budget_bytes"]
+    assert fit["predicted_loss"] <= uniform_loss + 1e-12
+    assert set(fit["types"]) <= {"lowrank", "dense"}
+
+
+def test_cospadi_global_spends_one_budget_on_dictionaries_only(data):
+    model = tiny_llama(seed=4, hidden=64)
+    names = list(model_targets(model, None))
+    dense = stored_bytes(model, names)
+    fit = fk.compress(model, fk.CoSpaDiConfig(ratio=0.3, allocation="global", iterations=2, probe_iterations=1),
+                      data, progress=False).fit
+    assert set(fit["types"]) <= {"dictionary", "dense"} and "dictionary" in fit["types"]
+    assert stored_bytes(model, names) <= 0.7 * dense
+    sizes = {tuple(c["size"]) for c in fit["choice"].values() if c["type"] == "dictionary"}
+    assert len(sizes) >= 2  # not one ratio for every matrix
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--method", "auto", "--types", "lowrank,tucker"], "--types must be one or more of lowrank, dictionary"),
+    (["--method", "cospadi", "--allocation", "global", "--group", "2"], "global does not combine with --group"),
+    (["--method", "cospadi", "--probe-iterations", "3"], "--probe-iterations applies only with --allocation global"),
+    (["--method", "auto", "--types", "dictionary", "--ratio", "0.8"], "no dictionary on the menu small enough"),
+    (["--method", "dsformer", "--allocation", "global"], "--allocation applies to --method"),
+])
+def test_bad_allocation_settings_are_one_sentence(argv, expected, capsys, tmp_path):
+    code = main(["-q", "compress", *argv, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
