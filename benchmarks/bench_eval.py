@@ -30,6 +30,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, Results, held_out, machine, run_point, write_section  # noqa: E402
@@ -39,6 +40,7 @@ from factorkit.eval import TASKS, zero_shot  # noqa: E402
 from factorkit.report import markdown_table  # noqa: E402
 
 RATIOS = (0.2, 0.3, 0.4)
+HEAL_STEPS = 40  # healing steps of the "+heal" points (batch 4 x calib_seq_len tokens each)
 # Published lm-eval 0-shot numbers of the same dense model, for the per-task table: (source, {task: (metric, %)}).
 PUBLISHED = {
     "smollm2-135m": ("the 'Baseline' column of the model card of lldois/SmolLM2-135M-Reasoning-SLERP-Champion on the "
@@ -60,6 +62,11 @@ def methods(cospadi_iterations: int) -> dict:
         "cospadi": lambda r: fk.CoSpaDiConfig(ratio=r, iterations=cospadi_iterations),
         "dsformer": lambda r: fk.DSFormerConfig(ratio=r),
         "svdllm (plays calib)": lambda r: fk.SVDLLMConfig(ratio=r),
+        # one budget of stored bytes over the model (methods.auto); the allocation's own ratio counts bytes
+        "cospadi-global": lambda r: fk.CoSpaDiConfig(ratio=r, iterations=cospadi_iterations, allocation="global"),
+        "auto": lambda r: fk.AutoConfig(ratio=r, iterations=cospadi_iterations),
+        f"svdllm-global+heal{HEAL_STEPS}": lambda r: fk.SVDLLMConfig(ratio=r, allocation="global", heal=HEAL_STEPS),
+        f"auto+heal{HEAL_STEPS}": lambda r: fk.AutoConfig(ratio=r, iterations=cospadi_iterations, heal=HEAL_STEPS),
     }
 
 
@@ -144,11 +151,16 @@ def measure(results: Results, settings: dict, chosen: dict, ratios: tuple[float,
                 general = held_out(model, tok, job).perplexity
             else:
                 general = rep.perplexity_after
-            s = rep.compression.summary
+            s, fit = rep.compression.summary, rep.compression.fit
+            extra = {k: fit[k] for k in ("types", "choice", "budget_bytes", "dense_bytes", "bytes", "optimality_gap",
+                                         "predicted_loss",
+                                         "fisher_s", "profile_s", "knapsack_s", "solve_s") if k in fit}
+            if "heal" in fit:
+                extra["heal"] = {k: fit["heal"][k] for k in ("losses", "seconds")}
             results.put(key, evaluate(model, {
                 "ppl_general": general.perplexity, "compress_s": rep.compression.seconds,
-                "ratio_targeted": s.ratio_targeted, "ratio_model": s.ratio_model, "params": s.model_params_after,
-                "eval_s": rep.eval_seconds[1]}))
+                "ratio_targeted": s.ratio_targeted, "ratio_storage": s.ratio_targeted_storage,
+                "ratio_model": s.ratio_model, "params": s.model_params_after, "eval_s": rep.eval_seconds[1], **extra}))
             print(key, summary_line(results[key]), f"compressed in {rep.compression.seconds:.0f} s", flush=True)
             del model
 
@@ -177,7 +189,7 @@ def report(results: Results, settings: dict, table: dict, full: Results) -> None
     ran = results.items.get("machine", {})
     where = ran.get("text", machine()) + (f"; {ran['shared']}" if ran.get("shared") else "")
     zs = dense["zero_shot"]
-    rows = [["dense", "-", "-", fmt_ppl(dense["ppl_general"]), "1.00x", "-", fmt_ppl(dense["ppl_plays"]), "1.00x",
+    rows = [["dense", "-", "-", "-", fmt_ppl(dense["ppl_general"]), "1.00x", "-", fmt_ppl(dense["ppl_plays"]), "1.00x",
              f"{100 * zs['average']:.2f} ± {100 * zs['average_stderr']:.2f}", "-",
              f"{100 * zs['average_norm']:.2f}", "-"]]
     for ratio in RATIOS:
@@ -188,17 +200,21 @@ def report(results: Results, settings: dict, table: dict, full: Results) -> None
                 continue
             z = item["zero_shot"]
             vs_ref = lambda k: f"{item[k] / ref[k]:.3g}x" if ref else "-"  # noqa: E731
-            rows.append([name, ratio, f"{item['ratio_model']:.1%}", fmt_ppl(item["ppl_general"]),
+            rows.append([name, ratio, f"{item.get('ratio_storage', item['ratio_targeted']):.1%}",
+                         f"{item['ratio_model']:.1%}", fmt_ppl(item["ppl_general"]),
                          f"{item['ppl_general'] / dense['ppl_general']:.3g}x", vs_ref("ppl_general"),
                          fmt_ppl(item["ppl_plays"]), f"{item['ppl_plays'] / dense['ppl_plays']:.3g}x",
                          f"{100 * z['average']:.2f} ± {100 * z['average_stderr']:.2f}",
                          f"{100 * (z['average'] - zs['average']):+.2f}", f"{100 * z['average_norm']:.2f}",
                          f"{item['compress_s']:.0f}"])
     main_table = markdown_table(
-        ["method", "ratio", "removed (model)", "general ppl", "vs dense", "vs svdllm", "plays ppl", "vs dense",
+        ["method", "ratio", "removed (stored bytes)", "removed (model)", "general ppl", "vs dense", "vs svdllm", "plays ppl", "vs dense",
          "zero-shot acc avg (%)", "vs dense (points)", "acc_norm avg (%)", "compress (s)"], rows)
     task_table = dense_tasks(zs, full, model)
     plot(results, settings, table)
+    allocation = allocation_table(results, table)
+    plot_bytes(results, settings, table)
+    plot_layers(results, settings)
     missing = [f"{n}@{r}" for r in RATIOS for n in table if f"{n}@{r}" not in results]
     pending = ("" if not missing else
                "\nNot measured yet (the run is resumable: rerun the command): " + ", ".join(missing) + ".\n")
@@ -221,6 +237,7 @@ training. Ratio = fraction of the targeted matrices' parameters removed; "remove
 {pending}
 {main_table}
 
+{allocation}
 Dense, per task:
 
 {task_table}
@@ -228,6 +245,84 @@ Dense, per task:
 ![zero-shot and perplexity against ratio](benchmarks/results/eval-{model}.png)
 """)
     print(main_table)
+
+
+def allocation_table(results: Results, table: dict) -> str:
+    """For the points with one budget over the model: what each factor type got, the knapsack's certificate,
+    where the time went, and the healing loss."""
+    rows = []
+    for ratio in RATIOS:
+        for name in table:
+            item = results.items.get(f"{name}@{ratio}")
+            if item is None or ("types" not in item and "heal" not in item):
+                continue
+            types = item.get("types", {})
+            kinds = ", ".join(f"{v['matrices']} {k} ({v['bytes'] / 2**20:.1f} MiB)" for k, v in sorted(types.items()))
+            split = (" / ".join(f"{item[k]:.0f}" for k in ("fisher_s", "profile_s", "knapsack_s", "solve_s"))
+                     if "profile_s" in item else "-")
+            heal = item.get("heal")
+            rows.append([f"{name}@{ratio}", kinds or "-",
+                         (f"{item['optimality_gap']:.2g} of {item['predicted_loss']:.3g}"
+                          if "optimality_gap" in item else "-"),
+                         split, (f"{heal['losses'][0]:.3f} -> {heal['losses'][-1]:.3f} in {heal['seconds']:.0f} s"
+                                 if heal and heal["losses"] else "-")])
+    if not rows:
+        return ""
+    return ("\nOne budget over the model (`auto`, `cospadi-global`) and healing: matrices and bytes per factor type, "
+            "the knapsack's certified distance to its optimum (predicted loss), seconds spent in the Fisher pass / "
+            "profile / knapsack / solve, and the healing objective (next-token loss + KL to dense) at its first "
+            "and last step:\n\n"
+            + markdown_table(["point", "factor types", "optimality gap", "fisher / profile / knapsack / solve (s)",
+                              "healing loss"], rows) + "\n")
+
+
+def plot_bytes(results: Results, settings: dict, table: dict) -> None:
+    """Zero-shot average and general-text perplexity against the bytes the targeted matrices store."""
+    dense = results["dense"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, name in enumerate(table):
+        pts = [results[f"{name}@{r}"] for r in RATIOS if f"{name}@{r}" in results]
+        if not pts:
+            continue
+        xs = [1 - p.get("ratio_storage", p["ratio_targeted"]) for p in pts]
+        ax1.plot(xs, [100 * p["zero_shot"]["average"] for p in pts], marker="o", color=f"C{i % 10}", label=name)
+        ax2.plot(xs, [p["ppl_general"] for p in pts], marker="o", color=f"C{i % 10}", label=name)
+    ax1.plot([1.0], [100 * dense["zero_shot"]["average"]], marker="*", ms=12, color="black", ls="", label="dense")
+    ax2.plot([1.0], [dense["ppl_general"]], marker="*", ms=12, color="black", ls="", label="dense")
+    for ax in (ax1, ax2):
+        ax.set(xlabel="bytes stored by the targeted matrices (fraction of dense)")
+    ax1.set(ylabel="zero-shot average (%)", title=f"{settings['model']}: zero-shot average against bytes")
+    ax2.set(ylabel="perplexity, held-out general text (log)", yscale="log", title="general-text perplexity")
+    ax1.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"eval-{settings['model']}-bytes.png", dpi=120)
+    plt.close(fig)
+
+
+def plot_layers(results: Results, settings: dict) -> None:
+    """Per matrix of the `auto` model at the smallest ratio measured: its factor type and the fraction of its
+    dense bytes it keeps."""
+    key = next((f"auto@{r}" for r in RATIOS if "choice" in results.items.get(f"auto@{r}", {})), None)
+    if key is None:
+        return
+    choice = results[key]["choice"]
+    layers = sorted({int(n.split(".")[-3]) for n in choice})
+    kinds = list(dict.fromkeys(".".join(n.split(".")[-2:]) for n in choice))
+    kept = torch.full((len(kinds), len(layers)), float("nan"))
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(layers) + 2), 3.6))
+    for name, c in choice.items():
+        i, j = kinds.index(".".join(name.split(".")[-2:])), layers.index(int(name.split(".")[-3]))
+        kept[i, j] = c["bytes"] / c["dense_bytes"]
+        ax.text(j, i, {"dense": "D", "lowrank": "L", "dictionary": "S"}[c["type"]], ha="center", va="center",
+                fontsize=7)
+    im = ax.imshow(kept.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set(yticks=range(len(kinds)), yticklabels=kinds, xticks=range(len(layers)), xticklabels=layers,
+           xlabel="layer", title=f"{settings['model']} {key}: D dense, L low rank, S sparse dictionary")
+    ax.tick_params(axis="x", labelsize=6)
+    fig.colorbar(im, ax=ax, label="bytes kept (fraction of dense)")
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"eval-{settings['model']}-layers.png", dpi=120)
+    plt.close(fig)
 
 
 def pct(task: dict, metric: str) -> str:

@@ -38,7 +38,7 @@ def test_auto_stays_within_the_byte_budget_and_mixes_types(ratio, data):
     model = tiny_llama(seed=1, hidden=64)
     names = list(model_targets(model, None))
     dense = stored_bytes(model, names)
-    report = fk.compress(model, fk.AutoConfig(ratio=ratio, probe_iterations=1, iterations=2), data, progress=False)
+    report = fk.compress(model, fk.AutoConfig(ratio=ratio, iterations=2), data, progress=False)
     fit = report.fit
     assert fit["dense_bytes"] == dense
     assert stored_bytes(model, names) == fit["bytes"] <= fit["budget_bytes"] <= (1 - ratio) * dense
@@ -53,7 +53,7 @@ def test_auto_stays_within_the_byte_budget_and_mixes_types(ratio, data):
 
 def test_a_mixed_model_saves_and_reloads_to_identical_logits(data, tmp_path):
     model = tiny_llama(seed=2, hidden=64)
-    report = fk.compress(model, fk.AutoConfig(ratio=0.4, probe_iterations=1, iterations=2), data, progress=False)
+    report = fk.compress(model, fk.AutoConfig(ratio=0.4, iterations=2, estimate="probe", probe_iterations=1), data, progress=False)
     assert len(report.fit["types"]) >= 2  # at least two kinds side by side in one model
     fk.save(model, tmp_path / "mixed")
     back = fk.load(tmp_path / "mixed")
@@ -96,7 +96,7 @@ def test_cospadi_global_spends_one_budget_on_dictionaries_only(data):
     model = tiny_llama(seed=4, hidden=64)
     names = list(model_targets(model, None))
     dense = stored_bytes(model, names)
-    fit = fk.compress(model, fk.CoSpaDiConfig(ratio=0.3, allocation="global", iterations=2, probe_iterations=1),
+    fit = fk.compress(model, fk.CoSpaDiConfig(ratio=0.3, allocation="global", iterations=2),
                       data, progress=False).fit
     assert set(fit["types"]) <= {"dictionary", "dense"} and "dictionary" in fit["types"]
     assert stored_bytes(model, names) <= 0.7 * dense
@@ -107,7 +107,8 @@ def test_cospadi_global_spends_one_budget_on_dictionaries_only(data):
 @pytest.mark.parametrize("argv, expected", [
     (["--method", "auto", "--types", "lowrank,tucker"], "--types must be one or more of lowrank, dictionary"),
     (["--method", "cospadi", "--allocation", "global", "--group", "2"], "global does not combine with --group"),
-    (["--method", "cospadi", "--probe-iterations", "3"], "--probe-iterations applies only with --allocation global"),
+    (["--method", "cospadi", "--estimate", "probe"], "--estimate applies only with --allocation global"),
+    (["--method", "auto", "--probe-iterations", "3"], "--probe-iterations applies only with --estimate probe"),
     (["--method", "auto", "--types", "dictionary", "--ratio", "0.8"], "no dictionary on the menu small enough"),
     (["--method", "dsformer", "--allocation", "global"], "--allocation applies to --method"),
 ])
@@ -116,3 +117,22 @@ def test_bad_allocation_settings_are_one_sentence(argv, expected, capsys, tmp_pa
     err = capsys.readouterr().err
     assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_eigenbasis_estimate_is_the_error_of_the_best_sparse_code_in_the_singular_basis():
+    from factorkit.methods.auto import eigenbasis_errors
+
+    gen = torch.Generator().manual_seed(0)
+    Y = torch.randn(40, 24, generator=gen, dtype=torch.float64) @ torch.diag(torch.linspace(3, 0.1, 24, dtype=torch.float64))
+    u, sv, vh = torch.linalg.svd(Y, full_matrices=False)
+    energy = float(Y.square().sum())
+    sizes = [(24, 24), (24, 6), (12, 6), (8, 1), (30, 4)]
+    got = eigenbasis_errors(u * sv, energy, sizes)
+    for (k, s), err in zip(sizes, got):
+        D = vh[: min(k, 24)]  # orthonormal atoms
+        codes = Y @ D.T
+        keep = torch.zeros_like(codes).scatter_(1, codes.abs().topk(min(s, k), dim=1).indices, 1.0)
+        explicit = float((Y - (codes * keep) @ D).norm() / Y.norm())
+        assert err == pytest.approx(explicit, abs=1e-10)
+    assert got[0] == pytest.approx(0.0, abs=1e-7)
+    assert got[2] >= got[1]  # fewer atoms at the same sparsity: never better

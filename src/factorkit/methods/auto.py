@@ -8,12 +8,16 @@
      of ``methods.lowrank`` do);
    - low rank: the singular values of W L price every rank at once (SVD-LLM's
      whitened error at rank r is exactly the energy it drops);
-   - dictionary: a cheap CoSpaDi fit (``probe_iterations`` alternations
-     instead of ``iterations``) at each of a few per-matrix ratios; between
-     them the error is interpolated (log-linear in the ratio). The estimate
-     overstates what the full solve reaches, by a similar factor at every
-     ratio, so it ranks a matrix's options as the full solve would
-     (BENCHMARKS.md measures the rank correlation on one block).
+   - dictionary (k atoms, s per row), ``estimate="eigenbasis"`` (default):
+     from the same SVD, the error of coding every row of W L with its s
+     largest coefficients among the first k right singular vectors (an
+     orthonormal dictionary, where the best s-sparse code is exactly that):
+     one sparse-coding step of a dictionary fit, before K-SVD improves it.
+     Seconds for a whole model. ``estimate="probe"`` fits each option with
+     CoSpaDi itself for ``probe_iterations`` alternations at a few ratios,
+     interpolating between them: closer to the full solve, but hours on a
+     CPU. ``benchmarks/bench_probe.py`` measures how each ranks the options
+     against the full solve on one block.
 2. Each matrix's menu: keep it dense, a rank r, or a dictionary (k, s);
    costs are the bytes each stores at the model's dtype (a dictionary's codes
    also store one support bit per output and atom), the predicted loss is
@@ -45,10 +49,12 @@ from ..factors import DictionaryLinear, LowRankLinear
 from ..solvers import whitened_svd
 from ..solvers.dictionary import dictionary_budget, sparse_dictionary
 from ..solvers.knapsack import Menu, choose
+from ..solvers.whitening import cholesky_factor
 from ..surgery import linear_weight, replace_module, target_linears
 from .base import CompressionConfig, check_targets, log, register, warn_shift
 
 TYPES = ("lowrank", "dictionary")
+ESTIMATES = ("eigenbasis", "probe")
 PROBE_RATIOS = (0.1, 0.3, 0.5, 0.7)  # per-matrix ratios a dictionary is fitted at cheaply
 DICTIONARY_RATIOS = tuple(round(0.1 + 0.05 * i, 2) for i in range(13))  # 0.1 .. 0.7: the menu's dictionaries
 
@@ -69,8 +75,11 @@ class AutoConfig(CompressionConfig):
     rank_options: int = option(48, "ranks per matrix on the menu, evenly spaced up to the dense size",
                                check=whole(2))
     rho: float = option(2.0, "dictionary options: atoms per nonzero, k/s", check=at_least(1.0))
-    probe_iterations: int = option(2, "alternations of the cheap dictionary fits that price the dictionary "
-                                      "options", check=positive_int)
+    estimate: str = option("eigenbasis", "how dictionary options are priced: eigenbasis (s largest coefficients "
+                                         "in the first k whitened singular directions; seconds) or probe (short "
+                                         "CoSpaDi fits; hours on a CPU)", choices=ESTIMATES)
+    probe_iterations: int = option(2, "alternations of the probe fits that price the dictionary options",
+                                   check=positive_int, when=("estimate", "probe"))
     iterations: int = option(8, "alternations of each chosen dictionary's fit (CoSpaDi's T; 60 in its paper)",
                              check=positive_int)
     fisher_samples: int | None = option(None, "calibration sequences used for the Fisher gradient pass "
@@ -119,23 +128,42 @@ def lowrank_options(m: int, n: int, spectrum: torch.Tensor, sensitivity: float, 
                    sensitivity * (float(tail[r]) if r < tail.numel() else 0.0)) for r in ranks]
 
 
+def eigenbasis_errors(coefficients: torch.Tensor, energy: float, sizes: list[tuple[int, int]]) -> list[float]:
+    """Relative error of coding each row of the whitened weight with its s largest coefficients among the
+    first k right singular directions, for each (k, s); ``coefficients`` = U * S of its SVD (row j's
+    coefficient on direction i is u_ji s_i). In an orthonormal dictionary that code is the best s-sparse
+    one, so this is what a dictionary fit reaches after one sparse-coding step from the SVD's basis."""
+    c2 = coefficients.double().square()
+    out = []
+    for k, s in sizes:
+        k = min(k, c2.shape[1])  # atoms beyond the dimension add nothing to an orthonormal basis
+        kept = float(torch.topk(c2[:, :k], min(s, k), dim=1).values.sum())
+        out.append(math.sqrt(max(energy - kept, 0.0) / energy) if energy > 0 else 0.0)
+    return out
+
+
 def dictionary_options(weight: torch.Tensor, gram: torch.Tensor, sensitivity: float, energy: float,
-                       config: Any, iterations: int) -> list[Option]:
-    """Dictionaries at DICTIONARY_RATIOS, priced by fits of ``iterations`` alternations at PROBE_RATIOS
-    (log-linear in between, nothing outside)."""
+                       config: Any, coefficients: torch.Tensor) -> list[Option]:
+    """Dictionaries at DICTIONARY_RATIOS, priced by the eigenbasis estimate, or with ``config.estimate ==
+    "probe"`` by fits of ``config.probe_iterations`` alternations at PROBE_RATIOS (log-linear in between,
+    nothing outside)."""
     m, n = weight.shape
     bits = 8 * _value_bytes(weight)
+    sizes = {q: dictionary_budget(n, m, q, config.rho, count="storage", value_bits=bits) for q in DICTIONARY_RATIOS}
+    sizes = {q: (k, s) for q, (k, s) in sizes.items() if k >= 1 and s >= 1}
+    if getattr(config, "estimate", "eigenbasis") == "eigenbasis":
+        errors = eigenbasis_errors(coefficients, energy, list(sizes.values()))
+        return [Option("dictionary", (k, s), dictionary_bytes(m, n, k, s, bits // 8), sensitivity * e * e * energy)
+                for (k, s), e in zip(sizes.values(), errors)]
     probed: dict[float, float] = {}
     for q in PROBE_RATIOS:
-        k, s = dictionary_budget(n, m, q, config.rho, count="storage", value_bits=bits)
-        if s < 1 or k < 1:
-            continue
-        fit = sparse_dictionary([weight], k, s, gram=gram, eps=config.eps, iterations=iterations,
-                                refresh="every", seed=config.seed)[0]
-        probed[q] = max(fit.errors[-1], 1e-12)
+        if q in sizes:
+            fit = sparse_dictionary([weight], *sizes[q], gram=gram, eps=config.eps,
+                                    iterations=config.probe_iterations, refresh="every", seed=config.seed)[0]
+            probed[q] = max(fit.errors[-1], 1e-12)
     qs = sorted(probed)
     out = []
-    for q in DICTIONARY_RATIOS:
+    for q, (k, s) in sizes.items():
         if not qs or q < qs[0] or q > qs[-1]:
             continue
         hi = next(i for i, p in enumerate(qs) if p >= q)
@@ -145,7 +173,6 @@ def dictionary_options(weight: torch.Tensor, gram: torch.Tensor, sensitivity: fl
             a, b = qs[hi - 1], qs[hi]
             t = (q - a) / (b - a)
             err = math.exp((1 - t) * math.log(probed[a]) + t * math.log(probed[b]))
-        k, s = dictionary_budget(n, m, q, config.rho, count="storage", value_bits=bits)
         out.append(Option("dictionary", (k, s), dictionary_bytes(m, n, k, s, bits // 8),
                           sensitivity * err * err * energy))
     return out
@@ -175,7 +202,9 @@ def profile_menus(model: nn.Module, config: Any, data: Any, types: tuple[str, ..
             full = f"{block_name}.{name}"
             weight = linear_weight(block.get_submodule(name)).detach()
             m, n = weight.shape
-            spectrum = whitened_svd(weight, stats[name].gram, 1, config.eps).singular_values.square()
+            chol = cholesky_factor(stats[name].gram, config.eps)
+            u, sv, _ = torch.linalg.svd(weight.double() @ chol.factor, full_matrices=False)
+            spectrum = sv.square()
             energy = float(spectrum.sum())
             sensitivity = fisher[full].deletion / energy if energy > 0 else 0.0
             menu = [Option("dense", (), m * n * _value_bytes(weight), 0.0)]
@@ -183,8 +212,7 @@ def profile_menus(model: nn.Module, config: Any, data: Any, types: tuple[str, ..
                 menu += lowrank_options(m, n, spectrum, sensitivity, getattr(config, "rank_options", 48),
                                         _value_bytes(weight))
             if "dictionary" in types:
-                menu += dictionary_options(weight, stats[name].gram, sensitivity, energy, config,
-                                           getattr(config, "probe_iterations", 2))
+                menu += dictionary_options(weight, stats[name].gram, sensitivity, energy, config, u * sv)
             menus[full] = menu
 
     calibrate_blockwise(model, data, on_block, targets=config.targets, stats=("gram",), sequential=False,
@@ -252,8 +280,8 @@ def allocate_and_solve(model: nn.Module, config: Any, data: Any, types: tuple[st
         entry["bytes"] += option_.bytes
     log.info("%s at ratio %.2f: %s; predicted loss %.4g (at most %.3g above the optimum)", config.method,
              config.ratio, ", ".join(f"{v['matrices']} {k}" for k, v in by_type.items()), picked.loss, picked.gap)
-    return {"choice": {n: {"type": o.kind, "size": list(o.size), "bytes": o.bytes, "predicted_loss": o.loss}
-                       for n, o in chosen.items()},
+    return {"choice": {n: {"type": o.kind, "size": list(o.size), "bytes": o.bytes, "dense_bytes": menus[n][0].bytes,
+                           "predicted_loss": o.loss} for n, o in chosen.items()},
             "types": by_type, "budget_bytes": budget, "dense_bytes": dense_bytes, "bytes": picked.cost,
             "predicted_loss": picked.loss, "optimality_gap": picked.gap, **times}
 

@@ -91,10 +91,13 @@ class CoSpaDiConfig(CompressionConfig):
                                               "compression resumes from them", record=False)
     allocation: str = option("uniform", "uniform: every matrix loses --ratio; global: one budget of stored bytes, "
                                         "each matrix's dictionary size (or keeping it dense) chosen by predicted "
-                                        "loss (a Fisher gradient pass and cheap probe fits first)",
+                                        "loss (needs a Fisher gradient pass)",
                              choices=("uniform", "global"))
-    probe_iterations: int = option(2, "global allocation: alternations of the cheap fits that price each "
-                                      "matrix's dictionary sizes", check=positive_int, when=("allocation", "global"))
+    estimate: str = option("eigenbasis", "global allocation: how each matrix's dictionary sizes are priced: "
+                                         "eigenbasis (seconds) or probe (short fits; hours on a CPU)",
+                           choices=("eigenbasis", "probe"), when=("allocation", "global"))
+    probe_iterations: int = option(2, "alternations of the probe fits that price the dictionary options",
+                                   check=positive_int, when=("estimate", "probe"))
 
     def __post_init__(self) -> None:
         if isinstance(self.refresh, str) and self.refresh.isdigit():  # "4" from the command line

@@ -1,0 +1,159 @@
+"""How well the cheap probe fits that price `auto`'s dictionary options rank them against the full solve.
+
+On one block of the model (its inputs from the dense model, as the profile
+sees them), every targeted matrix is fitted as a sparse dictionary at each of
+the per-matrix ratios the profile probes, once with the probe's few
+alternations and once with the full solve's; the predicted loss of an option
+is sensitivity x whitened squared error, so within one matrix the two rank
+options as their errors do, and across matrices the sensitivity is common to
+both. Reported: Spearman's rank correlation of probe and full error over all
+(matrix, ratio) options and within each matrix, and how much the probe
+overstates the error.
+
+    python benchmarks/bench_probe.py --model smollm2-135m [--block 15] [--full-iterations 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Results, machine, write_section  # noqa: E402
+
+import factorkit as fk  # noqa: E402
+from factorkit.calibration import calibrate_blockwise  # noqa: E402
+from factorkit.data import calibration_tokens  # noqa: E402
+from factorkit.methods.auto import PROBE_RATIOS, eigenbasis_errors  # noqa: E402
+from factorkit.report import markdown_table  # noqa: E402
+from factorkit.solvers.dictionary import dictionary_budget, sparse_dictionary  # noqa: E402
+from factorkit.solvers.whitening import cholesky_factor  # noqa: E402
+from factorkit.surgery import find_blocks, linear_weight, target_linears  # noqa: E402
+
+
+class _Done(Exception):
+    """Raised once the chosen block is measured: nothing after it is needed."""
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation (no ties expected among continuous errors)."""
+    ra = torch.tensor(a).argsort().argsort().double()
+    rb = torch.tensor(b).argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--block", type=int, default=None, help="block index (default: the middle one)")
+    ap.add_argument("--probe-iterations", type=int, default=fk.AutoConfig().probe_iterations)
+    ap.add_argument("--full-iterations", type=int, default=8, help="the benchmarks' CoSpaDi alternations")
+    ap.add_argument("--report", action="store_true")
+    args = ap.parse_args()
+    base, tok = fk.models.load(args.model)
+    blocks = find_blocks(base)[1]
+    block = len(blocks) // 2 if args.block is None else args.block
+    settings = {"model": args.model, "block": block, "probe_iterations": args.probe_iterations,
+                "full_iterations": args.full_iterations}
+    results = Results(f"probe-{args.model}", settings)
+    if not args.report:
+        measure(results, base, tok, block, args)
+    report(results, settings)
+
+
+def measure(results: Results, base, tok, block: int, args) -> None:
+    results.put("machine", {"text": machine()})
+    data = calibration_tokens(tok, "general", 32, 512, 0)
+    bits = 8 * next(base.parameters()).element_size()
+
+    def on_block(index, block_name, module, stats) -> None:
+        if index != block:
+            return
+        for name in target_linears(module, None):
+            weight = linear_weight(module.get_submodule(name)).detach()
+            m, n = weight.shape
+            gram = stats[name].gram
+            u, sv, _ = torch.linalg.svd(weight.double() @ cholesky_factor(gram).factor, full_matrices=False)
+            for q in PROBE_RATIOS:
+                key = f"{name}@{q}"
+                k, s = dictionary_budget(n, m, q, 2.0, count="storage", value_bits=bits)
+                t = time.perf_counter()
+                eigen = eigenbasis_errors(u * sv, float(sv.square().sum()), [(k, s)])[0]
+                eigen_s = time.perf_counter() - t
+                if key in results:
+                    if "eigen" not in results[key]:
+                        results.put(key, {**results[key], "eigen": eigen, "eigen_s": eigen_s})
+                    continue
+                row = {"eigen": eigen, "eigen_s": eigen_s}
+                for what, iters, refresh in (("probe", args.probe_iterations, "every"),
+                                             ("full", args.full_iterations, "doubling")):
+                    t = time.perf_counter()
+                    fit = sparse_dictionary([weight], k, s, gram=gram, iterations=iters,
+                                            refresh=refresh)[0]
+                    row[what] = fit.errors[-1]
+                    row[f"{what}_s"] = time.perf_counter() - t
+                results.put(key, row)
+                print(key, row, flush=True)
+        raise _Done
+
+    try:
+        calibrate_blockwise(base, data, on_block, stats=("gram",), sequential=False, progress=True, desc="profile")
+    except _Done:
+        pass
+
+
+def report(results: Results, settings: dict) -> None:
+    items = {k: v for k, v in results.items.items() if "@" in k and "full" in v}
+    if not items:
+        print("no results yet")
+        return
+    names = list(dict.fromkeys(k.split("@")[0] for k in items))
+    full = [items[k]["full"] for k in items]
+    rows = []
+    for name in names:
+        keys = [k for k in items if k.split("@")[0] == name]
+        rows.append([name, *(f"{items[k].get('eigen', float('nan')):.4f} / {items[k]['probe']:.4f} / "
+                             f"{items[k]['full']:.4f}" for k in keys)])
+    lines = []
+    for what, label in (("eigen", "eigenbasis estimate"), ("probe", f"probe ({settings['probe_iterations']} "
+                                                                     "alternations)")):
+        if not all(what in v for v in items.values()):
+            continue
+        est = [items[k][what] for k in items]
+        over = [e / f for e, f in zip(est, full)]
+        # the knapsack compares predicted losses (sensitivity x error^2 x energy) across matrices: the
+        # ordering of the errors themselves is what it needs within a matrix, their ratio across matrices
+        lines.append(f"- {label}: Spearman {spearman(est, full):.3f} over all {len(items)} options; it overstates "
+                     f"the full solve's error by {min(over):.2f}x to {max(over):.2f}x (mean "
+                     f"{sum(over) / len(over):.2f}x); {sum(items[k][what + '_s'] for k in items):.1f} s in all.")
+    ran = results.items.get("machine", {}).get("text", machine())
+    ratios = sorted({float(k.split("@")[1]) for k in items})
+    table = markdown_table(["matrix", *(f"ratio {q}: eigen / probe / full" for q in ratios)], rows)
+    partial = "" if len(items) == 7 * len(PROBE_RATIOS) else (
+        f" ({len(items)} of the block's options measured so far; the run resumes where it stopped)")
+    write_section(f"probe-{settings['model']}", f"""
+## {settings['model']}: pricing dictionary options cheaply, against the full solve
+
+`python benchmarks/bench_probe.py --model {settings['model']}`, {results.measured()}, {ran}.
+
+Block {settings['block']}, calibrated on 32 x 512 tokens of the `general` corpus (the dense model's activations,
+as `auto`'s profile sees them). Relative whitened error of a sparse dictionary (rho 2, bytes counted with the
+support) at each ratio the profile probes: the eigenbasis estimate `auto` uses by default, a CoSpaDi fit of
+{settings['probe_iterations']} alternations (`--estimate probe`), and the full solve of {settings['full_iterations']}
+alternations the benchmarks run{partial}.
+
+{table}
+
+{chr(10).join(lines)}
+""")
+    print(table)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
