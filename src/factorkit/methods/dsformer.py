@@ -45,7 +45,7 @@ from ..factors import DenseSparseLinear, factor_modules
 from ..solvers.dictionary import sparse_dictionary
 from ..solvers.sparsity import Pattern, dense_sparse_budget, magnitude_mask, refit_coefficients, \
     whitened_dense_sparse
-from ..training import TrainConfig, model_loss, train
+from ..training import TrainConfig, model_loss, train, train_rows
 from ..config import ConfigError, at_least, nested, option, positive_int
 from .base import CompressionConfig, check_targets, log, register
 
@@ -155,16 +155,8 @@ def training_data(data: Any) -> tuple[torch.Tensor, torch.Tensor | dict[str, tor
     """(token ids for calibrating the start, rows to train on) from token ids
     (causal LM) or a list of labelled batches (dicts of equal-length model
     inputs with ``labels``, for a model with a task head)."""
-    if isinstance(data, torch.Tensor):
-        return data, data
-    if not all("labels" in b and "input_ids" in b for b in data):
-        raise FactorkitError("dsformer's labelled batches need 'input_ids' and 'labels' in every batch.")
-    try:
-        merged = {k: torch.cat([torch.as_tensor(b[k]) for b in data]) for k in data[0]}
-    except RuntimeError:
-        raise FactorkitError("dsformer's labelled batches must have sequences of one length (pad them to one "
-                             "length before passing them).") from None
-    return merged["input_ids"], merged
+    rows = train_rows(data, "dsformer")
+    return (rows, rows) if isinstance(rows, torch.Tensor) else (rows["input_ids"], rows)
 
 
 def _compress_dsformer(model: nn.Module, config: DSFormerConfig, data: Any, progress: bool) -> dict:

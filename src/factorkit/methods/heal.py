@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import FactorkitError
 from ..factors import factor_modules
-from ..training import model_loss, train
+from ..training import model_loss, train, train_rows
 from .base import CompressionConfig, log
 
 
@@ -36,18 +36,6 @@ def factor_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
                 seen.add(id(p))
                 out.append((f"{name}.{pname}", p))
     return out
-
-
-def heal_rows(data: Any) -> torch.Tensor | dict[str, torch.Tensor]:
-    """The rows healing trains on: token ids as they are, or labelled batches merged."""
-    if isinstance(data, torch.Tensor):
-        return data
-    if not all("labels" in b and "input_ids" in b for b in data):
-        raise FactorkitError("healing on labelled batches needs 'input_ids' and 'labels' in every batch.")
-    try:
-        return {k: torch.cat([torch.as_tensor(b[k]) for b in data]) for k in data[0]}
-    except RuntimeError:
-        raise FactorkitError("healing needs labelled batches of one sequence length; pad them to one length.") from None
 
 
 def heal(model: nn.Module, teacher: nn.Module, data: Any, config: CompressionConfig, progress: bool = True,
@@ -66,7 +54,7 @@ def heal(model: nn.Module, teacher: nn.Module, data: Any, config: CompressionCon
     def loss_fn(m: nn.Module, batch) -> torch.Tensor:
         return model_loss(m, batch, teacher, tc.distill, tc.temperature)
 
-    result = train(model, heal_rows(data), params, tc, loss_fn, progress=progress, desc="heal",
+    result = train(model, train_rows(data, "healing"), params, tc, loss_fn, progress=progress, desc="heal",
                    stop_after=stop_after, run={"method": config.to_dict(), "stage": "heal"},
                    nonfinite_hint="lower --heal-lr, or use --dtype float32")
     losses = result.losses

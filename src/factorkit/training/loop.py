@@ -136,6 +136,21 @@ def model_loss(model: nn.Module, batch: torch.Tensor | Batch, teacher: nn.Module
     return loss
 
 
+def train_rows(data: Any, who: str) -> torch.Tensor | Batch:
+    """What a training run takes rows from: token ids (N, T) as they are, or a list of labelled batches (dicts
+    of equal-length model inputs with ``input_ids`` and ``labels``) merged into one dict of N rows each. ``who``
+    names the caller in the errors."""
+    if isinstance(data, torch.Tensor):
+        return data
+    if not all("labels" in b and "input_ids" in b for b in data):
+        raise FactorkitError(f"{who}'s labelled batches need 'input_ids' and 'labels' in every batch.")
+    try:
+        return {k: torch.cat([torch.as_tensor(b[k]) for b in data]) for k in data[0]}
+    except RuntimeError:
+        raise FactorkitError(f"{who}'s labelled batches must have sequences of one length (pad them to one "
+                             "length before passing them).") from None
+
+
 def rows_of(data: torch.Tensor | Batch) -> int:
     return (data if isinstance(data, torch.Tensor) else next(iter(data.values()))).shape[0]
 
