@@ -245,6 +245,14 @@ def allocate_and_solve(model: nn.Module, config: Any, data: Any, types: tuple[st
                              "lower the ratio or allow more factor types.") from None
     times["knapsack_s"] = time.perf_counter() - t
     chosen = {n: menus[n][o] for n, o in zip(names, picked.picks)}
+    by_type: dict[str, dict] = {}
+    for option_ in chosen.values():
+        entry = by_type.setdefault(option_.kind, {"matrices": 0, "bytes": 0})
+        entry["matrices"] += 1
+        entry["bytes"] += option_.bytes
+    log.info("%s at ratio %.2f: %s; predicted loss %.4g (at most %.3g above the optimum); profile %.0f s, now "
+             "solving", config.method, config.ratio, ", ".join(f"{v['matrices']} {k}" for k, v in by_type.items()),
+             picked.loss, picked.gap, times["fisher_s"] + times["profile_s"])
     t = time.perf_counter()
 
     def on_block(index: int, block_name: str, block: nn.Module, stats: dict[str, LinearStats]) -> None:
@@ -273,13 +281,6 @@ def allocate_and_solve(model: nn.Module, config: Any, data: Any, types: tuple[st
     calibrate_blockwise(model, data, on_block, targets=config.targets, stats=("gram",), sequential=config.sequential,
                         batch_size=config.batch_size, progress=progress, desc=f"{config.method} r={config.ratio}")
     times["solve_s"] = time.perf_counter() - t
-    by_type: dict[str, dict] = {}
-    for option_ in chosen.values():
-        entry = by_type.setdefault(option_.kind, {"matrices": 0, "bytes": 0})
-        entry["matrices"] += 1
-        entry["bytes"] += option_.bytes
-    log.info("%s at ratio %.2f: %s; predicted loss %.4g (at most %.3g above the optimum)", config.method,
-             config.ratio, ", ".join(f"{v['matrices']} {k}" for k, v in by_type.items()), picked.loss, picked.gap)
     return {"choice": {n: {"type": o.kind, "size": list(o.size), "bytes": o.bytes, "dense_bytes": menus[n][0].bytes,
                            "predicted_loss": o.loss} for n, o in chosen.items()},
             "types": by_type, "budget_bytes": budget, "dense_bytes": dense_bytes, "bytes": picked.cost,
