@@ -233,7 +233,9 @@ tasks (as SVD-LLM and ROCKET report it), its stderr the tasks' combined (sqrt of
 Two rows' averages differ beyond noise (95%) only by more than about 2.8 stderrs, {280 * zs['average_stderr']:.1f} points
 here; the perplexities separate the methods far more finely at this limit.
 CoSpaDi runs {settings['cospadi_iterations']} alternations (the paper: 60) to fit this CPU; DSFormer its default
-training. Ratio = fraction of the targeted matrices' parameters removed; "removed (model)" counts the whole model.
+training. Ratio = fraction of the targeted matrices' parameters removed (`auto`, `cospadi-global`: of their
+stored bytes, supports included); "removed (stored bytes)" counts what the targeted matrices store, support
+masks included, "removed (model)" the whole model's parameters.
 {pending}
 {main_table}
 
