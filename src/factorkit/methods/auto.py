@@ -109,9 +109,6 @@ class Option:
     bytes: int
     loss: float
 
-    def label(self) -> str:
-        return {"dense": "dense", "lowrank": "rank {}", "dictionary": "k={} s={}"}[self.kind].format(*self.size)
-
 
 def _value_bytes(weight: torch.Tensor) -> int:
     return weight.element_size()
