@@ -104,13 +104,40 @@ def test_cospadi_global_spends_one_budget_on_dictionaries_only(data):
     assert len(sizes) >= 2  # not one ratio for every matrix
 
 
+def test_dsformer_global_starts_each_matrix_at_its_chosen_size_within_one_budget(data, tmp_path):
+    from factorkit.methods.auto import allocate
+    from factorkit.training import TrainConfig
+
+    model = tiny_llama(seed=5, hidden=64)
+    names = list(model_targets(model, None))
+    dense = stored_bytes(model, names)
+    config = fk.DSFormerConfig(ratio=0.3, allocation="global", train=TrainConfig(steps=2, lr=1e-3, batch_size=4))
+    chosen, _ = allocate(tiny_llama(seed=5, hidden=64), config, data, ("dictionary",), progress=False)
+    fit = fk.compress(model, config, data, progress=False).fit
+    assert stored_bytes(model, names) == fit["bytes"] <= fit["budget_bytes"] <= 0.7 * dense
+    for name, option_ in chosen.items():  # the same pick as allocating alone, and each module built to it
+        assert fit["choice"][name]["size"] == list(option_.size)
+        module = model.get_submodule(name)
+        if option_.kind == "dense":
+            assert type(module) is torch.nn.Linear
+        else:
+            assert isinstance(module, DictionaryLinear) and (module.atoms.shape[0], module.sparsity) == option_.size
+    assert len({tuple(c["size"]) for c in fit["choice"].values()}) >= 2 and len(fit["losses"]) == 2
+    fk.save(model, tmp_path / "ds")
+    with torch.no_grad():
+        assert torch.equal(model(data[:2]).logits, fk.load(tmp_path / "ds")(data[:2]).logits)
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--method", "auto", "--types", "lowrank,tucker"], "--types must be one or more of lowrank, dictionary"),
     (["--method", "cospadi", "--allocation", "global", "--group", "2"], "global does not combine with --group"),
     (["--method", "cospadi", "--estimate", "probe"], "--estimate applies only with --allocation global"),
     (["--method", "auto", "--probe-iterations", "3"], "--probe-iterations applies only with --estimate probe"),
     (["--method", "auto", "--types", "dictionary", "--ratio", "0.8"], "no dictionary on the menu small enough"),
-    (["--method", "dsformer", "--allocation", "global"], "--allocation applies to --method"),
+    (["--method", "auto", "--allocation", "global"], "--allocation applies to --method"),
+    (["--method", "dsformer", "--allocation", "global", "--pattern", "2:4"], "does not combine with --pattern 2:4"),
+    (["--method", "dsformer", "--allocation", "global", "--init", "random"], "does not combine with --init random"),
+    (["--method", "dsformer", "--fisher-samples", "2"], "--fisher-samples applies only with --allocation global"),
 ])
 def test_bad_allocation_settings_are_one_sentence(argv, expected, capsys, tmp_path):
     code = main(["-q", "compress", *argv, "--out", str(tmp_path / "out")])

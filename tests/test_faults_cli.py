@@ -163,7 +163,7 @@ def _wrong_method(method, option, value=None):
 
 COMPRESS_CASES = [
     # an option the method does not have
-    _wrong_method("dsformer", "--allocation", "global"),
+    _wrong_method("auto", "--allocation", "global"),
     _wrong_method("dsformer", "--min-rank", 4),
     _wrong_method("cospadi", "--fisher-samples", 4),
     _wrong_method("svd", "--alpha", 0.5),

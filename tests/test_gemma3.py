@@ -314,10 +314,13 @@ def test_svdllm_on_real_gemma3_from_the_command_line_reloads_identically(gemma3,
 
     out = tmp_path / "g3"
     code = main(["-q", "compress", "--model", "gemma3-270m", "--method", "svdllm", "--ratio", "0.2",
-                 "--calib", "shakespeare", "--calib-samples", "8", "--calib-seq-len", "256", "--out", str(out)])
+                 "--calib", "shakespeare", "--calib-samples", "8", "--calib-seq-len", "256", "--out", str(out),
+                 # the attention projections only: the real architecture end to end (1 KV head, head_dim 256,
+                 # q/k norms) at a third of the solve time of all seven matrices per block
+                 "--targets", "q_proj,k_proj,v_proj,o_proj"])
     assert code == 0, capsys.readouterr().err
     again, tok = fk.models.load(out)
-    assert fk.summarize(again).factor_modules == 18 * 7 and type(again.lm_head) is torch.nn.Linear
+    assert fk.summarize(again).factor_modules == 18 * 4 and type(again.lm_head) is torch.nn.Linear
     remote = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     ids = eval_tokens(tok, "shakespeare", 256, 2)
     assert torch.equal(remote(input_ids=ids[:1]).logits, again(input_ids=ids[:1]).logits)

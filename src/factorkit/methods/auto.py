@@ -199,7 +199,7 @@ def profile_menus(model: nn.Module, config: Any, data: Any, types: tuple[str, ..
             full = f"{block_name}.{name}"
             weight = linear_weight(block.get_submodule(name)).detach()
             m, n = weight.shape
-            chol = cholesky_factor(stats[name].gram, config.eps)
+            chol = cholesky_factor(stats[name].gram, getattr(config, "eps", 1e-6))
             u, sv, _ = torch.linalg.svd(weight.double() @ chol.factor, full_matrices=False)
             spectrum = sv.square()
             energy = float(spectrum.sum())
@@ -217,9 +217,11 @@ def profile_menus(model: nn.Module, config: Any, data: Any, types: tuple[str, ..
     return menus
 
 
-def allocate_and_solve(model: nn.Module, config: Any, data: Any, types: tuple[str, ...], progress: bool,
-                       iterations: int, refresh: str | int = "doubling", power_iterations: int = 2) -> dict:
-    """Profile, choose within the byte budget, then factorize each matrix as chosen. Returns the fit report."""
+def allocate(model: nn.Module, config: Any, data: Any, types: tuple[str, ...],
+             progress: bool) -> tuple[dict[str, Option], dict]:
+    """Profile the dense model and choose, within (1 - ratio) of the targeted matrices' stored bytes, one
+    option per matrix. Returns (the chosen option by matrix name, the allocation's report: types, budget,
+    bytes, predicted loss, optimality gap, seconds of the Fisher pass, the profile and the knapsack)."""
     check_targets(model, config)
     if data is None:
         raise FactorkitError(f"{config.method} with one budget over the model needs calibration tokens; pass "
@@ -250,6 +252,17 @@ def allocate_and_solve(model: nn.Module, config: Any, data: Any, types: tuple[st
     log.info("%s at ratio %.2f: %s; predicted loss %.4g (at most %.3g above the optimum); profile %.0f s, now "
              "solving", config.method, config.ratio, ", ".join(f"{v['matrices']} {k}" for k, v in by_type.items()),
              picked.loss, picked.gap, times["fisher_s"] + times["profile_s"])
+    report = {"choice": {n: {"type": o.kind, "size": list(o.size), "bytes": o.bytes,
+                             "dense_bytes": menus[n][0].bytes, "predicted_loss": o.loss} for n, o in chosen.items()},
+              "types": by_type, "budget_bytes": budget, "dense_bytes": dense_bytes, "bytes": picked.cost,
+              "predicted_loss": picked.loss, "optimality_gap": picked.gap, **times}
+    return chosen, report
+
+
+def allocate_and_solve(model: nn.Module, config: Any, data: Any, types: tuple[str, ...], progress: bool,
+                       iterations: int, refresh: str | int = "doubling", power_iterations: int = 2) -> dict:
+    """Profile, choose within the byte budget, then factorize each matrix as chosen. Returns the fit report."""
+    chosen, report = allocate(model, config, data, types, progress)
     t = time.perf_counter()
 
     def on_block(index: int, block_name: str, block: nn.Module, stats: dict[str, LinearStats]) -> None:
@@ -277,11 +290,7 @@ def allocate_and_solve(model: nn.Module, config: Any, data: Any, types: tuple[st
 
     calibrate_blockwise(model, data, on_block, targets=config.targets, stats=("gram",), sequential=config.sequential,
                         batch_size=config.batch_size, progress=progress, desc=f"{config.method} r={config.ratio}")
-    times["solve_s"] = time.perf_counter() - t
-    return {"choice": {n: {"type": o.kind, "size": list(o.size), "bytes": o.bytes, "dense_bytes": menus[n][0].bytes,
-                           "predicted_loss": o.loss} for n, o in chosen.items()},
-            "types": by_type, "budget_bytes": budget, "dense_bytes": dense_bytes, "bytes": picked.cost,
-            "predicted_loss": picked.loss, "optimality_gap": picked.gap, **times}
+    return {**report, "solve_s": time.perf_counter() - t}
 
 
 @register(AutoConfig, "one byte budget: per matrix dense, low rank or a sparse dictionary, by a knapsack")

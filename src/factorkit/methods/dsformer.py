@@ -27,6 +27,16 @@ Recipe:
 
 Budget: k and s per matrix from ``dense_sparse_budget`` so that the basis, the
 nonzeros and, with count="storage", the support bits meet the ratio.
+
+Global allocation (``allocation="global"``, top-k pattern, one block): one
+budget of stored bytes over every targeted matrix, as ``methods.auto`` spends
+it on dictionaries: each matrix's (k, s) options are priced by the eigenbasis
+estimate times its Fisher sensitivity: the whitened error of keeping each
+row's s largest coefficients on the first k whitened singular directions,
+what the "svd" start does (it ranks U S^1/2 rather than U S, then refits by
+alternating least squares, which only lowers the error); a knapsack picks
+one size per matrix (or keeps it dense), then the starts are built at those
+sizes and trained together as above.
 """
 
 from __future__ import annotations
@@ -46,7 +56,7 @@ from ..solvers.dictionary import sparse_dictionary
 from ..solvers.sparsity import Pattern, dense_sparse_budget, magnitude_mask, refit_coefficients, \
     whitened_dense_sparse
 from ..training import TrainConfig, model_loss, train, train_rows
-from ..config import ConfigError, at_least, nested, option, positive_int
+from ..config import ConfigError, at_least, nested, option, optional, positive_int
 from .base import CompressionConfig, check_targets, log, register
 
 INITS = ("svd", "cospadi", "random")
@@ -71,8 +81,15 @@ class DSFormerConfig(CompressionConfig):
     init: str = option("svd", "starting factorization", choices=INITS)
     stf: bool = option(True, "learn the support while training (the Straight-Through Factorizer); --no-stf "
                              "freezes it after the start (the paper's ablation)")
-    count: str = option("params", "what --ratio counts: params, or storage (support bits included)",
-                        choices=("params", "storage"))
+    count: str = option("params", "what --ratio counts: params, or storage (support bits included); global "
+                                  "allocation always counts stored bytes", choices=("params", "storage"))
+    allocation: str = option("uniform", "uniform: every matrix loses --ratio; global: one budget of stored bytes, "
+                                        "each matrix's (k, s) (or keeping it dense) chosen by predicted loss from "
+                                        "the error of its start (needs a Fisher gradient pass)",
+                             choices=("uniform", "global"))
+    fisher_samples: int | None = option(None, "calibration sequences used for the Fisher gradient pass "
+                                              "(default: all)", check=optional(positive_int),
+                                        when=("allocation", "global"))
     train: TrainConfig = nested(TrainConfig, "the training run (its seed also seeds a random start)",
                                 prefix="train-")
 
@@ -80,6 +97,14 @@ class DSFormerConfig(CompressionConfig):
         if self.heal:
             raise ConfigError("heal", "applies to the training-free methods; dsformer trains its factors already "
                                       "(with distillation: --train-distill), so raise --train-steps instead.")
+        if self.allocation == "global":
+            clash = ("--pattern " + self.pattern if self.pattern != "topk" else
+                     f"--blocks {self.blocks}" if self.blocks != 1 else
+                     "--init random" if self.init == "random" else None)
+            if clash:
+                raise ConfigError("allocation", f"global prices a top-k basis over whole matrices from calibration "
+                                                f"statistics, so it does not combine with {clash}; drop one of "
+                                                "the two.")
 
 
 def _budget(name: str, out_f: int, in_f: int, config: DSFormerConfig, pattern: Pattern, value_bits: int):
@@ -114,7 +139,10 @@ def _initial_factors(W: torch.Tensor, gram: torch.Tensor | None, k: int, s: int,
     return torch.cat(coefs), torch.cat(bases)
 
 
-def _replace(model: nn.Module, config: DSFormerConfig, data: torch.Tensor | None, progress: bool) -> None:
+def _replace(model: nn.Module, config: DSFormerConfig, data: torch.Tensor | None, progress: bool,
+             sizes: dict[str, tuple[int, ...]] | None = None) -> None:
+    """Put the start of every factorization in place: (k, s) from the uniform budget, or from ``sizes``
+    (by matrix name; () keeps the matrix dense) when the allocation chose them."""
     names = check_targets(model, config)
     dtype = next(model.parameters()).dtype
     pattern = Pattern.parse(config.pattern)
@@ -123,9 +151,12 @@ def _replace(model: nn.Module, config: DSFormerConfig, data: torch.Tensor | None
 
     def on_block(index: int, block_name: str, block: nn.Module, stats: dict | None) -> None:
         for name in names:
+            full = f"{block_name}.{name}"
+            if sizes is not None and not sizes[full]:
+                continue  # the allocation keeps it dense
             linear = block.get_submodule(name)
             W = linear_weight(linear).detach().to(torch.float64).cpu()
-            k, s = _budget(f"{block_name}.{name}", *W.shape, config, pattern, bits)
+            k, s = sizes[full] if sizes is not None else _budget(full, *W.shape, config, pattern, bits)
             gram = stats[name].gram.cpu() if stats is not None else None
             C, B = _initial_factors(W, gram, k, s, pattern, config, gen)
             bias = linear.bias.detach() if getattr(linear, "bias", None) is not None else None
@@ -165,7 +196,14 @@ def _compress_dsformer(model: nn.Module, config: DSFormerConfig, data: Any, prog
     tokens, rows = training_data(data)
     teacher = copy.deepcopy(model).eval() if config.train.distill > 0 else None
     base = model.state_dict()  # the dense start: part of what a resumed training state must match
-    _replace(model, config, tokens, progress)
+    allocation: dict = {}
+    sizes = None
+    if config.allocation == "global":
+        from .auto import allocate
+
+        chosen, allocation = allocate(model, config, tokens, ("dictionary",), progress)
+        sizes = {name: option_.size for name, option_ in chosen.items()}
+    _replace(model, config, tokens, progress, sizes)
     layers = [m for _, m in factor_modules(model) if isinstance(m, DenseSparseLinear)]
     start_masks = [m.mask.clone() for m in layers]
     tc = config.train
@@ -185,7 +223,7 @@ def _compress_dsformer(model: nn.Module, config: DSFormerConfig, data: Any, prog
             replace_module(model, name, module.export().to(dtype))
     log.info("dsformer: %d steps in %.0f s, final loss %.4f, %.1f%% of the support moved", len(result.losses),
              result.seconds, result.losses[-1] if result.losses else float("nan"), 100 * moved / max(total, 1))
-    return {"losses": result.losses, "train_s": result.seconds, "resumed_from": result.resumed_from,
+    return {**allocation, "losses": result.losses, "train_s": result.seconds, "resumed_from": result.resumed_from,
             "support_moved": moved / max(total, 1)}
 
 
