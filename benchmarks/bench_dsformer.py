@@ -46,7 +46,7 @@ import factorkit as fk  # noqa: E402
 from factorkit.eval.latency import time_kernels  # noqa: E402
 from factorkit.data import calibration_tokens  # noqa: E402
 from factorkit.factors import DenseSparseLinear, LowRankLinear  # noqa: E402
-from factorkit.methods.dsformer import trainable_factors  # noqa: E402
+from factorkit.factors import factor_parameters  # noqa: E402
 from factorkit.training import TrainConfig, model_loss, train  # noqa: E402
 from factorkit.report import markdown_table  # noqa: E402
 from factorkit.solvers import rank_for_ratio  # noqa: E402
@@ -130,7 +130,7 @@ def bench_model(results: Results, steps: int) -> None:
             finish("svdllm", {"compress_s": compress_s, "train_s": 0.0}, report.compression.summary,
                    report.perplexity_after.perplexity)
         data = calibration_tokens(tok, job.calib, job.calib_samples, job.calib_seq_len, job.seed)
-        fit = train(model, data, trainable_factors(model, (LowRankLinear,)), copy.deepcopy(tc), model_loss,
+        fit = train(model, data, factor_parameters(model, (LowRankLinear,)), copy.deepcopy(tc), model_loss,
                     desc="svdllm fine-tune")
         tuned = held_out(model, tok, job)
         finish("svdllm+ft", {"compress_s": compress_s, "train_s": fit.seconds, "losses": fit.losses}, tuned.summary,
@@ -241,7 +241,7 @@ def bench_encoder(results: Results) -> None:
         def distilled(m, batch):
             return model_loss(m, batch, teacher, ENCODER["distill"], 2.0)
 
-        fit = train(model, train_set, trainable_factors(model, (LowRankLinear,)), copy.deepcopy(tc), distilled,
+        fit = train(model, train_set, factor_parameters(model, (LowRankLinear,)), copy.deepcopy(tc), distilled,
                     desc="svdllm fine-tune")
         finish("encoder/svdllm+ft", model, {"train_s": fit.seconds, "losses": fit.losses})
     for name, options in {"dsformer": {}, "dsformer-no-stf": {"stf": False}}.items():

@@ -64,6 +64,7 @@ def methods(cospadi_iterations: int) -> dict:
         "svdllm (plays calib)": lambda r: fk.SVDLLMConfig(ratio=r),
         # one budget of stored bytes over the model (methods.auto); the allocation's own ratio counts bytes
         "cospadi-global": lambda r: fk.CoSpaDiConfig(ratio=r, iterations=cospadi_iterations, allocation="global"),
+        "dsformer-global": lambda r: fk.DSFormerConfig(ratio=r, allocation="global"),
         "auto": lambda r: fk.AutoConfig(ratio=r, iterations=cospadi_iterations),
         f"svdllm-global+heal{HEAL_STEPS}": lambda r: fk.SVDLLMConfig(ratio=r, allocation="global", heal=HEAL_STEPS),
         f"auto+heal{HEAL_STEPS}": lambda r: fk.AutoConfig(ratio=r, iterations=cospadi_iterations, heal=HEAL_STEPS),

@@ -8,8 +8,8 @@ import torch
 
 import factorkit as fk
 from factorkit.cli import main
-from factorkit.factors import DictionaryLinear, LowRankLinear, factor_modules
-from factorkit.methods.heal import factor_parameters, heal
+from factorkit.factors import DictionaryLinear, LowRankLinear, factor_modules, factor_parameters
+from factorkit.methods.heal import heal
 from factorkit.surgery import model_targets
 from factorkit.training import TrainConfig, model_loss, train
 

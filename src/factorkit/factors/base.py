@@ -70,3 +70,17 @@ def factor_modules(model: nn.Module) -> Iterator[tuple[str, FactorModule]]:
     for name, module in model.named_modules():
         if isinstance(module, FactorModule):
             yield name, module
+
+
+def factor_parameters(model: nn.Module, kinds: tuple[type, ...] = (FactorModule,)) -> list[tuple[str, nn.Parameter]]:
+    """The named parameters of every factor module of the given kinds, each once (a dictionary shared by
+    several layers is listed under its first owner)."""
+    seen: set[int] = set()
+    out = []
+    for name, module in factor_modules(model):
+        if isinstance(module, kinds):
+            for pname, p in module.named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append((f"{name}.{pname}", p))
+    return out

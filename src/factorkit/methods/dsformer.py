@@ -51,7 +51,7 @@ from torch import nn
 from ..calibration import calibrate_blockwise
 from ..surgery import find_blocks, linear_weight, replace_module
 from ..errors import FactorkitError
-from ..factors import DenseSparseLinear, factor_modules
+from ..factors import DenseSparseLinear, factor_modules, factor_parameters
 from ..solvers.dictionary import sparse_dictionary
 from ..solvers.sparsity import Pattern, dense_sparse_budget, magnitude_mask, refit_coefficients, \
     whitened_dense_sparse
@@ -173,15 +173,6 @@ def _replace(model: nn.Module, config: DSFormerConfig, data: torch.Tensor | None
                             batch_size=config.batch_size, progress=progress, desc=f"dsformer init ({config.init})")
 
 
-def trainable_factors(model: nn.Module, kinds: tuple[type, ...]) -> list[tuple[str, nn.Parameter]]:
-    """The named parameters of every factor module of the given kinds."""
-    out = []
-    for name, module in factor_modules(model):
-        if isinstance(module, kinds):
-            out += [(f"{name}.{p}", t) for p, t in module.named_parameters()]
-    return out
-
-
 def training_data(data: Any) -> tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor]]:
     """(token ids for calibrating the start, rows to train on) from token ids
     (causal LM) or a list of labelled batches (dicts of equal-length model
@@ -211,7 +202,7 @@ def _compress_dsformer(model: nn.Module, config: DSFormerConfig, data: Any, prog
     def loss_fn(m: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         return model_loss(m, batch, teacher, tc.distill, tc.temperature)
 
-    result = train(model, rows, trainable_factors(model, (DenseSparseLinear,)), tc, loss_fn, progress=progress,
+    result = train(model, rows, factor_parameters(model, (DenseSparseLinear,)), tc, loss_fn, progress=progress,
                    desc="dsformer stf" if config.stf else "dsformer (masks frozen)",
                    run={"method": config.to_dict(), "base": base},
                    nonfinite_hint="lower --train-lr or --train-distill, or use --dtype float32")

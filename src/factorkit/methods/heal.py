@@ -20,22 +20,9 @@ import torch
 from torch import nn
 
 from ..errors import FactorkitError
-from ..factors import factor_modules
+from ..factors import factor_parameters
 from ..training import model_loss, train, train_rows
 from .base import CompressionConfig, log
-
-
-def factor_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """Every parameter of every factor module, each once (a dictionary shared by
-    several layers is listed under its first owner)."""
-    seen: set[int] = set()
-    out = []
-    for name, module in factor_modules(model):
-        for pname, p in module.named_parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                out.append((f"{name}.{pname}", p))
-    return out
 
 
 def heal(model: nn.Module, teacher: nn.Module, data: Any, config: CompressionConfig, progress: bool = True,
