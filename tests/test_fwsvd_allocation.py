@@ -255,3 +255,15 @@ def test_bad_fwsvd_and_allocation_settings_raise_one_clear_error(llama, calib):
         fk.compress(_fresh(llama), fk.SVDConfig(ranks={"model.layers.0.self_attn.q_proj": 2}), progress=False)
     with pytest.raises(fk.FactorkitError, match="labelled batches"):
         fk.compress(_fresh(llama), fk.FWSVDConfig(), [{"input_ids": calib[:2]}], progress=False)
+
+
+def test_a_budget_met_exactly_reads_exactly_the_ratio():
+    """1 - kept / dense rounds 0.2 down to 0.19999999999999996 for SmolLM2's global ranks at 0.2; the summary
+    divides the removed count once, so ``ratio_targeted >= ratio`` holds when the budget is met exactly."""
+    from factorkit.api import CompressionSummary
+
+    s = CompressionSummary(factor_modules=1, targeted_dense_params=106168320, targeted_params=84934656,
+                           model_params_before=134515008, model_params_after=113281344, targeted_index_bits=0,
+                           value_bits=32)
+    assert 1 - 84934656 / 106168320 < 0.2  # the old form
+    assert s.ratio_targeted == 0.2 and s.ratio_targeted_storage == 0.2

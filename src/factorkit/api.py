@@ -63,18 +63,21 @@ class CompressionSummary:
 
     @property
     def ratio_targeted(self) -> float:
-        return 1 - self.targeted_params / self.targeted_dense_params if self.targeted_dense_params else 0.0
+        # (dense - kept) / dense: exact integers divided once, so a budget met exactly reads exactly the ratio
+        d = self.targeted_dense_params
+        return (d - self.targeted_params) / d if d else 0.0
 
     @property
     def ratio_targeted_storage(self) -> float:
         if not self.targeted_dense_params:
             return 0.0
         stored = self.targeted_params * self.value_bits + self.targeted_index_bits
-        return 1 - stored / (self.targeted_dense_params * self.value_bits)
+        dense = self.targeted_dense_params * self.value_bits
+        return (dense - stored) / dense
 
     @property
     def ratio_model(self) -> float:
-        return 1 - self.model_params_after / self.model_params_before
+        return (self.model_params_before - self.model_params_after) / self.model_params_before
 
     def as_dict(self) -> dict:
         return {**asdict(self), "ratio_targeted": self.ratio_targeted,
