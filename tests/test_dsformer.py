@@ -214,6 +214,16 @@ def test_dsformer_trains_an_encoder_with_a_task_head_on_labelled_batches(tmp_pat
     again = fk.load(tmp_path / "bert")
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids[:4]).logits, model(input_ids=ids[:4]).logits)
+    # one budget over the encoder: the Fisher pass on the task head's loss, within the budget, reloads
+    model = _tiny_bert_classifier()
+    fit = fk.compress(model, fk.DSFormerConfig(ratio=0.3, allocation="global", train=TrainConfig(steps=2, lr=3e-3,
+                                                                                                   batch_size=8)),
+                      batches, progress=False).fit
+    assert fit["bytes"] <= fit["budget_bytes"] and len(fit["choice"]) == 12
+    fk.save(model, tmp_path / "bert-global")
+    with torch.no_grad():
+        assert torch.equal(fk.load(tmp_path / "bert-global")(input_ids=ids[:4]).logits,
+                           model(input_ids=ids[:4]).logits)
     with pytest.raises(fk.FactorkitError, match="one length"):
         uneven = [{"input_ids": ids[:4], "labels": labels[:4]}, {"input_ids": ids[4:8, :10], "labels": labels[4:8]}]
         fk.compress(_tiny_bert_classifier(), fk.DSFormerConfig(ratio=0.3, train=TrainConfig(steps=1)), uneven, progress=False)

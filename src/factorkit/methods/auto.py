@@ -217,18 +217,20 @@ def profile_menus(model: nn.Module, config: Any, data: Any, types: tuple[str, ..
     return menus
 
 
-def allocate(model: nn.Module, config: Any, data: Any, types: tuple[str, ...],
-             progress: bool) -> tuple[dict[str, Option], dict]:
+def allocate(model: nn.Module, config: Any, data: Any, types: tuple[str, ...], progress: bool,
+             fisher_data: Any = None) -> tuple[dict[str, Option], dict]:
     """Profile the dense model and choose, within (1 - ratio) of the targeted matrices' stored bytes, one
-    option per matrix. Returns (the chosen option by matrix name, the allocation's report: types, budget,
-    bytes, predicted loss, optimality gap, seconds of the Fisher pass, the profile and the knapsack)."""
+    option per matrix. ``fisher_data``: what the Fisher gradient pass runs on when not ``data`` (labelled
+    batches of a model with a task head, whose calibration ``data`` are their token ids). Returns (the chosen
+    option by matrix name, the allocation's report: types, budget, bytes, predicted loss, optimality gap,
+    seconds of the Fisher pass, the profile and the knapsack)."""
     check_targets(model, config)
     if data is None:
         raise FactorkitError(f"{config.method} with one budget over the model needs calibration tokens; pass "
                              "data=calibration_tokens(...).")
     times = {}
     t = time.perf_counter()
-    fisher = _fisher(model, config, data, progress)
+    fisher = _fisher(model, config, data if fisher_data is None else fisher_data, progress)
     times["fisher_s"] = time.perf_counter() - t
     t = time.perf_counter()
     menus = profile_menus(model, config, data, types, progress, fisher)

@@ -192,7 +192,8 @@ def _compress_dsformer(model: nn.Module, config: DSFormerConfig, data: Any, prog
     if config.allocation == "global":
         from .auto import allocate
 
-        chosen, allocation = allocate(model, config, tokens, ("dictionary",), progress)
+        # the Fisher pass on the loss being trained (labelled batches: the task head's), the profile on tokens
+        chosen, allocation = allocate(model, config, tokens, ("dictionary",), progress, fisher_data=data)
         sizes = {name: option_.size for name, option_ in chosen.items()}
     _replace(model, config, tokens, progress, sizes)
     layers = [m for _, m in factor_modules(model) if isinstance(m, DenseSparseLinear)]
