@@ -63,6 +63,7 @@ def test_gguf_file_and_cached_conversion_give_identical_logits(smollm2):
 def test_global_allocation_and_fwsvd_on_real_model_save_and_reload(smollm2, shakespeare, tmp_path):
     base, tok = smollm2
     calib, chunks = shakespeare
+    calib = calib[:8]  # half the calibration of the other checks: this one runs three passes over it
     model, _ = fk.models.load("smollm2-135m")
     config = fk.SVDLLMConfig(ratio=0.2, allocation="global")
     profile = fk.rank_profile(model, config, calib, progress=False)
