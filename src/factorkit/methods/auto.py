@@ -251,8 +251,8 @@ def allocate(model: nn.Module, config: Any, data: Any, types: tuple[str, ...], p
         entry = by_type.setdefault(option_.kind, {"matrices": 0, "bytes": 0})
         entry["matrices"] += 1
         entry["bytes"] += option_.bytes
-    log.info("%s at ratio %.2f: %s; predicted loss %.4g (at most %.3g above the optimum); profile %.0f s, now "
-             "solving", config.method, config.ratio, ", ".join(f"{v['matrices']} {k}" for k, v in by_type.items()),
+    log.info("%s at ratio %.2f: %s; predicted loss %.4g (at most %.3g above the optimum); profiled in %.0f s",
+             config.method, config.ratio, ", ".join(f"{v['matrices']} {k}" for k, v in by_type.items()),
              picked.loss, picked.gap, times["fisher_s"] + times["profile_s"])
     report = {"choice": {n: {"type": o.kind, "size": list(o.size), "bytes": o.bytes,
                              "dense_bytes": menus[n][0].bytes, "predicted_loss": o.loss} for n, o in chosen.items()},
