@@ -18,7 +18,12 @@ a CoSpaDi item cut off mid-model resumes from its finished blocks (kept in
 benchmarks/results/cospadi-finished/ until the item is saved).
 Writes the `cospadi` section of BENCHMARKS.md and cospadi_error_vs_T.png.
 
-    python benchmarks/bench_cospadi.py [--max-chunks 16] [--only solver,latency,model,report] [--fresh]
+Calibration and held-out text: the general corpus's two splits by default; ``--calib shakespeare``
+the calibration and held-out plays (results, section, plot and finished blocks without the
+``-general`` suffix).
+
+    python benchmarks/bench_cospadi.py [--calib general|shakespeare] [--max-chunks 16]
+        [--only solver,latency,model,report] [--fresh]
 
 `--only report` rewrites the section and the plot from the stored results.
 """
@@ -40,8 +45,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (RESULTS, Results, held_out, machine, reload_max_abs_diff, run_point,  # noqa: E402
-                    write_section)
+from common import (CALIB_TEXT, RESULTS, Results, add_calib_argument, calib_name, held_out,  # noqa: E402
+                    machine, reload_max_abs_diff, run_point, write_section)
 
 import factorkit as fk  # noqa: E402
 from factorkit.eval.latency import time_kernels  # noqa: E402
@@ -201,13 +206,15 @@ def bench_model(results: Results, base, tok, job: fk.CompressJob, ratios=RATIOS,
             evaluate(f"model/{name}/{ratio}", cls(ratio=ratio))
         for name in cospadi:
             # the finished blocks are kept, so a run cut off mid-model resumes where it stopped
-            finished = RESULTS / "cospadi-finished" / f"{name}-{ratio}"
+            finished = RESULTS / calib_name("cospadi-finished", job.calib) / f"{name}-{ratio}"
             evaluate(f"model/{name}/{ratio}",
                      fk.CoSpaDiConfig(ratio=ratio, **COSPADI[name], checkpoint_dir=str(finished)),
                      check_reload=(name == "cospadi" and ratio == 0.2))
 
 
-def report(results: Results) -> None:
+def report(results: Results, calib_text: str) -> None:
+    suffix = calib_name("", calib_text)  # "" for the plays, "-general" ...
+    calibrated, held = CALIB_TEXT[calib_text]
     sections = []
     omp_rows = []
     for name in SOLVER_MATRICES:
@@ -253,7 +260,7 @@ def report(results: Results) -> None:
         ax.set_ylabel("relative output error")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "cospadi_error_vs_T.png", dpi=120)
+    fig.savefig(RESULTS / f"cospadi{suffix}_error_vs_T.png", dpi=120)
     plt.close(fig)
     if curve_rows:
         sections.append("### Error against alternations T\n\nRelative calibration output error "
@@ -261,7 +268,7 @@ def report(results: Results) -> None:
                         "`every` re-runs OMP at each alternation as the paper does; `doubling` (the default) at "
                         "0, 1, 2, 4, 8, ... and the last, with a K-SVD sweep at every alternation.\n\n"
                         + markdown_table(["matrix", "schedule"] + [f"T={T}" for T in T_VALUES], curve_rows)
-                        + "\n\n![error vs T](benchmarks/results/cospadi_error_vs_T.png)")
+                        + f"\n\n![error vs T](benchmarks/results/cospadi{suffix}_error_vs_T.png)")
     lat = latency_table(results)
     if lat:
         sections.append("### DictionaryLinear latency\n\nMicroseconds per call (best of many), batch 1, float32, "
@@ -318,7 +325,7 @@ def report(results: Results) -> None:
             if per_matrix:
                 extra += (" Per matrix (table above), CoSpaDi's output error at the default T=60 against "
                           "SVD-LLM's: " + ", ".join(per_matrix) + ": the gain is uneven across projection types.")
-        lowrank = RESULTS / "lowrank.json"  # bench_lowrank, same model, calibration and held-out text
+        lowrank = RESULTS / f"lowrank{suffix}.json"  # bench_lowrank, same model, calibration and held-out text
         lowrank = json.loads(lowrank.read_text()).get("items", {}) if lowrank.exists() else {}
         global_ranks = [(label, lowrank[key]["ppl"]) for label, key in
                         (("SVD-LLM", "svdllm+global@0.2"), ("`fwsvd --whiten`", "fwsvd-white+global@0.2"))
@@ -327,7 +334,8 @@ def report(results: Results) -> None:
             extra += ("\n\nEvery row gives each matrix the same ratio. The low-rank section (a separate run, same "
                       "calibration and held-out text) allocates ranks globally by Fisher sensitivity; at 0.2 that "
                       "takes " + " and ".join(f"{label} to {ppl:.2f}" for label, ppl in global_ranks)
-                      + ". CoSpaDi has no global budget allocation yet.")
+                      + "; CoSpaDi's own global allocation (one byte budget, `--allocation global`) is "
+                      "measured on general text in the zero-shot section.")
         r02 = results.items.get("model/cospadi/0.2")
         if r02:
             extra += (f"\n\nCoSpaDi at 0.2 removes {r02['ratio_targeted']:.1%} of the targeted parameters "
@@ -335,14 +343,15 @@ def report(results: Results) -> None:
                       f"{r02['ratio_model']:.1%} of the model. Of its {r02['compress_s']:.0f} s, OMP took "
                       f"{r02['omp_s']:.0f} s and K-SVD {r02['ksvd_s']:.0f} s. Saved and reloaded, its logits differ "
                       f"by at most {r02['reload_max_abs_diff']:.1e}.")
-        sections.append(f"### Whole model\n\nSmolLM2-135M, calibrated on 32 x 512 tokens of the calibration plays, "
-                        f"perplexity on the held-out plays (dense: {dense['ppl']:.2f}); uniform ratios, parameters "
+        sections.append(f"### Whole model\n\nSmolLM2-135M, calibrated on 32 x 512 tokens of {calibrated}, "
+                        f"perplexity on {held} (dense: {dense['ppl']:.2f}); uniform ratios, parameters "
                         "counted. `cospadi-g2` shares one dictionary per projection type between pairs of "
                         "consecutive layers.\n\n" + markdown_table(
                             ["method"] + [f"ppl @ {r}" for r in RATIOS] + [f"time @ {r}" for r in RATIOS],
                             model_rows) + extra)
-    write_section("cospadi", f"## CoSpaDi (sparse dictionaries)\n\n`python benchmarks/bench_cospadi.py` "
-                  f"(part of `make bench`), {results.measured()}, {machine()}.\n\n" + "\n\n".join(sections))
+    write_section(calib_name("cospadi", calib_text), f"## CoSpaDi (sparse dictionaries), {calib_text} calibration\n\n"
+                  f"`python benchmarks/bench_cospadi.py --calib {calib_text}`, {results.measured()}, "
+                  f"{results.items.get('machine', {}).get('text', machine())}.\n\n" + "\n\n".join(sections))
 
 
 def gpu_latency(device: str, fresh: bool) -> None:
@@ -360,6 +369,7 @@ def gpu_latency(device: str, fresh: bool) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_calib_argument(ap)
     ap.add_argument("--max-chunks", type=int, default=16)
     ap.add_argument("--only", default="solver,latency,model", help="comma-separated parts to run")
     ap.add_argument("--fresh", action="store_true", help="ignore results of an earlier, interrupted run")
@@ -370,10 +380,14 @@ def main() -> None:
         return
     settings = {"model": "smollm2-135m", "calib_samples": 32, "calib_seq_len": 512, "seq_len": 2048,
                 "max_chunks": args.max_chunks}
-    results = Results("cospadi", settings, fresh=args.fresh)
+    job = fk.CompressJob(**settings, calib=args.calib, eval=args.calib, eval_before=False, seed=0)
+    if args.calib != "shakespeare":  # the plays' stored results predate the option
+        settings["calib"] = args.calib
+    results = Results(calib_name("cospadi", args.calib), settings, fresh=args.fresh)
     parts = set(args.only.split(","))
-    # every whole-model point: calibrated on the calibration plays, perplexity on the held-out plays (factorkit.run)
-    job = fk.CompressJob(**settings, calib="shakespeare", eval="shakespeare", eval_before=False, seed=0)
+    if parts - {"report"}:
+        results.put("machine", {"text": machine()})  # as measured, not as reported
+    # every whole-model point: calibrated on one corpus, perplexity on its held-out split (factorkit.run)
     try:  # the headline comparison first, then the solver study, then the rest
         if "latency" in parts:
             bench_latency(results)
@@ -387,7 +401,7 @@ def main() -> None:
         if "model" in parts:
             bench_model(results, base, tok, job)
     finally:
-        report(results)
+        report(results, args.calib)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
    data-aware start, DSFormer with STF off (support frozen after the start),
    DSFormer from a random start, and DSFormer with 4 row blocks; held-out
    perplexity and training wall time. Training: next-token loss on windows of
-   the calibration plays, the same steps, batch and learning rate for all.
+   the calibration text, the same steps, batch and learning rate for all;
+   ``--calib general`` (default) or ``--calib shakespeare`` (the plays).
 2. Latency of the exported layer (a DictionaryLinear with a 2:4 support over
    k atoms) against nn.Linear and LowRankLinear at the same parameter count,
    SmolLM2 shapes, decode (1 token) and prefill (16 to 512 tokens), every
@@ -18,9 +19,11 @@
    DSFormer with and without STF at ratio 0.5; test accuracy.
 
 Resumable: results in benchmarks/results/dsformer[-cuda].json; writes the
-`dsformer`, `dsformer-encoder` and `dsformer-latency[-cuda]` sections of BENCHMARKS.md.
+`dsformer`, `dsformer-encoder` and `dsformer-latency[-cuda]` sections of BENCHMARKS.md (the
+whole-model part calibrated on the general corpus: dsformer-general.json, section `dsformer-general`).
 
-    python benchmarks/bench_dsformer.py [--only model,encoder,latency,report] [--steps 200] [--device cuda] [--fresh]
+    python benchmarks/bench_dsformer.py [--calib general|shakespeare] [--only model,encoder,latency,report]
+        [--steps 200] [--device cuda] [--fresh]
 
 `--only report` rewrites the sections of the device from the stored results.
 """
@@ -39,8 +42,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS as RESULTS_DIR  # noqa: E402
-from common import (Results, held_out, machine, reload_max_abs_diff, run_point,  # noqa: E402
-                    write_section)
+from common import (CALIB_TEXT, Results, add_calib_argument, calib_name, held_out, machine,  # noqa: E402
+                    reload_max_abs_diff, run_point, write_section)
 
 import factorkit as fk  # noqa: E402
 from factorkit.eval.latency import time_kernels  # noqa: E402
@@ -108,11 +111,11 @@ VARIANTS = {  # name: DSFormerConfig options
 }
 
 
-def bench_model(results: Results, steps: int) -> None:
+def bench_model(results: Results, steps: int, calib_text: str) -> None:
     base, tok = fk.models.load("smollm2-135m")
-    # every point: trained on windows of the calibration plays, perplexity on the held-out plays (factorkit.run)
-    job = fk.CompressJob(model="smollm2-135m", calib="shakespeare", calib_samples=TRAIN["samples"],
-                         calib_seq_len=TRAIN["seq_len"], seed=0, eval="shakespeare", eval_before=False, seq_len=2048,
+    # every point: trained on windows of the calibration text, perplexity on its held-out split (factorkit.run)
+    job = fk.CompressJob(model="smollm2-135m", calib=calib_text, calib_samples=TRAIN["samples"],
+                         calib_seq_len=TRAIN["seq_len"], seed=0, eval=calib_text, eval_before=False, seq_len=2048,
                          max_chunks=16)
     tc = TrainConfig(steps=steps, lr=TRAIN["lr"], batch_size=TRAIN["batch_size"], seed=0)
 
@@ -153,7 +156,8 @@ def _windows(losses: list[float], width: int = 10) -> list[float]:
     return [sum(losses[i:i + width]) / len(losses[i:i + width]) for i in range(0, len(losses), width)]
 
 
-def model_section(results: Results, steps: int) -> str:
+def model_section(results: Results, steps: int, calib_text: str) -> str:
+    calibrated, held = CALIB_TEXT[calib_text]
     dense = results.items.get("dense")
     rows, notes = [], []
     for name in ["svdllm", "svdllm+ft"] + list(VARIANTS):
@@ -173,8 +177,8 @@ def model_section(results: Results, steps: int) -> str:
                          f"{10 * jump}-{10 * jump + 9} and ended at {means[-1]:.2f}, above its start")
     text = (f"### DSFormer against fine-tuned low rank\n\nSmolLM2-135M, ratio {RATIO} of the targeted parameters "
             f"(numbers only / with the support bits), 2:4 pattern; all trained runs take {steps} AdamW steps of "
-            f"{TRAIN['batch_size']} x {TRAIN['seq_len']} tokens from the calibration plays at lr {TRAIN['lr']} "
-            "(warm-up, cosine decay, gradients clipped at norm 1). Perplexity on the held-out plays"
+            f"{TRAIN['batch_size']} x {TRAIN['seq_len']} tokens from {calibrated} at lr {TRAIN['lr']} "
+            f"(warm-up, cosine decay, gradients clipped at norm 1). Perplexity on {held}"
             + (f" (dense {dense['ppl']:.2f})" if dense else "") + "; training loss as the mean of the first and "
             "the last 10 steps.\n\n"
             + markdown_table(["model", "ppl", "vs svdllm+ft", "removed", "train loss", "start", "training"], rows))
@@ -277,6 +281,7 @@ def encoder_section(results: Results) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
+    add_calib_argument(ap)
     ap.add_argument("--only", default="model,encoder,latency",
                     help="comma-separated parts to run; report only rewrites BENCHMARKS.md from stored results")
     ap.add_argument("--steps", type=int, default=200, help="training steps of every trained model")
@@ -291,12 +296,16 @@ def main() -> None:
         settings.update(steps=args.steps, train=TRAIN, encoder=ENCODER)
     results = Results(f"dsformer{suffix}", settings, fresh=args.fresh)
     parts = set(args.only.split(","))
+    # the whole-model part of a calibration other than the plays (whose results predate the option) has its own file
+    model_results = (results if args.calib == "shakespeare" or gpu else
+                     Results(calib_name("dsformer", args.calib), {**settings, "calib": args.calib}, fresh=args.fresh))
     if "model" in parts and not gpu:
-        bench_model(results, args.steps)
-    if parts & {"model", "report"} and not gpu:  # --only report rewrites BENCHMARKS.md from the stored results
-        write_section("dsformer", f"## DSFormer (dense x sparse, trained)\n\n`python benchmarks/bench_dsformer.py` "
-                      f"(part of `make bench`), {results.measured()}, {where}.\n\n"
-                      + model_section(results, args.steps))
+        bench_model(model_results, args.steps, args.calib)
+    if parts & {"model", "report"} and not gpu and "dense" in model_results:  # --only report: from stored results
+        write_section(calib_name("dsformer", args.calib),
+                      f"## DSFormer (dense x sparse, trained), {args.calib} calibration\n\n"
+                      f"`python benchmarks/bench_dsformer.py --only model --calib {args.calib}`, "
+                      f"{model_results.measured()}, {where}.\n\n" + model_section(model_results, args.steps, args.calib))
     if "encoder" in parts and not gpu:
         bench_encoder(results)
     if parts & {"encoder", "report"} and not gpu:

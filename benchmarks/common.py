@@ -84,6 +84,24 @@ class Results:
         return days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
 
 
+# Calibration and held-out text of the method benchmarks: the general corpus by default, as users calibrate;
+# the plays are the second, domain-specific setting. (calibration, held-out) as the reports name them.
+CALIB_TEXT = {"general": ("the calibration split of the built-in `general` corpus", "the held-out split of `general`"),
+              "shakespeare": ("the calibration plays", "the held-out plays")}
+
+
+def add_calib_argument(ap) -> None:
+    ap.add_argument("--calib", choices=tuple(CALIB_TEXT), default="general",
+                    help="calibration text, and the held-out text of the same corpus (default: general; "
+                         "shakespeare: the plays)")
+
+
+def calib_name(stem: str, calib: str) -> str:
+    """The results file and BENCHMARKS.md section of one calibration; the plays keep the names their results were
+    first written under."""
+    return stem if calib == "shakespeare" else f"{stem}-{calib}"
+
+
 def run_point(base, tok, job: fk.CompressJob, config: fk.CompressionConfig):
     """One sweep point: ``job`` with ``config`` run by factorkit.run on a copy of ``base`` (compressed in place).
     Returns the compressed copy and the CompressJobReport."""
