@@ -163,3 +163,29 @@ def test_the_eigenbasis_estimate_is_the_error_of_the_best_sparse_code_in_the_sin
         assert err == pytest.approx(explicit, abs=1e-10)
     assert got[0] == pytest.approx(0.0, abs=1e-7)
     assert got[2] >= got[1]  # fewer atoms at the same sparsity: never better
+
+
+def test_the_compress_table_lists_each_factor_type_and_its_bytes(capsys, model_dir, text_file, tmp_path,
+                                                                monkeypatch):
+    """A user of --method auto sees, without reading the JSON, how many matrices took each type, the bytes
+    each holds, the bytes against the budget and where the time went."""
+    import json
+
+    from factorkit.api import STORED_AS
+
+    monkeypatch.setenv("COLUMNS", "200")  # one table row per line
+    report = tmp_path / "report.json"
+    code = main(["-q", "--json", str(report), "compress", "--model", str(model_dir), "--method", "auto", "--ratio",
+                 "0.4", "--iterations", "1", "--calib", str(text_file), "--calib-samples", "4", "--calib-seq-len",
+                 "32", "--out", str(tmp_path / "auto")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    fit = json.loads(report.read_text())["compression"]["fit"]
+    lines = out.splitlines()
+    for kind, entry in fit["types"].items():
+        row = next(line for line in lines if f"matrices {STORED_AS[kind]}" in line)
+        assert f"{entry['matrices']}, " in row
+    assert sum(e["matrices"] for e in fit["types"].values()) == len(fit["choice"])
+    assert f"of the {len(fit['choice'])} targeted matrices" in " ".join(lines)
+    assert any("budget" in line for line in lines)
+    assert any("Fisher / profile / knapsack / solve time" in line for line in lines)

@@ -327,6 +327,25 @@ def _load_with_tokenizer(name: str, dtype: str):
     return model, tokenizer
 
 
+STORED_AS = {"dense": "kept dense", "lowrank": "stored as low rank", "dictionary": "stored as sparse dictionaries"}
+
+
+def allocation_rows(fit: dict) -> list[list[str]]:
+    """Rows of a byte-budget allocation (methods.auto) for the compression table: the bytes against the budget,
+    how many matrices took each factor type and the bytes each type holds, and where the time went."""
+    if "types" not in fit:
+        return []
+    rows = [["stored bytes of the targeted matrices", fmt_bytes(fit["dense_bytes"]),
+             f"{fmt_bytes(fit['bytes'])} (budget {fmt_bytes(fit['budget_bytes'])})"]]
+    rows += [[f"matrices {STORED_AS.get(kind, kind)}", "", f"{entry['matrices']}, {fmt_bytes(entry['bytes'])}"]
+             for kind, entry in sorted(fit["types"].items())]
+    split = [(label, fit[key]) for label, key in (("Fisher", "fisher_s"), ("profile", "profile_s"),
+                                                  ("knapsack", "knapsack_s"), ("solve", "solve_s")) if key in fit]
+    rows.append([" / ".join(label for label, _ in split) + " time", "",
+                 " / ".join(f"{seconds:.1f} s" for _, seconds in split)])
+    return rows
+
+
 @dataclass
 class CompressJobReport:
     job: CompressJob
@@ -351,6 +370,7 @@ class CompressJobReport:
                 [f"file size (model.safetensors, {job.dtype})", fmt_bytes(self.bytes_before),
                  fmt_bytes(self.bytes_after) if job.out else "not saved"],
                 ["compression wall time", "", f"{self.compression.seconds:.1f} s"]]
+        rows += allocation_rows(self.compression.fit)
         healed = self.compression.fit.get("heal")
         if healed and healed["losses"]:
             rows.append([f"healing loss (first and last of {len(healed['losses'])} steps, "
@@ -362,8 +382,10 @@ class CompressJobReport:
             rows.append(["evaluation wall time", f"{self.eval_seconds[0]:.1f} s", f"{self.eval_seconds[1]:.1f} s"])
         config = job.method
         title = (f"{job.model}: {config.method} at ratio {config.ratio}"
-                 + (" (global ranks)" if getattr(config, "allocation", "uniform") == "global" else ""))
-        caption = (f"Removed {s.ratio_targeted:.1%} of the parameters of the {s.factor_modules} targeted matrices, "
+                 + (" (global allocation)" if getattr(config, "allocation", "uniform") == "global" else ""))
+        types = self.compression.fit.get("types")  # a byte-budget allocation also counts the matrices it kept dense
+        targeted = sum(t["matrices"] for t in types.values()) if types else s.factor_modules
+        caption = (f"Removed {s.ratio_targeted:.1%} of the parameters of the {targeted} targeted matrices, "
                    f"{s.ratio_model:.1%} of the model (parameters counted; "
                    + (f"{s.ratio_targeted_storage:.1%} counting the {fmt_bytes(s.targeted_index_bits // 8)} of "
                       "support masks)." if s.targeted_index_bits else "low-rank factors store no indices).")

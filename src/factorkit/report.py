@@ -29,7 +29,7 @@ def fmt_count(n: int) -> str:
 
 
 def fmt_bytes(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 def fmt_ppl(p: float) -> str:
