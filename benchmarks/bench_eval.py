@@ -41,13 +41,19 @@ from factorkit.report import markdown_table  # noqa: E402
 
 RATIOS = (0.2, 0.3, 0.4)
 HEAL_STEPS = 40  # healing steps of the "+heal" points (batch 4 x calib_seq_len tokens each)
-# Published lm-eval 0-shot numbers of the same dense model, for the per-task table: (source, {task: (metric, %)}).
+# Published 0-shot numbers of the same dense model, for the per-task table:
+# (source, the weights used here, {task: (metric, %)}).
 PUBLISHED = {
     "smollm2-135m": ("the 'Baseline' column of the model card of lldois/SmolLM2-135M-Reasoning-SLERP-Champion on the "
                      "Hugging Face Hub (SmolLM2-135M-Instruct, lm-eval, 0-shot, every document; BF16 weights, not the "
-                     "Q4_1 GGUF used here)",
+                     "Q4_1 GGUF used here)", "the 4-bit Q4_1 GGUF",
                      {"piqa": ("acc_norm", 66.92), "hellaswag": ("acc_norm", 42.99), "arc_easy": ("acc", 54.12),
                       "arc_challenge": ("acc_norm", 27.73)}),
+    # The GGUF's metadata names "Gemma 3 270m" with no chat template: the pre-trained variant.
+    "gemma3-270m": ("Google's Gemma 3 270M model card, pre-trained variant, 0-shot (the card names no metric; "
+                    "compared with lm-eval's acc; its HellaSwag figure is 10-shot and left out), on the original "
+                    "weights, not the Q4_K_M GGUF used here", "the 4-bit Q4_K_M GGUF",
+                    {"piqa": ("acc", 67.7), "boolq": ("acc", 61.4), "arc_easy": ("acc", 57.7)}),
 }
 
 
@@ -336,7 +342,7 @@ def pct(task: dict, metric: str) -> str:
 def dense_tasks(zs: dict, full: Results, model: str) -> str:
     """The dense model per task: the first documents (as every row above) and, where measured, every document,
     beside the published numbers."""
-    source, published = PUBLISHED.get(model, ("", {}))
+    source, weights, published = PUBLISHED.get(model, ("", "", {}))
     every = {t: full[t] for t in zs["tasks"] if t in full}
     rows = []
     for t, task in zs["tasks"].items():
@@ -362,8 +368,8 @@ def dense_tasks(zs: dict, full: Results, model: str) -> str:
                  "(every document where measured, else the first documents).")
         if far > 2:
             text += (" Beyond two standard errors, the likely cause is the weights, not the scoring: the model "
-                     "here is the 4-bit Q4_1 GGUF that ships offline, dequantized, where the published run used "
-                     "the original BF16 weights (which cannot be fetched here to check).")
+                     f"here is {weights} that ships offline, dequantized, where the published run used the "
+                     "original weights (which cannot be fetched here to check).")
     if len(every) < len(zs["tasks"]):
         left = [t for t in zs["tasks"] if t not in every]
         text += (f"\n\nNot yet scored on every document here: {', '.join(left)} (hellaswag alone is 10,042 "
