@@ -21,7 +21,9 @@ from factorkit.solvers.dictionary import (
     learn_dictionary,
     refresh_schedule,
     sparse_dictionary,
+    svd_start,
 )
+from factorkit.methods.auto import eigenbasis_errors
 
 from conftest import tiny_llama
 
@@ -94,6 +96,29 @@ def test_alternations_never_increase_the_objective(refresh):
     approx = fit.dictionary @ codes_to_dense(fit.indices, fit.values, 24)
     assert math.isclose(float((Y - approx).norm() / Y.norm()), errors[-1], rel_tol=1e-6)
     assert (fit.indices.sort(1).values.diff(dim=1) > 0).all()  # exactly s distinct atoms per signal
+
+
+@pytest.mark.parametrize("shape,atoms,sparsity", [((30, 80), 24, 6), ((80, 30), 24, 6), ((20, 50), 30, 12)])
+def test_the_svd_start_is_the_eigenbasis_estimate_and_the_fit_only_improves_on_it(shape, atoms, sparsity):
+    """start="svd" starts at exactly the error methods.auto prices a dictionary option by (s largest
+    coefficients in the first k singular directions), and no alternation goes above it; with more atoms
+    than dimensions (third case) the extra atoms start from signals."""
+    gen = torch.Generator().manual_seed(5)
+    n, B = shape
+    Y = torch.randn(n, B, generator=gen, dtype=torch.float64) * torch.logspace(0, -2, B, dtype=torch.float64)
+    Y = torch.randn(n, n, generator=gen, dtype=torch.float64) @ Y
+    U, S, _ = torch.linalg.svd(Y.T, full_matrices=False)
+    estimate = eigenbasis_errors(U * S, float(S.square().sum()), [(atoms, sparsity)])[0]
+    Yt = (Y / Y.norm()).T
+    top, idx, val = svd_start(Yt, atoms, sparsity)
+    start = Yt - codes_to_dense(idx, val, top.shape[0]).T @ top
+    assert math.isclose(float(start.norm()), estimate, rel_tol=1e-9)
+    fit = learn_dictionary(Y, atoms, sparsity, iterations=6, refresh="doubling", dtype=torch.float64)
+    assert fit.errors[0] <= estimate * (1 + 1e-9)
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(fit.errors, fit.errors[1:])), fit.errors
+    approx = fit.dictionary @ codes_to_dense(fit.indices, fit.values, atoms)
+    assert math.isclose(float((Y - approx).norm() / Y.norm()), fit.errors[-1], rel_tol=1e-6)
+    assert (fit.indices.sort(1).values.diff(dim=1) > 0).all()
 
 
 def test_refresh_schedules():

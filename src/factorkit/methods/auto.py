@@ -47,7 +47,7 @@ from ..config import ConfigError, at_least, option, optional, positive, positive
 from ..errors import FactorkitError
 from ..factors import DictionaryLinear, LowRankLinear
 from ..solvers import whitened_svd
-from ..solvers.dictionary import dictionary_budget, sparse_dictionary
+from ..solvers.dictionary import START_HELP, STARTS, dictionary_budget, sparse_dictionary
 from ..solvers.knapsack import Menu, choose
 from ..solvers.whitening import cholesky_factor
 from ..surgery import linear_weight, replace_module, target_linears
@@ -82,6 +82,7 @@ class AutoConfig(CompressionConfig):
                                    check=positive_int, when=("estimate", "probe"))
     iterations: int = option(8, "alternations of each chosen dictionary's fit (CoSpaDi's T; 60 in its paper)",
                              check=positive_int)
+    start: str = option("svd", START_HELP, choices=STARTS)
     fisher_samples: int | None = option(None, "calibration sequences used for the Fisher gradient pass "
                                               "(default: all)", check=optional(positive_int))
     seed: int = option(0, "seed of the dictionary initialisations", check=whole(0))
@@ -156,7 +157,8 @@ def dictionary_options(weight: torch.Tensor, gram: torch.Tensor, sensitivity: fl
     for q in PROBE_RATIOS:
         if q in sizes:
             fit = sparse_dictionary([weight], *sizes[q], gram=gram, eps=config.eps,
-                                    iterations=config.probe_iterations, refresh="every", seed=config.seed)[0]
+                                    iterations=config.probe_iterations, refresh="every", seed=config.seed,
+                                    start=config.start)[0]
             probed[q] = max(fit.errors[-1], 1e-12)
     qs = sorted(probed)
     out = []
@@ -283,7 +285,8 @@ def allocate_and_solve(model: nn.Module, config: Any, data: Any, types: tuple[st
                 module = LowRankLinear.from_factors(factors.U, factors.V, bias, dtype=weight.dtype)
             else:
                 fit = sparse_dictionary([weight], *option_.size, gram=gram, eps=config.eps, iterations=iterations,
-                                        refresh=refresh, power_iterations=power_iterations, seed=config.seed)[0]
+                                        refresh=refresh, power_iterations=power_iterations, seed=config.seed,
+                                        start=config.start)[0]
                 shift = fit.shift
                 module = DictionaryLinear.from_codes(fit.atoms, fit.indices, fit.values, bias, dtype=weight.dtype)
             if shift:

@@ -53,7 +53,7 @@ from ..surgery import find_blocks, linear_weight, replace_module
 from ..errors import FactorkitError
 from ..factors import DictionaryLinear
 from ..models.partial import FinishedGroups, fingerprint
-from ..solvers.dictionary import dictionary_budget, refresh_schedule, sparse_dictionary
+from ..solvers.dictionary import START_HELP, STARTS, dictionary_budget, refresh_schedule, sparse_dictionary
 from ..config import ConfigError, at_least, option, positive, positive_int, whole
 from .base import CompressionConfig, check_targets, log, register, warn_shift
 
@@ -78,6 +78,7 @@ class CoSpaDiConfig(CompressionConfig):
     refresh: str | int = option("doubling", "when OMP re-codes: doubling (alternations 0, 1, 2, 4, ... and the "
                                             "last), every (the paper's), or every N-th", check=_refresh)
     power_iterations: int = option(2, "power iterations per atom in the K-SVD update", check=positive_int)
+    start: str = option("svd", START_HELP, choices=STARTS)
     whiten: bool = option(True, "fit the calibration output error (whitened by the Cholesky factor of X^T X); "
                                 "--no-whiten fits the weights themselves (plain dictionary learning, data-free)")
     group: int = option(1, "consecutive layers sharing one dictionary per projection type", check=positive_int)
@@ -168,7 +169,7 @@ def _compress_cospadi(model: nn.Module, config: CoSpaDiConfig, data: Any, progre
             gram = _averaged_gram([st[name] for st in stats]) if config.whiten else None
             fits = sparse_dictionary(weights, k, s, gram=gram, eps=config.eps, iterations=config.iterations,
                                      refresh=config.refresh, power_iterations=config.power_iterations,
-                                     seed=config.seed)
+                                     seed=config.seed, start=config.start)
             if fits[0].shift:
                 warn_shift(f"{block_names[0]}.{name}", fits[0].shift, gram)
             shared = None

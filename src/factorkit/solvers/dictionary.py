@@ -191,12 +191,37 @@ class DictionaryResult:
     reinitialised: int = 0
 
 
+STARTS = ("svd", "signals")
+START_HELP = ("how each dictionary fit starts: svd (the first k whitened singular directions, each output coded "
+             "by its s largest coefficients on them; the fit only improves on that start) or signals (k random "
+             "whitened weight rows)")
+
+
+def svd_start(Yt: torch.Tensor, atoms: int, sparsity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A dictionary start from the SVD of the signals Yt (B x dim, one per row): the first ``atoms`` right
+    singular vectors (unit-norm rows, orthonormal), and for each signal its ``sparsity`` largest
+    coefficients on them, which in an orthonormal dictionary is the best code on that many atoms (no OMP
+    needed). Returns (r x dim dictionary, indices, values) in float64, r = min(atoms, rank dimension): with
+    more atoms than that, the caller fills the rest, and with ``sparsity`` above r the codes hold r entries."""
+    U, S, Vh = torch.linalg.svd(Yt.to(torch.float64), full_matrices=False)
+    r = min(atoms, Vh.shape[0])
+    coeffs = U[:, :r] * S[:r]
+    s = min(sparsity, r)
+    indices = torch.topk(coeffs.abs(), s, dim=1).indices
+    return Vh[:r], indices, coeffs.gather(1, indices)
+
+
 def learn_dictionary(Y: torch.Tensor, atoms: int, sparsity: int, iterations: int = 60, *,
                      refresh: str | int = "every", power_iterations: int = 2, seed: int = 0,
-                     dtype: torch.dtype = torch.float32, omp_chunk: int | None = None) -> DictionaryResult:
+                     dtype: torch.dtype = torch.float32, omp_chunk: int | None = None,
+                     start: str = "svd") -> DictionaryResult:
     """Alternate Batch-OMP and K-SVD to fit Y (n x B) ~ D C with ``sparsity`` nonzeros per column.
 
-    The dictionary starts from ``atoms`` distinct random columns of Y
+    ``start="svd"`` starts from ``svd_start``: the first ``atoms`` left
+    singular vectors of Y with every column coded by its ``sparsity`` largest
+    coefficients (exactly the error ``methods.auto`` prices a dictionary
+    option by; no alternation increases it), any atoms beyond Y's rank as
+    below. ``start="signals"`` starts from ``atoms`` distinct random columns of Y
     (normalised; random directions for any beyond B or for zero columns),
     seeded. When n > B the problem is solved in the coordinates of an
     orthonormal basis of Y's column space, which holds every atom K-SVD can
@@ -209,6 +234,8 @@ def learn_dictionary(Y: torch.Tensor, atoms: int, sparsity: int, iterations: int
         raise ValueError(f"need 1 <= sparsity <= atoms, got sparsity {sparsity} and atoms {atoms}")
     if iterations < 1:
         raise ValueError(f"iterations must be at least 1, got {iterations}")
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {', '.join(STARTS)}, got {start!r}")
     schedule = refresh_schedule(iterations, refresh)
     n, B = Y.shape
     basis = None
@@ -216,7 +243,9 @@ def learn_dictionary(Y: torch.Tensor, atoms: int, sparsity: int, iterations: int
     if n > B:
         basis, Yw = torch.linalg.qr(Yw)  # Y = basis @ Yw, Yw (B x B)
     scale = float(Yw.norm()) or 1.0
-    Yw = (Yw / scale).to(dtype)
+    Yw = Yw / scale
+    first = svd_start(Yw.T, atoms, sparsity) if start == "svd" else None
+    Yw = Yw.to(dtype)
     dim = Yw.shape[0]
 
     gen = torch.Generator().manual_seed(seed)  # on the CPU: the same start on every device
@@ -233,6 +262,13 @@ def learn_dictionary(Y: torch.Tensor, atoms: int, sparsity: int, iterations: int
 
     result = DictionaryResult(D, torch.empty(0), torch.empty(0))
     indices = values = residual = None
+    if first is not None:
+        top, idx, val = first
+        D[: top.shape[0]] = top.to(D)
+        if idx.shape[1] == sparsity:  # every signal coded already: the first alternation needs no OMP
+            indices, values = idx, val.to(dtype)
+            residual = Yt - codes_to_dense(indices, values, atoms).T @ D
+            schedule[0] = False
     total = float(Yt.square().sum())
     for recode in schedule:
         if recode:
