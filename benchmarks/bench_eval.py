@@ -41,6 +41,7 @@ from factorkit.report import markdown_table  # noqa: E402
 
 RATIOS = (0.2, 0.3, 0.4)
 HEAL_STEPS = 40  # healing steps of the "+heal" points (batch 4 x calib_seq_len tokens each)
+HEAL_SAMPLES = 4 * HEAL_STEPS  # calibration windows they heal on (heal_samples): every step sees new text
 # Published 0-shot numbers of the same dense model, for the per-task table:
 # (source, the weights used here, {task: (metric, %)}).
 PUBLISHED = {
@@ -83,6 +84,8 @@ def methods(cospadi_iterations: int) -> dict:
 
 # Methods measured at some ratios only (comparisons, not grid lines).
 ONLY_AT = {"auto (signals start)": (0.2,), f"auto (signals start)+heal{HEAL_STEPS}": (0.2,)}
+# Healing points that train on the method's own calibration windows instead of HEAL_SAMPLES (as measured first).
+HEAL_ON_CALIB = (f"auto (signals start)+heal{HEAL_STEPS}",)
 
 
 def main() -> None:
@@ -161,6 +164,8 @@ def measure(results: Results, settings: dict, chosen: dict, ratios: tuple[float,
             if key in results or ratio not in ONLY_AT.get(name, RATIOS):
                 continue
             point = dataclasses.replace(job, calib="shakespeare") if "plays" in name else job
+            if "+heal" in name and name not in HEAL_ON_CALIB:
+                point = dataclasses.replace(point, heal_samples=HEAL_SAMPLES)
             model, rep = run_point(base, tok, point, make(ratio))
             if "plays" in name:  # calibrated on the plays; general-text perplexity measured separately
                 general = held_out(model, tok, job).perplexity
@@ -247,6 +252,9 @@ tasks (as SVD-LLM and ROCKET report it), its stderr the tasks' combined (sqrt of
 "acc_norm avg" takes acc_norm where lm-eval reports it (piqa, hellaswag, arc, openbookqa), acc elsewhere.
 Two rows' averages differ beyond noise (95%) only by more than about 2.8 stderrs, {280 * zs['average_stderr']:.1f} points
 here; the perplexities separate the methods far more finely at this limit.
+`+heal{HEAL_STEPS}`: {HEAL_STEPS} healing steps of 4 x {settings['calib_seq_len']} tokens on {HEAL_SAMPLES} windows of the
+same calibration split (`heal_samples`; {', '.join(f'`{n}`' for n in HEAL_ON_CALIB)} on the {settings['calib_samples']}
+calibration windows, {HEAL_SAMPLES / settings['calib_samples']:g} passes over them).
 CoSpaDi runs {settings['cospadi_iterations']} alternations (the paper: 60) to fit this CPU; DSFormer its default
 training. Ratio = fraction of the targeted matrices' parameters removed (`auto`, `cospadi-global`: of their
 stored bytes, supports included); "removed (stored bytes)" counts what the targeted matrices store, support

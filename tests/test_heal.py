@@ -103,8 +103,22 @@ def test_healing_a_data_free_method_needs_data_and_a_dense_model_has_nothing_to_
                     calib, progress=False)
 
 
+def test_healing_trains_on_its_own_text_when_given_more(calib):
+    """heal_data replaces the calibration tokens for the healing only: the method calibrates on ``calib``
+    as before (the same compressed start), the healing sees every row of heal_data."""
+    more = torch.cat([calib, calib.flip(1)])
+    config = fk.SVDLLMConfig(ratio=0.3, heal=2)
+    plain = fk.compress(tiny_llama(), config, calib, progress=False).fit["heal"]
+    healed = fk.compress(tiny_llama(), config, calib, heal_data=more, progress=False).fit["heal"]
+    assert plain["sequences"] == calib.shape[0] and healed["sequences"] == more.shape[0]
+    assert healed["losses"] != plain["losses"]
+    with pytest.raises(fk.FactorkitError, match="heal_data is only used with heal > 0"):
+        fk.compress(tiny_llama(), fk.SVDLLMConfig(ratio=0.3), calib, heal_data=more, progress=False)
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--method", "svdllm", "--heal-lr", "1e-3"], "--heal-lr applies only with --heal above 0"),
+    (["--method", "svdllm", "--heal-samples", "64"], "--heal-samples applies only with --heal above 0"),
     (["--method", "dsformer", "--heal", "5"], "dsformer trains its factors already"),
     (["--method", "svdllm", "--heal", "-1"], "--heal must be a whole number of at least 0"),
 ])
@@ -115,14 +129,15 @@ def test_healing_options_are_refused_in_one_sentence(argv, expected, capsys, tmp
     assert not (tmp_path / "out").exists()
 
 
-def test_heal_from_the_command_line_records_its_settings(capsys, model_dir, text_file, tmp_path):
+def test_heal_from_the_command_line_records_its_settings(capsys, model_dir, text_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # one table row per line
     out_dir = tmp_path / "healed"
     code = main(["-q", "compress", "--model", str(model_dir), "--method", "svd", "--ratio", "0.4", "--heal", "3",
                  "--heal-lr", "1e-3", "--calib", str(text_file), "--calib-samples", "4", "--calib-seq-len", "32",
-                 "--out", str(out_dir)])
+                 "--heal-samples", "12", "--out", str(out_dir)])
     out, err = capsys.readouterr()
     assert code == 0, err
-    assert "healing loss (first and last of 3 steps" in out
+    assert "healing loss (first and last of 3 steps on 12 sequences" in out
     record = fk.load(out_dir)
     config = fk.CompressionConfig.from_dict(fk.compression_record(record)["config"])
     assert config.heal == 3 and config.heal_train.lr == 1e-3

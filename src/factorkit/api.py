@@ -119,7 +119,7 @@ def compression_record(model: nn.Module) -> dict | None:
 
 
 def compress(model: nn.Module, config: CompressionConfig, data: torch.Tensor | None = None,
-             *, progress: bool = True) -> CompressionReport:
+             *, heal_data: torch.Tensor | None = None, progress: bool = True) -> CompressionReport:
     """Compress ``model`` in place with the method ``config`` names; return the report.
 
     ``data`` holds calibration token ids, shape (samples, seq_len); see
@@ -129,6 +129,8 @@ def compress(model: nn.Module, config: CompressionConfig, data: torch.Tensor | N
     Data-free methods ignore it. With ``config.heal`` > 0 the compressed model
     is then distilled from a copy of the dense one on ``data`` for that many
     steps (see :mod:`factorkit.methods.heal`); ``fit["heal"]`` holds its losses.
+    ``heal_data`` (same form as ``data``) is the text the healing trains on
+    instead: more of it than the method needs overfits less.
     """
     if not isinstance(model, nn.Module):
         raise FactorkitError(f"model must be a torch.nn.Module such as a transformers model, got "
@@ -145,6 +147,10 @@ def compress(model: nn.Module, config: CompressionConfig, data: torch.Tensor | N
             raise FactorkitError(f"{config.method} {need} and needs calibration tokens; pass "
                                  "data=calibration_tokens(...).")
         _check_data(model, data)
+    if heal_data is not None:
+        if not config.heal:
+            raise FactorkitError("heal_data is only used with heal > 0; set heal in the config or drop heal_data.")
+        _check_data(model, heal_data)
     targeted = model_targets(model, config.targets)
     for name, linear in targeted.items():
         if not bool(torch.isfinite(linear_weight(linear)).all()):
@@ -157,7 +163,7 @@ def compress(model: nn.Module, config: CompressionConfig, data: torch.Tensor | N
     if teacher is not None:
         from .methods.heal import heal
 
-        fit["heal"] = heal(model, teacher, data, config, progress)
+        fit["heal"] = heal(model, teacher, data if heal_data is None else heal_data, config, progress)
         del teacher
     seconds = time.perf_counter() - start
     # Targeted matrices a method chose to keep dense (global allocation does
@@ -263,6 +269,10 @@ class CompressJob(_EvalSettings):
     calib: str = option("shakespeare", _text_help("calibration text (for shakespeare, the calibration plays)"))
     calib_samples: int = option(32, "calibration sequences", check=positive_int)
     calib_seq_len: int = option(512, "tokens per calibration sequence", check=whole(2))
+    heal_samples: int | None = option(None, "with --heal, sequences of the calibration text the healing trains on "
+                                            "(default: the --calib-samples the method calibrates on; more text "
+                                            "overfits less and costs the method nothing)",
+                                      check=optional(positive_int))
     seed: int = option(0, "seed for data splits and sampling", check=whole(0))
     eval: str | None = option(None, "also measure perplexity before and after on this text (its held-out split)")
     eval_before: bool = option(True, "with eval, also measure the model before compressing (sweeps that "
@@ -280,6 +290,10 @@ class CompressJob(_EvalSettings):
             raise ConfigError("method", f"must be a method config such as SVDLLMConfig(ratio=0.2), got "
                                         f"{type(self.method).__name__}.")
         super().__post_init__()
+
+    def check(self) -> None:
+        if self.heal_samples is not None and not self.method.heal:
+            raise ConfigError("heal_samples", "applies only with --heal above 0; add --heal STEPS or drop it.")
 
 
 def _task_names(value: Any) -> str | None:
@@ -373,7 +387,8 @@ class CompressJobReport:
         rows += allocation_rows(self.compression.fit)
         healed = self.compression.fit.get("heal")
         if healed and healed["losses"]:
-            rows.append([f"healing loss (first and last of {len(healed['losses'])} steps, "
+            on = f" on {healed['sequences']} sequences" if "sequences" in healed else ""
+            rows.append([f"healing loss (first and last of {len(healed['losses'])} steps{on}, "
                          f"{healed['seconds']:.0f} s)", f"{healed['losses'][0]:.4f}", f"{healed['losses'][-1]:.4f}"])
         if self.perplexity_after is not None:
             rows.insert(0, [f"perplexity ({job.eval}, {self.perplexity_after.tokens} tokens)",
@@ -433,11 +448,13 @@ def _run_compress(job: CompressJob, progress: bool, loaded: tuple | None) -> Com
         check_writable_target(job.out, job.overwrite, protect=job.model)  # fail before any long work
     model, tokenizer = loaded if loaded is not None else _load_with_tokenizer(job.model, job.dtype)
     config = job.method
-    data = None
+    data = heal_data = None
     if config.wants_data():
         data = calibration_tokens(tokenizer, job.calib, job.calib_samples, job.calib_seq_len, job.seed)
+    if job.heal_samples is not None:
+        heal_data = calibration_tokens(tokenizer, job.calib, job.heal_samples, job.calib_seq_len, job.seed)
     chunks = eval_tokens(tokenizer, job.eval, job.seq_len, job.max_chunks, job.seed) if job.eval else None
-    for ids in (data, chunks):
+    for ids in (data, heal_data, chunks):
         if ids is not None:
             check_token_ids(model, ids, _tokenizer_fix(loaded))
     bytes_before = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights appear once
@@ -448,7 +465,7 @@ def _run_compress(job: CompressJob, progress: bool, loaded: tuple | None) -> Com
         before = perplexity(model, chunks, progress=progress, desc="perplexity (dense)",
                             nonfinite_hint="try --dtype float32 or check the model's weights")
         times[0] = time.perf_counter() - t
-    compression = compress(model, config, data, progress=progress)
+    compression = compress(model, config, data, heal_data=heal_data, progress=progress)
     if chunks is not None:  # measured before saving: a broken model is never written
         t = time.perf_counter()
         after = perplexity(model, chunks, progress=progress, desc="perplexity (compressed)",

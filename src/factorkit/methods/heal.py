@@ -28,7 +28,8 @@ from .base import CompressionConfig, log
 def heal(model: nn.Module, teacher: nn.Module, data: Any, config: CompressionConfig, progress: bool = True,
          stop_after: int | None = None) -> dict:
     """Train ``model``'s factors for ``config.heal`` steps towards ``teacher`` (the dense model) on ``data``.
-    Returns the loss of every step, the seconds, and where a resumed run started."""
+    Returns the loss of every step, the seconds, where a resumed run started and how many sequences it
+    trained on."""
     tc = dataclasses.replace(config.heal_train, steps=config.heal)
     params = factor_parameters(model)
     if not params:
@@ -41,11 +42,12 @@ def heal(model: nn.Module, teacher: nn.Module, data: Any, config: CompressionCon
     def loss_fn(m: nn.Module, batch) -> torch.Tensor:
         return model_loss(m, batch, teacher, tc.distill, tc.temperature)
 
-    result = train(model, train_rows(data, "healing"), params, tc, loss_fn, progress=progress, desc="heal",
+    rows = train_rows(data, "healing")
+    result = train(model, rows, params, tc, loss_fn, progress=progress, desc="heal",
                    stop_after=stop_after, run={"method": config.to_dict(), "stage": "heal"},
                    nonfinite_hint="lower --heal-lr, or use --dtype float32")
     losses = result.losses
     if losses:
         log.info("heal: %d steps in %.0f s, loss %.4f -> %.4f", len(losses), result.seconds, losses[0], losses[-1])
     return {"losses": losses, "seconds": result.seconds, "resumed_from": result.resumed_from,
-            "trained_parameters": sum(p.numel() for _, p in params)}
+            "trained_parameters": sum(p.numel() for _, p in params), "sequences": int((rows["input_ids"] if isinstance(rows, dict) else rows).shape[0])}
