@@ -164,9 +164,10 @@ def measure(results: Results, settings: dict, chosen: dict, ratios: tuple[float,
             if key in results or ratio not in ONLY_AT.get(name, RATIOS):
                 continue
             point = dataclasses.replace(job, calib="shakespeare") if "plays" in name else job
-            if "+heal" in name and name not in HEAL_ON_CALIB:
-                point = dataclasses.replace(point, heal_samples=HEAL_SAMPLES)
-            model, rep = run_point(base, tok, point, make(ratio))
+            config = make(ratio)
+            if "+heal" in name and name not in HEAL_ON_CALIB:  # with its method: heal_samples needs heal > 0
+                point = dataclasses.replace(point, method=config, heal_samples=HEAL_SAMPLES)
+            model, rep = run_point(base, tok, point, config)
             if "plays" in name:  # calibrated on the plays; general-text perplexity measured separately
                 general = held_out(model, tok, job).perplexity
             else:
