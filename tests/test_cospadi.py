@@ -9,6 +9,7 @@ from safetensors import safe_open
 
 import factorkit as fk
 import factorkit.methods.cospadi as cospadi_method
+from factorkit import kernels
 from factorkit.cli import main
 from factorkit.factors import DictionaryLinear, factor_modules
 from factorkit.models.partial import FinishedGroups
@@ -158,6 +159,11 @@ def test_budget_arithmetic():
     assert dictionary_budget(100, 100, 0.5, rho=4.0) == (40, 10)  # 0.5 * 1e4 / (100 + 100/4)
 
 
+def compiled_kernels() -> tuple[str, ...]:
+    ext = kernels.dictionary()
+    return () if ext is None else ("mask", "lanes") if ext.vectorised() else ("mask",)
+
+
 def test_dictionary_linear_kernels_agree_and_count_honestly():
     gen = torch.Generator().manual_seed(5)
     k, n, out, s = 40, 24, 30, 7
@@ -171,20 +177,27 @@ def test_dictionary_linear_kernels_agree_and_count_honestly():
     for tokens in (1, 5, 200):
         x = torch.randn(2, tokens, n, generator=gen)
         want = x @ W.T + bias
-        for kernel in ("gather", "sparse", "codes", "dense"):
+        for kernel in ("gather", "sparse", "codes", "dense") + compiled_kernels():
             module.kernel = kernel
-            assert torch.allclose(module(x), want, atol=1e-4), kernel
+            with torch.no_grad():  # the compiled kernels are forward-only
+                assert torch.allclose(module(x), want, atol=1e-4), kernel
     module.kernel = "auto"
-    assert module.pick_kernel(1) == "sparse" and module.pick_kernel(2048) == "codes"
+    if kernels.dictionary() is None:
+        assert module.pick_kernel(1) == "sparse" and module.pick_kernel(2048) == "codes"
+    else:  # the compiled kernels take decoding; a gradient still needs torch's
+        assert module.pick_kernel(1) == "mask" and module.pick_kernel(2048) == "codes"
+        assert module.pick_kernel(1, needs_grad=True) == "sparse"
     assert module.param_count() == k * n + out * s + out
     assert module.index_bits() == out * k
     assert module.support.dtype == torch.uint8 and module.support.numel() == out * math.ceil(k / 8)
     half = DictionaryLinear.from_codes(atoms, idx, val, bias, dtype=torch.bfloat16)
     x = torch.randn(3, n, generator=gen)
-    assert half.pick_kernel(3) == "codes"  # torch has no bfloat16 CSR product on CPU
-    for kernel in ("gather", "sparse", "codes", "dense"):
+    # torch has no bfloat16 CSR product on CPU; the compiled kernels read bfloat16 values
+    assert half.pick_kernel(3) == ("codes" if kernels.dictionary() is None else "mask")
+    for kernel in ("gather", "sparse", "codes", "dense") + compiled_kernels():
         half.kernel = kernel
-        assert torch.allclose(half(x.bfloat16()).float(), x @ W.T + bias, atol=0.3, rtol=0.05), kernel
+        with torch.no_grad():
+            assert torch.allclose(half(x.bfloat16()).float(), x @ W.T + bias, atol=0.3, rtol=0.05), kernel
 
 
 def _layer(model, i, name):

@@ -5,8 +5,9 @@ the same projection of several layers). Each output row uses exactly s atoms:
 the support is a packed bit mask ``support`` (out x ceil(k/8) bytes, one bit
 per (output, atom) pair: k/s bits per nonzero, 2 at CoSpaDi's default
 rho = 2, against 16 for int16 indices) and ``values`` (out x s) holds the
-coefficients in increasing atom order. Indices for the kernels are rebuilt
-from the mask at load time and kept as a non-persistent int32 buffer.
+coefficients in increasing atom order. The compiled CPU kernels read the
+mask itself; int32 indices are rebuilt from it only for the torch kernels
+that need them (gather, sparse) and cached until the mask changes.
 
 Row blocks (DSFormer's exported form): with ``blocks`` = g > 1 the output rows
 are split into g equal groups, each with its own k atoms; ``atoms`` then holds
@@ -14,9 +15,15 @@ g*k rows, group b's atoms at rows b*k .. b*k+k-1, and the support mask stays
 k bits per row (local to the row's group).
 
 Kernels (all give the same result up to rounding; ``kernel="auto"`` picks
-by the number of tokens and the device, thresholds from
-``benchmarks/bench_cospadi.py``):
+by the number of tokens, the device and the dtype, thresholds from
+``benchmarks/bench_kernels.py``):
 
+- mask:   h = x @ atoms.T (torch's GEMM), then the compiled kernel
+  (``factorkit.kernels``, CPU, float32 or bfloat16 values): each 16 bits of
+  the mask expand the row's next values into a vector that multiplies 16
+  entries of h, reading the values and the mask once (few tokens);
+- lanes:  the same product with 16 tokens in each vector, one multiply-add
+  per stored value (AVX-512 builds; from about 8 to 128 tokens);
 - gather: h = x @ atoms.T, then y[o] = sum_i h[idx[o, i]] * values[o, i]
   (out*s gathered entries of h per token);
 - sparse: h @ C.T with C a CSR matrix (torch.sparse; best on the CPU for
@@ -41,7 +48,8 @@ from torch import nn
 
 from .base import FactorModule
 
-KERNELS = ("auto", "gather", "sparse", "codes", "dense", "semi24")
+KERNELS = ("auto", "mask", "lanes", "gather", "sparse", "codes", "dense", "semi24")
+COMPILED = ("mask", "lanes")  # the kernels of factorkit.kernels
 
 
 def pack_support(indices: torch.Tensor, atoms: int) -> torch.Tensor:
@@ -61,7 +69,7 @@ def unpack_support(mask: torch.Tensor, atoms: int) -> torch.Tensor:
 
 
 def _after_load(module: "DictionaryLinear", incompatible_keys: Any) -> None:
-    module._rebuild_indices()
+    module.check_support()
 
 
 class DictionaryLinear(FactorModule):
@@ -76,6 +84,11 @@ class DictionaryLinear(FactorModule):
     GATHER_MAX_TOKENS: ClassVar[int] = 0
     SPARSE_MAX_TOKENS: ClassVar[int] = 64
     CUDA_GATHER_MAX_TOKENS: ClassVar[int] = 1
+    # With the compiled kernels (CPU, float32 or bfloat16, no gradient needed), from
+    # benchmarks/bench_kernels.py on LLaMA-7B and SmolLM2 shapes: the expanding mask kernel up to
+    # 8 tokens, tokens in the lanes up to 128, the code GEMM beyond.
+    MASK_MAX_TOKENS: ClassVar[int] = 8
+    LANES_MAX_TOKENS: ClassVar[int] = 128
 
     def __init__(self, in_features: int, out_features: int, atoms: int, sparsity: int, bias: bool = False,
                  kernel: str = "auto", blocks: int = 1, dtype: torch.dtype | None = None,
@@ -93,8 +106,6 @@ class DictionaryLinear(FactorModule):
         self.values = nn.Parameter(torch.empty(out_features, sparsity, **kw))
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
         self.register_buffer("support", torch.zeros(out_features, -(-atoms // 8), dtype=torch.uint8, device=device))
-        self.register_buffer("indices", torch.zeros(out_features, sparsity, dtype=torch.int32, device=device),
-                             persistent=False)
         # CSR row pointer of the codes: every row has exactly s entries
         self.register_buffer("crow", torch.arange(0, out_features * sparsity + 1, sparsity, dtype=torch.int32,
                                                   device=device), persistent=False)
@@ -127,7 +138,7 @@ class DictionaryLinear(FactorModule):
             module.support.copy_(pack_support(local, k))
             if bias is not None:
                 module.bias.copy_(bias)
-        module._rebuild_indices()
+        module.check_support()
         return module
 
     @staticmethod
@@ -135,21 +146,43 @@ class DictionaryLinear(FactorModule):
         """For each output row, the first atom of its group."""
         return torch.arange(out, device=device) // (out // blocks) * atoms
 
-    def _rebuild_indices(self) -> None:
-        bits = unpack_support(self.support, self.num_atoms)
-        counts = bits.sum(1)
+    def check_support(self) -> None:
+        """Raise ValueError unless every row of the support mask holds exactly ``sparsity`` atoms."""
+        counts = unpack_support(self.support, self.num_atoms).sum(1)
         if bool((counts != self.sparsity).any()):
             raise ValueError(f"support mask has rows with {int(counts.min())}..{int(counts.max())} atoms, "
                              f"expected exactly {self.sparsity}")
-        # nonzero() walks rows in order, atoms ascending: the order of ``values``
-        local = bits.nonzero()[:, 1].view(self.out_features, self.sparsity)
-        offsets = self._row_offsets(self.out_features, self.num_atoms, self.blocks, local.device)
-        self.indices = (local + offsets[:, None]).to(torch.int32)
+
+    @property
+    def indices(self) -> torch.Tensor:
+        """(out x s) int32 atom indices of the codes (global over the row blocks), increasing along a row:
+        rebuilt from the mask when a torch kernel first needs them, cached while the mask is unchanged."""
+        key = (self.support.data_ptr(), self.support._version, self.support.device)
+        cached = self.__dict__.get("_indices_cache")
+        if cached is None or cached[0] != key:
+            # nonzero() walks rows in order, atoms ascending: the order of ``values``
+            local = unpack_support(self.support, self.num_atoms).nonzero()[:, 1].view(self.out_features,
+                                                                                       self.sparsity)
+            offsets = self._row_offsets(self.out_features, self.num_atoms, self.blocks, local.device)
+            cached = (key, (local + offsets[:, None]).to(torch.int32))
+            self.__dict__["_indices_cache"] = cached
+        return cached[1]
 
     def code_matrix(self) -> torch.Tensor:
-        """The dense (out x blocks*k) code matrix C."""
-        dense = torch.zeros(self.out_features, self.total_atoms, dtype=self.values.dtype, device=self.values.device)
-        return dense.scatter_(1, self.indices.long(), self.values)
+        """The dense (out x blocks*k) code matrix C, built from the mask (no index is kept)."""
+        ext = self._compiled(torch.is_grad_enabled() and self.values.requires_grad)
+        if ext is not None:
+            return ext.codes_dense(self.support, self.values.detach().contiguous(), self.num_atoms, self.blocks)
+        bits = unpack_support(self.support, self.num_atoms)
+        local = torch.zeros(self.out_features, self.num_atoms, dtype=self.values.dtype, device=self.values.device)
+        local = local.masked_scatter(bits, self.values)  # row-major fill: increasing atoms, as values are stored
+        if self.blocks == 1:
+            return local
+        g, rows = self.blocks, self.out_features // self.blocks
+        dense = local.new_zeros(g, rows, g, self.num_atoms)
+        group = torch.arange(g, device=local.device)
+        dense[group, :, group, :] = local.view(g, rows, self.num_atoms)
+        return dense.view(self.out_features, self.total_atoms)
 
     def dense_weight(self) -> torch.Tensor:
         return self.code_matrix() @ self.atoms
@@ -158,11 +191,26 @@ class DictionaryLinear(FactorModule):
         """torch's CPU CSR product has no half-precision kernel."""
         return self.values.is_cuda or self.values.dtype in (torch.float32, torch.float64)
 
-    def pick_kernel(self, tokens: int) -> str:
+    def _compiled(self, needs_grad: bool = False):
+        """The compiled kernels when they apply to this module (CPU, float32/bfloat16, no gradient), else None."""
+        if needs_grad or self.values.is_cuda or self.values.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        from .. import kernels  # built on first use
+
+        return kernels.dictionary()
+
+    def pick_kernel(self, tokens: int, needs_grad: bool = False) -> str:
         if self.kernel != "auto":
             return self.kernel
         if self.values.is_cuda:
             return "gather" if tokens <= self.CUDA_GATHER_MAX_TOKENS else "codes"
+        ext = self._compiled(needs_grad)
+        if ext is not None and tokens <= self.MASK_MAX_TOKENS:
+            return "mask"
+        if ext is not None and tokens <= self.LANES_MAX_TOKENS and ext.vectorised():
+            return "lanes"
+        if ext is not None:
+            return "codes"
         if tokens <= self.GATHER_MAX_TOKENS:
             return "gather"
         if tokens <= self.SPARSE_MAX_TOKENS and self._native_sparse():
@@ -170,10 +218,14 @@ class DictionaryLinear(FactorModule):
         return "codes"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = self.pick_kernel(x.numel() // self.in_features)
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad
+                                                  or self.atoms.requires_grad)
+        kernel = self.pick_kernel(x.numel() // self.in_features, needs_grad)
         if kernel == "dense":
             return F.linear(x, self.dense_weight(), self.bias)
         h = F.linear(x, self.atoms)
+        if kernel in COMPILED:
+            return self._compiled_product(kernel, h, needs_grad)
         if kernel == "semi24":
             return F.linear(h, self._semi_structured_codes(), self.bias)
         if kernel == "codes":
@@ -195,8 +247,30 @@ class DictionaryLinear(FactorModule):
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
 
+    def _compiled_product(self, kernel: str, h: torch.Tensor, needs_grad: bool) -> torch.Tensor:
+        """y = C h with the compiled kernels (no autograd: forward only)."""
+        ext = self._compiled(needs_grad)
+        if ext is None or (kernel == "lanes" and not ext.vectorised()):
+            why = "a gradient" if needs_grad else f"{self.values.device.type} {self.values.dtype}"
+            raise ValueError(f"the {kernel} kernel needs factorkit's compiled CPU kernels (AVX-512 for lanes), "
+                             f"float32 or bfloat16 values and no gradient, not {why}; use kernel='auto'")
+        lead = h.shape[:-1]
+        h2 = h.reshape(-1, self.total_atoms).float()
+        values = self.values.detach()
+        if kernel == "mask":
+            y = ext.mask_codes(h2.contiguous(), self.support, values.contiguous(), self.num_atoms, self.blocks)
+        else:
+            tokens = h2.shape[0]
+            hT = F.pad(h2, (0, 0, 0, -tokens % 16)).T.contiguous()
+            y = ext.mask_codes_lanes(hT, self.support, values.contiguous(), self.num_atoms, self.blocks)
+            y = y[:, :tokens].T
+        y = y.to(h.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
     def _semi_structured_codes(self):
-        version = (self.values._version, self.values.data_ptr(), self.indices.data_ptr())
+        version = (self.values._version, self.values.data_ptr(), self.support._version, self.support.data_ptr())
         cached = getattr(self, "_semi_cache", None)
         if cached is None or cached[0] != version:
             if not self.values.is_cuda or self.values.dtype not in (torch.float16, torch.bfloat16):

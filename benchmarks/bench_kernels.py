@@ -1,0 +1,236 @@
+"""Layer latency of the factor modules' kernels against nn.Linear, side by side in one process.
+
+Random factors at ratio 0.2 (DictionaryLinear at CoSpaDi's rho = 2 by the paper's count, LowRankLinear at the
+rank of the same parameter count) on LLaMA-7B's three shapes and SmolLM2-135M's four, at 1, 2, 16, 256 and 2048
+tokens, in float32 and bfloat16. Every cell is the best wall time over repeated calls; the table gives each
+kernel's speed as a ratio to nn.Linear (above 1: faster) beside the ideal ratio, dense bytes / stored bytes
+(what a kernel bound by reading its weights could reach). Resumable: rerun to finish an interrupted run.
+
+    python benchmarks/bench_kernels.py            # measure what is missing, then rewrite BENCHMARKS.md
+    python benchmarks/bench_kernels.py --report   # only rewrite BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported: one thread, as the table says
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import Results, machine, write_section  # noqa: E402
+
+from factorkit import kernels  # noqa: E402
+from factorkit.eval.latency import best_time  # noqa: E402
+from factorkit.factors import DictionaryLinear, LowRankLinear  # noqa: E402
+from factorkit.report import markdown_table  # noqa: E402
+from factorkit.solvers.dictionary import dictionary_budget  # noqa: E402
+from factorkit.solvers.lowrank import rank_for_ratio  # noqa: E402
+
+SHAPES = {"LLaMA-7B q/k/v/o 4096x4096": (4096, 4096), "LLaMA-7B gate/up 11008x4096": (11008, 4096),
+          "LLaMA-7B down 4096x11008": (4096, 11008), "SmolLM2 q/o 576x576": (576, 576),
+          "SmolLM2 k/v 192x576": (192, 576), "SmolLM2 gate/up 1536x576": (1536, 576),
+          "SmolLM2 down 576x1536": (576, 1536)}
+TOKENS = (1, 2, 16, 256, 2048)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+RATIO = 0.2
+# The kernels timed at each token count (the others are far off there and would only cost time).
+KERNELS = {"mask": 16, "lanes": 256, "sparse": 16, "codes": 2048}
+
+
+def stored_bytes(module: nn.Module) -> int:
+    """Parameters and persistent buffers (the support mask), as saved."""
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def build(out_f: int, in_f: int, dtype: torch.dtype) -> tuple[nn.Module, nn.Module, DictionaryLinear]:
+    gen = torch.Generator().manual_seed(0)
+    k, s = dictionary_budget(in_f, out_f, RATIO)
+    r = rank_for_ratio(out_f, in_f, RATIO)
+    dense = nn.Linear(in_f, out_f, bias=False)
+    lowrank = LowRankLinear.from_factors(torch.randn(out_f, r, generator=gen), torch.randn(r, in_f, generator=gen))
+    idx = torch.stack([torch.randperm(k, generator=gen)[:s] for _ in range(out_f)])
+    dic = DictionaryLinear.from_codes(torch.randn(k, in_f, generator=gen), idx, torch.randn(out_f, s, generator=gen))
+    return tuple(m.to(dtype).requires_grad_(False) for m in (dense, lowrank, dic))  # type: ignore[return-value]
+
+
+def measure(results: Results) -> None:
+    ext = kernels.dictionary()
+    compiled = () if ext is None else ("mask", "lanes") if ext.vectorised() else ("mask",)
+    for dname, dtype in DTYPES.items():
+        for label, (out_f, in_f) in SHAPES.items():
+            if all(f"{dname}/{label}/{t}" in results for t in TOKENS):
+                continue
+            dense, lowrank, dic = build(out_f, in_f, dtype)
+            sizes = {"dense": stored_bytes(dense), "lowrank": stored_bytes(lowrank), "dict": stored_bytes(dic)}
+            gen = torch.Generator().manual_seed(1)
+            for tokens in TOKENS:
+                key = f"{dname}/{label}/{tokens}"
+                if key in results:
+                    continue
+                x = torch.randn(1, tokens, in_f, generator=gen).to(dtype)
+                repeats = 50 if tokens <= 16 else 5 if tokens <= 256 else 2
+                row = {"dense": best_time(dense, x, repeats), "lowrank": best_time(lowrank, x, repeats)}
+                for kernel, most in KERNELS.items():
+                    if tokens > most or (kernel in ("mask", "lanes") and kernel not in compiled) \
+                            or (kernel == "sparse" and dtype != torch.float32):
+                        continue
+                    dic.kernel = kernel
+                    row[f"dict-{kernel}"] = best_time(dic, x, repeats)
+                dic.kernel = "auto"
+                row["auto-kernel"] = dic.pick_kernel(tokens)
+                row["dict-auto"] = best_time(dic, x, repeats)
+                row["bytes"] = sizes
+                results.put(key, row)
+                print(key, {k: (f"{v * 1e6:.0f}us" if isinstance(v, float) else v) for k, v in row.items()
+                            if k != "bytes"}, flush=True)
+
+
+E2E_MODEL = "smollm2-135m"
+E2E_NEW_TOKENS = 64
+E2E_PROMPT = 16
+E2E_PREFILL = 512
+
+
+def held_bytes(model: nn.Module) -> int:
+    """Bytes the model holds: parameters, buffers, and the index caches the torch kernels build."""
+    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    for module in model.modules():
+        cached = module.__dict__.get("_indices_cache")
+        total += 0 if cached is None else cached[1].numel() * cached[1].element_size()
+    return total
+
+
+def dictionary_model(model: nn.Module) -> nn.Module:
+    """SmolLM2 with every targeted linear replaced by a random DictionaryLinear at ratio RATIO (speed only)."""
+    from factorkit.surgery import find_blocks, replace_module, target_linears
+
+    gen = torch.Generator().manual_seed(0)
+    _, blocks = find_blocks(model)
+    for block in blocks:
+        for name, linear in target_linears(block).items():
+            out_f, in_f = linear.weight.shape
+            k, s = dictionary_budget(in_f, out_f, RATIO)
+            idx = torch.stack([torch.randperm(k, generator=gen)[:s] for _ in range(out_f)])
+            atoms = torch.randn(k, in_f, generator=gen) / in_f ** 0.5
+            replace_module(block, name, DictionaryLinear.from_codes(atoms, idx, torch.randn(out_f, s, generator=gen)
+                                                                    / s ** 0.5).to(linear.weight.dtype))
+    return model.requires_grad_(False)
+
+
+def measure_e2e(results: Results) -> None:
+    """Greedy decode (64 new tokens after a 16-token prompt, batch 1) and a 512-token prefill of the dense
+    model and of the same model with dictionaries, on the compiled kernels and on torch's, side by side."""
+    import time
+
+    from factorkit.models import load
+
+    key = f"e2e/{E2E_MODEL}"
+    if key in results:
+        return
+    dense, _ = load(E2E_MODEL)
+    dense.requires_grad_(False)
+    sparse, _ = load(E2E_MODEL)
+    sparse = dictionary_model(sparse)
+    vocab = dense.config.vocab_size
+    gen = torch.Generator().manual_seed(2)
+    prompt = torch.randint(vocab, (1, E2E_PROMPT), generator=gen)
+    long = torch.randint(vocab, (1, E2E_PREFILL), generator=gen)
+
+    def decode(model) -> float:
+        with torch.inference_mode():
+            t = time.perf_counter()
+            out = model.generate(prompt, max_new_tokens=E2E_NEW_TOKENS, min_new_tokens=E2E_NEW_TOKENS,
+                                 do_sample=False)
+            assert out.shape[1] == E2E_PROMPT + E2E_NEW_TOKENS
+            return E2E_NEW_TOKENS / (time.perf_counter() - t)
+
+    def prefill(model) -> float:
+        return best_time(lambda x: model(x), long, 3)
+
+    row = {}
+    for label, model, compiled in (("dense", dense, True), ("dict-compiled", sparse, True),
+                                   ("dict-torch", sparse, False)):
+        os.environ[kernels.DISABLE_ENV] = "1" if compiled else "0"
+        for module in model.modules():
+            module.__dict__.pop("_indices_cache", None)
+        decode(model)  # warm-up
+        row[label] = {"decode_tok_s": max(decode(model) for _ in range(3)), "prefill_s": prefill(model),
+                      "bytes": held_bytes(model)}
+        print(label, row[label], flush=True)
+    os.environ[kernels.DISABLE_ENV] = "1"
+    results.put(key, row)
+
+
+def report(results: Results) -> None:
+    sections = []
+    for dname in DTYPES:
+        rows = []
+        for label in SHAPES:
+            for tokens in TOKENS:
+                r = results.items.get(f"{dname}/{label}/{tokens}")
+                if not r:
+                    continue
+                speed = lambda key: f"{r['dense'] / r[key]:.2f}x" if key in r else "-"  # noqa: E731
+                ideal = r["bytes"]["dense"] / r["bytes"]["dict"]
+                rows.append([label, tokens, f"{r['dense'] * 1e6:.0f}", speed("lowrank"),
+                             f"{r['bytes']['dense'] / r['bytes']['lowrank']:.2f}x"]
+                            + [speed(f"dict-{k}") for k in KERNELS]
+                            + [f"{speed('dict-auto')} ({r['auto-kernel']})", f"{ideal:.2f}x",
+                               f"{r['dense'] / r['dict-auto'] / ideal:.2f}"])
+        if rows:
+            sections.append(f"**{dname}**\n\n" + markdown_table(
+                ["shape", "tokens", "nn.Linear (us)", "LowRankLinear", "its ideal", "dict mask", "dict lanes",
+                 "dict sparse (CSR)", "dict codes (GEMM)", "dict auto (kernel)", "dict ideal", "auto / ideal"], rows))
+    e2e = results.items.get(f"e2e/{E2E_MODEL}")
+    if e2e:
+        d = e2e["dense"]
+        rows = [[label, f"{r['decode_tok_s']:.1f}", f"{r['decode_tok_s'] / d['decode_tok_s']:.2f}x",
+                 f"{r['prefill_s'] * 1e3:.0f}", f"{d['prefill_s'] / r['prefill_s']:.2f}x",
+                 f"{r['bytes'] / 2**20:.1f}", f"{r['bytes'] / d['bytes']:.2f}x"]
+                for label, r in (("dense", d), ("dictionaries, compiled kernels", e2e["dict-compiled"]),
+                                 ("dictionaries, torch kernels", e2e["dict-torch"]))]
+        sections.append(f"""**End to end**: {E2E_MODEL} with every targeted linear a random DictionaryLinear at ratio
+{RATIO} (speed does not depend on the values), greedy decode of {E2E_NEW_TOKENS} new tokens after a
+{E2E_PROMPT}-token prompt (batch 1, best of 3), a {E2E_PREFILL}-token prefill (best of 3), and the bytes the model
+holds in memory (parameters, buffers, and the int32 index copies the torch kernels build), float32.
+
+""" + markdown_table(["model", "decode tok/s", "vs dense", "prefill 512 (ms)", "vs dense", "held MiB", "vs dense"],
+                     rows))
+    ext = kernels.dictionary()
+    path = "not built (torch kernels only)" if ext is None else (
+        "built, AVX-512 path" if ext.vectorised() else "built, scalar path")
+    body = f"""## Layer kernels against nn.Linear
+
+`python benchmarks/bench_kernels.py` ({results.measured()}; {machine()}; compiled kernels: {path}). Random
+factors at ratio {RATIO} (DictionaryLinear: k atoms and s = k/2 nonzeros per row by the paper's count;
+LowRankLinear: the rank of the same parameter count), best wall time over repeated calls, side by side in one
+process. Each entry is the speed against nn.Linear (above 1x: faster); *ideal* is dense bytes / stored bytes
+(parameters and the support mask), what a kernel bound by reading its weights reaches. `mask` and `lanes` are
+the compiled kernels of `factorkit.kernels` (the code product read from the bit mask; `lanes` puts 16 tokens
+in each vector); `sparse` is torch's CSR product over int32 indices and `codes` scatters the code matrix and
+runs a second GEMM, both as before the compiled kernels. `-`: not timed at that size (far slower there).
+
+{chr(10).join(sections)}
+"""
+    write_section("kernels", body)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--report", action="store_true", help="only rewrite BENCHMARKS.md")
+    ap.add_argument("--fresh", action="store_true", help="ignore results of an earlier run")
+    args = ap.parse_args()
+    results = Results("kernels", {"ratio": RATIO, "threads": torch.get_num_threads()}, fresh=args.fresh)
+    if not args.report:
+        measure(results)
+        measure_e2e(results)
+    report(results)
+
+
+if __name__ == "__main__":
+    main()

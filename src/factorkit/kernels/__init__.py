@@ -1,0 +1,73 @@
+"""Compiled CPU kernels, built once on the machine that runs them, with a torch fallback.
+
+``dictionary()`` returns the extension built from ``dictionary.cpp`` (see its header for the
+algorithm) or None when it cannot be built or loaded: no C++ compiler, no ninja, a failed compile,
+or ``FACTORKIT_KERNELS=0`` in the environment. The first failure logs one sentence; callers then use
+their pure-torch kernels, which give the same results more slowly. The build is torch's JIT
+extension build (``torch.utils.cpp_extension.load``) with ``-O3 -march=native``, cached under
+``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) in a folder named after this
+machine's instruction set, so a home directory shared by different CPUs never loads a binary built
+for another. ``make install`` builds it (``python -m factorkit.kernels``), so the first model load
+does not pay the minute the compile takes.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger("factorkit")
+
+SOURCE = Path(__file__).with_name("dictionary.cpp")
+DISABLE_ENV = "FACTORKIT_KERNELS"
+
+
+def _cpu_tag() -> str:
+    """A short hash of the CPU's instruction-set flags (x86: /proc/cpuinfo's flags line)."""
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags += next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+
+
+def dictionary() -> ModuleType | None:
+    """The compiled DictionaryLinear kernel, or None: when ``FACTORKIT_KERNELS=0`` (read at every call, so a
+    benchmark can time both paths in one process) or (after one logged sentence) when it cannot be built."""
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return None
+    return _build()
+
+
+@functools.cache
+def _build() -> ModuleType | None:
+    try:
+        from torch.utils import cpp_extension
+
+        if not cpp_extension.is_ninja_available():
+            raise RuntimeError("ninja is not installed")
+        return cpp_extension.load(name=f"factorkit_dictionary_{_cpu_tag()}", sources=[str(SOURCE)],
+                                  extra_cflags=["-O3", "-march=native"], verbose=False)
+    except Exception as exc:  # any build or load failure means: use the torch kernels
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.warning("factorkit's compiled DictionaryLinear kernel is unavailable (%s); falling back to torch's "
+                    "slower kernels: install a C++ compiler and ninja (make install does) to enable it.", reason)
+        return None
+
+
+def main() -> None:
+    """Build (or find) the kernels and say which path they take; exit status 0 either way."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    ext = dictionary()
+    if ext is None:
+        print("factorkit kernels: not built; DictionaryLinear uses torch's kernels")
+    else:
+        print(f"factorkit kernels: built ({'AVX-512' if ext.vectorised() else 'scalar'} path)")
+

@@ -1,0 +1,300 @@
+// The code product of DictionaryLinear on the CPU, reading only what the module stores.
+//
+//   y[t, o] = sum over the atoms j in row o's support of values[o, rank of j] * h[t, g(o) * atoms + j]
+//
+// h = x @ atoms.T (tokens x blocks*atoms, float32) is computed by torch's GEMM before this call; the
+// support is the packed bit mask (out x ceil(atoms/8) bytes, bit j%8 of byte j/8), the values (out x s,
+// float32 or bfloat16) are in increasing atom order, and g(o) = o / (out / blocks) is the row's group
+// (DSFormer's row blocks; 0 when blocks = 1). No index is ever materialised: with AVX-512 each 16 bits of
+// the mask expand the row's next popcount values into a 16-lane vector (vexpandps) that multiplies the
+// matching 16 entries of h; without it a scalar loop walks the set bits. Rows are spread over torch's
+// intra-op threads, tokens are taken in tiles of up to 8 (one accumulator each) so the row's mask and
+// values are read from memory once per tile, from cache after the first.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define FK_AVX512 1
+#endif
+
+namespace {
+
+constexpr int kTile = 8;
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline float load_value(const float* v, int64_t i) { return v[i]; }
+inline float load_value(const uint16_t* v, int64_t i) { return bf16_to_float(v[i]); }
+
+// Scalar: walk the set bits of the row's mask, tokens t0 .. t0+nt-1.
+template <typename V>
+void row_scalar(const uint8_t* mask, int64_t nbytes, const V* v, const float* h, int64_t hstride, int nt,
+                float* acc) {
+  for (int t = 0; t < nt; ++t) acc[t] = 0.f;
+  int64_t i = 0;
+  for (int64_t b = 0; b < nbytes; ++b) {
+    unsigned m = mask[b];
+    while (m) {
+      const int64_t j = b * 8 + __builtin_ctz(m);
+      const float value = load_value(v, i++);
+      for (int t = 0; t < nt; ++t) acc[t] += value * h[t * hstride + j];
+      m &= m - 1;
+    }
+  }
+}
+
+#ifdef FK_AVX512
+// The next popcount(m) values of the row, zero-extended to 16 float lanes.
+inline __m512 load_packed(const float* v, int count) {
+  return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1u), v);
+}
+inline __m512 load_packed(const uint16_t* v, int count) {
+  const __m256i raw = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << count) - 1u), v);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+template <typename V, int NT>
+void row_avx512(const uint8_t* mask, int64_t atoms, const V* v, const float* h, int64_t hstride, float* out) {
+  __m512 acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+  const int64_t nbytes = (atoms + 7) / 8;
+  int64_t j = 0;
+  for (; j + 16 <= atoms; j += 16) {
+    uint16_t bits;
+    std::memcpy(&bits, mask + j / 8, 2);
+    if (!bits) continue;
+    const int count = __builtin_popcount(bits);
+    const __m512 vals = _mm512_maskz_expand_ps(bits, load_packed(v, count));
+    v += count;
+    for (int t = 0; t < NT; ++t) acc[t] = _mm512_fmadd_ps(vals, _mm512_loadu_ps(h + t * hstride + j), acc[t]);
+  }
+  if (j < atoms) {  // the last atoms % 16: one or two mask bytes, h read under a lane mask
+    uint32_t bits = mask[j / 8];
+    if (j / 8 + 1 < nbytes) bits |= static_cast<uint32_t>(mask[j / 8 + 1]) << 8;
+    const __mmask16 lanes = static_cast<__mmask16>((1u << (atoms - j)) - 1u);
+    bits &= lanes;
+    const int count = __builtin_popcount(bits);
+    const __m512 vals = _mm512_maskz_expand_ps(static_cast<__mmask16>(bits), load_packed(v, count));
+    for (int t = 0; t < NT; ++t)
+      acc[t] = _mm512_fmadd_ps(vals, _mm512_maskz_loadu_ps(lanes, h + t * hstride + j), acc[t]);
+  }
+  for (int t = 0; t < NT; ++t) out[t] = _mm512_reduce_add_ps(acc[t]);
+}
+
+// Tokens in the lanes (for 8 or more tokens): hT is h transposed and padded, (blocks*atoms) x (16*NT)
+// floats, and every stored value multiplies NT vectors of 16 tokens, one fused multiply-add per value
+// and vector instead of one per 16 atoms (half of them zero at rho = 2) and token.
+template <typename V, int NT>
+void row_lanes(const uint8_t* mask, int64_t nbytes, const V* v, const float* hT, int64_t hstride, float* out,
+               int64_t ostride) {
+  __m512 acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (int64_t b = 0; b + 8 <= nbytes; b += 8) {
+    uint64_t m;
+    std::memcpy(&m, mask + b, 8);
+    while (m) {
+      const int64_t j = b * 8 + __builtin_ctzll(m);
+      const __m512 value = _mm512_set1_ps(load_value(v, i++));
+      const float* row = hT + j * hstride;
+      for (int t = 0; t < NT; ++t) acc[t] = _mm512_fmadd_ps(value, _mm512_loadu_ps(row + 16 * t), acc[t]);
+      m &= m - 1;
+    }
+  }
+  for (int64_t b = nbytes / 8 * 8; b < nbytes; ++b) {
+    unsigned m = mask[b];
+    while (m) {
+      const int64_t j = b * 8 + __builtin_ctz(m);
+      const __m512 value = _mm512_set1_ps(load_value(v, i++));
+      const float* row = hT + j * hstride;
+      for (int t = 0; t < NT; ++t) acc[t] = _mm512_fmadd_ps(value, _mm512_loadu_ps(row + 16 * t), acc[t]);
+      m &= m - 1;
+    }
+  }
+  for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + 16 * t * ostride, acc[t]);  // see run_lanes: ostride 1
+}
+
+template <typename V>
+void row_tile(const uint8_t* mask, int64_t atoms, const V* v, const float* h, int64_t hstride, int nt,
+              float* out) {
+  switch (nt) {
+    case 1: return row_avx512<V, 1>(mask, atoms, v, h, hstride, out);
+    case 2: return row_avx512<V, 2>(mask, atoms, v, h, hstride, out);
+    case 3: return row_avx512<V, 3>(mask, atoms, v, h, hstride, out);
+    case 4: return row_avx512<V, 4>(mask, atoms, v, h, hstride, out);
+    case 5: return row_avx512<V, 5>(mask, atoms, v, h, hstride, out);
+    case 6: return row_avx512<V, 6>(mask, atoms, v, h, hstride, out);
+    case 7: return row_avx512<V, 7>(mask, atoms, v, h, hstride, out);
+    default: return row_avx512<V, 8>(mask, atoms, v, h, hstride, out);
+  }
+}
+#else
+template <typename V>
+void row_tile(const uint8_t* mask, int64_t atoms, const V* v, const float* h, int64_t hstride, int nt,
+              float* out) {
+  row_scalar(mask, (atoms + 7) / 8, v, h, hstride, nt, out);
+}
+#endif
+
+template <typename V>
+void run(const float* h, const uint8_t* mask, const V* values, float* y, int64_t tokens, int64_t out,
+         int64_t atoms, int64_t sparsity, int64_t blocks) {
+  const int64_t nbytes = (atoms + 7) / 8, hstride = blocks * atoms, rows_per_block = out / blocks;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, sparsity));
+  at::parallel_for(0, out, grain, [&](int64_t begin, int64_t end) {
+    float acc[kTile];
+    for (int64_t o = begin; o < end; ++o) {
+      const uint8_t* row_mask = mask + o * nbytes;
+      const V* row_values = values + o * sparsity;
+      const float* row_h = h + (o / rows_per_block) * atoms;
+      for (int64_t t0 = 0; t0 < tokens; t0 += kTile) {
+        const int nt = static_cast<int>(std::min<int64_t>(kTile, tokens - t0));
+        row_tile(row_mask, atoms, row_values, row_h + t0 * hstride, hstride, nt, acc);
+        for (int t = 0; t < nt; ++t) y[(t0 + t) * out + o] = acc[t];
+      }
+    }
+  });
+}
+
+#ifdef FK_AVX512
+// yT: (out x tokens16) float, tokens16 = 16 * ceil(tokens / 16); hT: (blocks*atoms x tokens16).
+template <typename V>
+void run_lanes(const float* hT, const uint8_t* mask, const V* values, float* yT, int64_t tokens16, int64_t out,
+               int64_t atoms, int64_t sparsity, int64_t blocks) {
+  const int64_t nbytes = (atoms + 7) / 8, rows_per_block = out / blocks;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, sparsity));
+  at::parallel_for(0, out, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      const uint8_t* row_mask = mask + o * nbytes;
+      const V* row_values = values + o * sparsity;
+      const float* row_h = hT + (o / rows_per_block) * atoms * tokens16;
+      for (int64_t t0 = 0; t0 < tokens16; t0 += 64) {
+        float* dst = yT + o * tokens16 + t0;
+        switch (std::min<int64_t>(4, (tokens16 - t0) / 16)) {
+          case 1: row_lanes<V, 1>(row_mask, nbytes, row_values, row_h + t0, tokens16, dst, 1); break;
+          case 2: row_lanes<V, 2>(row_mask, nbytes, row_values, row_h + t0, tokens16, dst, 1); break;
+          case 3: row_lanes<V, 3>(row_mask, nbytes, row_values, row_h + t0, tokens16, dst, 1); break;
+          default: row_lanes<V, 4>(row_mask, nbytes, row_values, row_h + t0, tokens16, dst, 1); break;
+        }
+      }
+    }
+  });
+}
+#endif
+
+}  // namespace
+
+// hT: (blocks*atoms, tokens16) float32 with tokens16 a multiple of 16 (h transposed, zero-padded);
+// support and values as for mask_codes. Returns yT: (out, tokens16) float32. AVX-512 builds only.
+torch::Tensor mask_codes_lanes(torch::Tensor hT, torch::Tensor support, torch::Tensor values, int64_t atoms,
+                               int64_t blocks) {
+#ifdef FK_AVX512
+  TORCH_CHECK(hT.dim() == 2 && hT.scalar_type() == torch::kFloat32 && hT.is_contiguous() && hT.size(1) % 16 == 0,
+              "hT must be a contiguous (atoms x 16n) float32 matrix");
+  TORCH_CHECK(support.dim() == 2 && support.scalar_type() == torch::kUInt8 && support.is_contiguous(),
+              "support must be a contiguous uint8 bit mask");
+  TORCH_CHECK(values.dim() == 2 && values.is_contiguous() &&
+                  (values.scalar_type() == torch::kFloat32 || values.scalar_type() == torch::kBFloat16),
+              "values must be a contiguous float32 or bfloat16 matrix");
+  const int64_t out = values.size(0), sparsity = values.size(1), tokens16 = hT.size(1);
+  TORCH_CHECK(blocks >= 1 && out % blocks == 0, "blocks must divide the output rows");
+  TORCH_CHECK(hT.size(0) == blocks * atoms, "hT must have blocks*atoms rows");
+  TORCH_CHECK(support.size(0) == out && support.size(1) == (atoms + 7) / 8, "support must be out x ceil(atoms/8)");
+  auto yT = torch::empty({out, tokens16}, hT.options());
+  if (values.scalar_type() == torch::kFloat32) {
+    run_lanes(hT.data_ptr<float>(), support.data_ptr<uint8_t>(), values.data_ptr<float>(), yT.data_ptr<float>(),
+              tokens16, out, atoms, sparsity, blocks);
+  } else {
+    run_lanes(hT.data_ptr<float>(), support.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(values.data_ptr()),
+              yT.data_ptr<float>(), tokens16, out, atoms, sparsity, blocks);
+  }
+  return yT;
+#else
+  TORCH_CHECK(false, "mask_codes_lanes needs the AVX-512 build");
+#endif
+}
+
+// h: (tokens, blocks*atoms) float32; support: (out, ceil(atoms/8)) uint8; values: (out, s) float32 or
+// bfloat16. Returns y: (tokens, out) float32.
+torch::Tensor mask_codes(torch::Tensor h, torch::Tensor support, torch::Tensor values, int64_t atoms,
+                         int64_t blocks) {
+  TORCH_CHECK(h.dim() == 2 && h.scalar_type() == torch::kFloat32 && h.is_contiguous(),
+              "h must be a contiguous (tokens x atoms) float32 matrix");
+  TORCH_CHECK(support.dim() == 2 && support.scalar_type() == torch::kUInt8 && support.is_contiguous(),
+              "support must be a contiguous uint8 bit mask");
+  TORCH_CHECK(values.dim() == 2 && values.is_contiguous() &&
+                  (values.scalar_type() == torch::kFloat32 || values.scalar_type() == torch::kBFloat16),
+              "values must be a contiguous float32 or bfloat16 matrix");
+  const int64_t out = values.size(0), sparsity = values.size(1), tokens = h.size(0);
+  TORCH_CHECK(blocks >= 1 && out % blocks == 0, "blocks must divide the output rows");
+  TORCH_CHECK(h.size(1) == blocks * atoms, "h must have blocks*atoms columns");
+  TORCH_CHECK(support.size(0) == out && support.size(1) == (atoms + 7) / 8, "support must be out x ceil(atoms/8)");
+  auto y = torch::empty({tokens, out}, h.options());
+  if (values.scalar_type() == torch::kFloat32) {
+    run(h.data_ptr<float>(), support.data_ptr<uint8_t>(), values.data_ptr<float>(), y.data_ptr<float>(), tokens,
+        out, atoms, sparsity, blocks);
+  } else {
+    run(h.data_ptr<float>(), support.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(values.data_ptr()),
+        y.data_ptr<float>(), tokens, out, atoms, sparsity, blocks);
+  }
+  return y;
+}
+
+// The dense code matrix C (out x blocks*atoms, the values' dtype) written straight from the mask: what the
+// code-GEMM kernel multiplies by, without an index tensor or a bool copy of the mask.
+torch::Tensor codes_dense(torch::Tensor support, torch::Tensor values, int64_t atoms, int64_t blocks) {
+  TORCH_CHECK(support.dim() == 2 && support.scalar_type() == torch::kUInt8 && support.is_contiguous(),
+              "support must be a contiguous uint8 bit mask");
+  TORCH_CHECK(values.dim() == 2 && values.is_contiguous() &&
+                  (values.scalar_type() == torch::kFloat32 || values.scalar_type() == torch::kBFloat16),
+              "values must be a contiguous float32 or bfloat16 matrix");
+  const int64_t out = values.size(0), sparsity = values.size(1), nbytes = (atoms + 7) / 8;
+  TORCH_CHECK(blocks >= 1 && out % blocks == 0, "blocks must divide the output rows");
+  TORCH_CHECK(support.size(0) == out && support.size(1) == nbytes, "support must be out x ceil(atoms/8)");
+  auto C = torch::zeros({out, blocks * atoms}, values.options());
+  const int64_t width = blocks * atoms, rows_per_block = out / blocks;
+  const uint8_t* mask = support.data_ptr<uint8_t>();
+  const size_t elem = values.element_size();
+  const char* src = static_cast<const char*>(values.data_ptr());
+  char* dst = static_cast<char*>(C.data_ptr());
+  at::parallel_for(0, out, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      const char* v = src + o * sparsity * elem;
+      char* row = dst + (o * width + (o / rows_per_block) * atoms) * elem;
+      for (int64_t b = 0; b < nbytes; ++b) {
+        unsigned m = mask[o * nbytes + b];
+        while (m) {
+          std::memcpy(row + (b * 8 + __builtin_ctz(m)) * elem, v, elem);
+          v += elem;
+          m &= m - 1;
+        }
+      }
+    }
+  });
+  return C;
+}
+
+bool vectorised() {
+#ifdef FK_AVX512
+  return true;
+#else
+  return false;
+#endif
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("mask_codes", &mask_codes, "DictionaryLinear's code product from the packed support mask");
+  m.def("mask_codes_lanes", &mask_codes_lanes, "the same with the tokens in the vector lanes (8+ tokens)");
+  m.def("codes_dense", &codes_dense, "the dense code matrix written from the support mask");
+  m.def("vectorised", &vectorised, "whether the AVX-512 path was compiled");
+}

@@ -1,0 +1,101 @@
+"""The compiled DictionaryLinear kernels (factorkit.kernels) against the dense product, and the fallback."""
+
+import logging
+
+import pytest
+import torch
+
+from factorkit import kernels
+from factorkit.factors import DictionaryLinear
+from factorkit.factors.dictionary import COMPILED
+
+needs_ext = pytest.mark.skipif(kernels.dictionary() is None, reason="the compiled kernels could not be built here")
+
+
+def random_dictionary(out: int, n: int, k: int, s: int, blocks: int, seed: int) -> DictionaryLinear:
+    gen = torch.Generator().manual_seed(seed)
+    rows = out // blocks
+    idx = torch.stack([torch.randperm(k, generator=gen)[:s] + o // rows * k for o in range(out)])
+    return DictionaryLinear.from_codes(torch.randn(blocks * k, n, generator=gen), idx,
+                                       torch.randn(out, s, generator=gen), torch.randn(out, generator=gen),
+                                       blocks=blocks)
+
+
+@needs_ext
+@pytest.mark.parametrize("out,n,k,s,blocks", [(37, 29, 21, 7, 1), (64, 50, 70, 35, 2), (12, 10, 3, 1, 3),
+                                              (40, 17, 16, 16, 1), (33, 9, 131, 60, 1)])
+def test_compiled_kernels_match_the_dense_product(out, n, k, s, blocks):
+    """Odd sizes, mask tails (k not a multiple of 8 or 16), full rows (s = k), row blocks, 1-70 tokens."""
+    module = random_dictionary(out, n, k, s, blocks, seed=out)
+    W = module.dense_weight()
+    torch_codes = module.code_matrix()  # the values need a gradient: torch's masked scatter
+    with torch.no_grad():  # no gradient: the compiled kernel writes C from the mask
+        assert torch.equal(module.code_matrix(), torch_codes.detach())
+    gen = torch.Generator().manual_seed(1)
+    kinds = COMPILED if kernels.dictionary().vectorised() else ("mask",)
+    for tokens in (1, 2, 7, 9, 16, 17, 70):
+        x = torch.randn(tokens, n, generator=gen)
+        want = torch.addmm(module.bias.double(), x.double(), W.double().T)
+        for kernel in kinds:
+            module.kernel = kernel
+            with torch.no_grad():
+                got = module(x)
+            # float32 sums of at most s terms of size ~|x||a||v|: 1e-4 relative to the largest output
+            assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max(), (kernel, tokens)
+    half = module.to(torch.bfloat16)  # bfloat16 values and inputs, float32 accumulation
+    x = torch.randn(5, n, generator=gen).bfloat16()
+    want = torch.addmm(half.bias.double(), x.double(), half.dense_weight().double().T)
+    for kernel in kinds:
+        half.kernel = kernel
+        with torch.no_grad():
+            got = half(x).double()
+        # h and y are rounded to bfloat16 (8 bits of mantissa) once each
+        assert (got - want).abs().max() <= 2 ** -6 * want.abs().max() * 2, kernel
+
+
+@needs_ext
+def test_the_compiled_kernels_keep_no_index_and_leave_training_to_torch():
+    module = random_dictionary(48, 20, 24, 12, 1, seed=3)
+    module.kernel = "auto"
+    module.__dict__.pop("_indices_cache", None)
+    assert "indices" not in dict(module.named_buffers())
+    with torch.no_grad():
+        module(torch.randn(1, 20))
+        module(torch.randn(300, 20))  # the code GEMM builds C from the mask, too
+    assert "_indices_cache" not in module.__dict__  # no int32 copy of the support held in memory
+    x = torch.randn(4, 20, requires_grad=True)
+    module(x).sum().backward()  # with a gradient auto takes torch's kernels
+    assert x.grad is not None and module.values.grad is not None
+    module.kernel = "mask"
+    with pytest.raises(ValueError, match="no gradient"):
+        module(torch.randn(4, 20, requires_grad=True))
+
+
+def test_without_the_compiled_kernels_the_torch_kernels_give_the_same_result(monkeypatch, caplog):
+    module = random_dictionary(30, 16, 20, 6, 1, seed=4)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        want = module(x)
+    monkeypatch.setenv(kernels.DISABLE_ENV, "0")
+    try:
+        assert kernels.dictionary() is None
+        assert module.pick_kernel(3) == "sparse"
+        with torch.no_grad():
+            assert torch.allclose(module(x), want, atol=1e-5)
+        module.kernel = "mask"
+        with pytest.raises(ValueError, match="compiled CPU kernels"):
+            module(x)
+        # a failed build says so in one logged sentence and falls back
+        monkeypatch.setenv(kernels.DISABLE_ENV, "1")
+        kernels._build.cache_clear()
+
+        def broken(**_):
+            raise RuntimeError("error: command 'c++' failed")
+
+        monkeypatch.setattr("torch.utils.cpp_extension.load", broken)
+        with caplog.at_level(logging.WARNING, logger="factorkit"):
+            assert kernels.dictionary() is None
+        assert len(caplog.records) == 1 and "falling back" in caplog.records[0].getMessage()
+        assert "c++' failed" in caplog.records[0].getMessage()
+    finally:
+        kernels._build.cache_clear()
