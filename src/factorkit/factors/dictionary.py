@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from .base import FactorModule
 
 KERNELS = ("auto", "mask", "lanes", "gather", "sparse", "codes", "dense", "semi24")
@@ -195,9 +196,7 @@ class DictionaryLinear(FactorModule):
         """The compiled kernels when they apply to this module (CPU, float32/bfloat16, no gradient), else None."""
         if needs_grad or self.values.is_cuda or self.values.dtype not in (torch.float32, torch.bfloat16):
             return None
-        from .. import kernels  # built on first use
-
-        return kernels.dictionary()
+        return kernels.dictionary()  # built on first use
 
     def pick_kernel(self, tokens: int, needs_grad: bool = False) -> str:
         if self.kernel != "auto":
@@ -205,12 +204,9 @@ class DictionaryLinear(FactorModule):
         if self.values.is_cuda:
             return "gather" if tokens <= self.CUDA_GATHER_MAX_TOKENS else "codes"
         ext = self._compiled(needs_grad)
-        if ext is not None and tokens <= self.MASK_MAX_TOKENS:
-            return "mask"
-        if ext is not None and tokens <= self.LANES_MAX_TOKENS and ext.vectorised():
-            return "lanes"
-        if ext is not None:
-            return "codes"
+        if ext is not None and ext.vectorised():  # the scalar build is slower than torch's CSR product
+            return "mask" if tokens <= self.MASK_MAX_TOKENS else "lanes" if tokens <= self.LANES_MAX_TOKENS \
+                else "codes"
         if tokens <= self.GATHER_MAX_TOKENS:
             return "gather"
         if tokens <= self.SPARSE_MAX_TOKENS and self._native_sparse():
@@ -221,11 +217,11 @@ class DictionaryLinear(FactorModule):
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad
                                                   or self.atoms.requires_grad)
         kernel = self.pick_kernel(x.numel() // self.in_features, needs_grad)
+        if kernel in COMPILED:
+            return self._compiled_product(kernel, x, needs_grad)
         if kernel == "dense":
             return F.linear(x, self.dense_weight(), self.bias)
         h = F.linear(x, self.atoms)
-        if kernel in COMPILED:
-            return self._compiled_product(kernel, h, needs_grad)
         if kernel == "semi24":
             return F.linear(h, self._semi_structured_codes(), self.bias)
         if kernel == "codes":
@@ -247,26 +243,26 @@ class DictionaryLinear(FactorModule):
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
 
-    def _compiled_product(self, kernel: str, h: torch.Tensor, needs_grad: bool) -> torch.Tensor:
-        """y = C h with the compiled kernels (no autograd: forward only)."""
+    def _compiled_product(self, kernel: str, x: torch.Tensor, needs_grad: bool) -> torch.Tensor:
+        """y = C (atoms x) with the compiled kernels (no autograd: forward only)."""
         ext = self._compiled(needs_grad)
         if ext is None or (kernel == "lanes" and not ext.vectorised()):
             why = "a gradient" if needs_grad else f"{self.values.device.type} {self.values.dtype}"
             raise ValueError(f"the {kernel} kernel needs factorkit's compiled CPU kernels (AVX-512 for lanes), "
                              f"float32 or bfloat16 values and no gradient, not {why}; use kernel='auto'")
-        lead = h.shape[:-1]
-        h2 = h.reshape(-1, self.total_atoms).float()
-        values = self.values.detach()
+        lead = x.shape[:-1]
+        h2 = F.linear(x.reshape(-1, self.in_features), self.atoms).float()
+        values = self.values.detach().contiguous()
         if kernel == "mask":
-            y = ext.mask_codes(h2.contiguous(), self.support, values.contiguous(), self.num_atoms, self.blocks)
+            y = ext.mask_codes(h2, self.support, values, self.num_atoms, self.blocks)
         else:
             tokens = h2.shape[0]
             hT = F.pad(h2, (0, 0, 0, -tokens % 16)).T.contiguous()
-            y = ext.mask_codes_lanes(hT, self.support, values.contiguous(), self.num_atoms, self.blocks)
+            y = ext.mask_codes_lanes(hT, self.support, values, self.num_atoms, self.blocks)
             y = y[:, :tokens].T
-        y = y.to(h.dtype)
+        y = y.to(x.dtype)
         if self.bias is not None:
-            y = y + self.bias
+            y = y + self.bias.detach()
         return y.reshape(*lead, self.out_features)
 
     def _semi_structured_codes(self):

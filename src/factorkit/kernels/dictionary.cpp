@@ -65,10 +65,25 @@ inline __m512 load_packed(const uint16_t* v, int count) {
 
 template <typename V, int NT>
 void row_avx512(const uint8_t* mask, int64_t atoms, const V* v, const float* h, int64_t hstride, float* out) {
-  __m512 acc[NT];
-  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+  // two accumulators per token, for even and odd blocks of 16 atoms: one chain of dependent multiply-adds
+  // would wait out the FMA latency on every block when there are few tokens
+  __m512 acc[NT], odd[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = odd[t] = _mm512_setzero_ps();
   const int64_t nbytes = (atoms + 7) / 8;
   int64_t j = 0;
+  for (; j + 32 <= atoms; j += 32) {
+    uint32_t bits;
+    std::memcpy(&bits, mask + j / 8, 4);
+    const uint16_t lo = static_cast<uint16_t>(bits), hi = static_cast<uint16_t>(bits >> 16);
+    const int nlo = __builtin_popcount(lo), nhi = __builtin_popcount(hi);
+    const __m512 vlo = _mm512_maskz_expand_ps(lo, load_packed(v, nlo));
+    const __m512 vhi = _mm512_maskz_expand_ps(hi, load_packed(v + nlo, nhi));
+    v += nlo + nhi;
+    for (int t = 0; t < NT; ++t) {
+      acc[t] = _mm512_fmadd_ps(vlo, _mm512_loadu_ps(h + t * hstride + j), acc[t]);
+      odd[t] = _mm512_fmadd_ps(vhi, _mm512_loadu_ps(h + t * hstride + j + 16), odd[t]);
+    }
+  }
   for (; j + 16 <= atoms; j += 16) {
     uint16_t bits;
     std::memcpy(&bits, mask + j / 8, 2);
@@ -88,7 +103,7 @@ void row_avx512(const uint8_t* mask, int64_t atoms, const V* v, const float* h, 
     for (int t = 0; t < NT; ++t)
       acc[t] = _mm512_fmadd_ps(vals, _mm512_maskz_loadu_ps(lanes, h + t * hstride + j), acc[t]);
   }
-  for (int t = 0; t < NT; ++t) out[t] = _mm512_reduce_add_ps(acc[t]);
+  for (int t = 0; t < NT; ++t) out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t], odd[t]));
 }
 
 // Tokens in the lanes (for 8 or more tokens): hT is h transposed and padded, (blocks*atoms) x (16*NT)
