@@ -60,7 +60,7 @@ def build(out_f: int, in_f: int, dtype: torch.dtype) -> tuple[nn.Module, nn.Modu
 
 def measure(results: Results) -> None:
     ext = kernels.dictionary()
-    compiled = () if ext is None else ("mask", "lanes") if ext.vectorised() else ("mask",)
+    compiled = () if ext is None else ("mask", "lanes") if ext.isa() == "avx512" else ("mask",)
     for dname, dtype in DTYPES.items():
         for label, (out_f, in_f) in SHAPES.items():
             if all(f"{dname}/{label}/{t}" in results for t in TOKENS):
@@ -203,7 +203,7 @@ holds in memory (parameters, buffers, and the int32 index copies the torch kerne
                      rows))
     ext = kernels.dictionary()
     path = "not built (torch kernels only)" if ext is None else (
-        "built, AVX-512 path" if ext.vectorised() else "built, scalar path")
+        f"built, {ext.isa()} path")
     body = f"""## Layer kernels against nn.Linear
 
 `python benchmarks/bench_kernels.py` ({results.measured()}; {machine()}; compiled kernels: {path}). Random

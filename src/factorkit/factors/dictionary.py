@@ -203,10 +203,11 @@ class DictionaryLinear(FactorModule):
             return self.kernel
         if self.values.is_cuda:
             return "gather" if tokens <= self.CUDA_GATHER_MAX_TOKENS else "codes"
-        ext = self._compiled(needs_grad)
-        if ext is not None and ext.vectorised():  # the scalar build is slower than torch's CSR product
-            return "mask" if tokens <= self.MASK_MAX_TOKENS else "lanes" if tokens <= self.LANES_MAX_TOKENS \
-                else "codes"
+        fast = kernels.usable(self._compiled(needs_grad))
+        if "mask" in fast and tokens <= self.MASK_MAX_TOKENS:
+            return "mask"
+        if "lanes" in fast:
+            return "lanes" if tokens <= self.LANES_MAX_TOKENS else "codes"
         if tokens <= self.GATHER_MAX_TOKENS:
             return "gather"
         if tokens <= self.SPARSE_MAX_TOKENS and self._native_sparse():
@@ -246,7 +247,7 @@ class DictionaryLinear(FactorModule):
     def _compiled_product(self, kernel: str, x: torch.Tensor, needs_grad: bool) -> torch.Tensor:
         """y = C (atoms x) with the compiled kernels (no autograd: forward only)."""
         ext = self._compiled(needs_grad)
-        if ext is None or (kernel == "lanes" and not ext.vectorised()):
+        if ext is None or (kernel == "lanes" and ext.isa() != "avx512"):
             why = "a gradient" if needs_grad else f"{self.values.device.type} {self.values.dtype}"
             raise ValueError(f"the {kernel} kernel needs factorkit's compiled CPU kernels (AVX-512 for lanes), "
                              f"float32 or bfloat16 values and no gradient, not {why}; use kernel='auto'")

@@ -46,15 +46,28 @@ def dictionary() -> ModuleType | None:
     return _build()
 
 
+def usable(ext: ModuleType | None) -> tuple[str, ...]:
+    """The compiled kernels worth running: both with AVX-512, the mask kernel with AVX2, none without a vector
+    path (the scalar build is slower than torch's CSR product) or without the extension."""
+    isa = "none" if ext is None else ext.isa()
+    return {"avx512": ("mask", "lanes"), "avx2": ("mask",)}.get(isa, ())
+
+
+def build(extra_cflags: tuple[str, ...] = (), suffix: str = "") -> ModuleType:
+    """Compile (or load the cached build of) dictionary.cpp for this machine; raises when it cannot.
+    ``extra_cflags`` and a name ``suffix`` build variants, e.g. ("-mno-avx512f",) for the AVX2 path."""
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        raise RuntimeError("ninja is not installed")
+    return cpp_extension.load(name=f"factorkit_dictionary_{_cpu_tag()}{suffix}", sources=[str(SOURCE)],
+                              extra_cflags=["-O3", "-march=native", *extra_cflags], verbose=False)
+
+
 @functools.cache
 def _build() -> ModuleType | None:
     try:
-        from torch.utils import cpp_extension
-
-        if not cpp_extension.is_ninja_available():
-            raise RuntimeError("ninja is not installed")
-        return cpp_extension.load(name=f"factorkit_dictionary_{_cpu_tag()}", sources=[str(SOURCE)],
-                                  extra_cflags=["-O3", "-march=native"], verbose=False)
+        return build()
     except Exception as exc:  # any build or load failure means: use the torch kernels
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.warning("factorkit's compiled DictionaryLinear kernel is unavailable (%s); falling back to torch's "
@@ -69,5 +82,5 @@ def main() -> None:
     if ext is None:
         print("factorkit kernels: not built; DictionaryLinear uses torch's kernels")
     else:
-        print(f"factorkit kernels: built ({'AVX-512' if ext.vectorised() else 'scalar'} path)")
+        print(f"factorkit kernels: built ({ext.isa()} path)")
 

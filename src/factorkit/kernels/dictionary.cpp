@@ -20,11 +20,18 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define FK_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define FK_AVX2 1
 #endif
 
 namespace {
 
+#ifdef FK_AVX2
+constexpr int kTile = 4;  // 16 ymm registers: 2 x 4 accumulators, the values and h
+#else
 constexpr int kTile = 8;
+#endif
 
 inline float bf16_to_float(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -140,8 +147,8 @@ void row_lanes(const uint8_t* mask, int64_t nbytes, const V* v, const float* hT,
 }
 
 template <typename V>
-void row_tile(const uint8_t* mask, int64_t atoms, const V* v, const float* h, int64_t hstride, int nt,
-              float* out) {
+void row_tile(const uint8_t* mask, int64_t atoms, const V* v, const V* /*end*/, const float* h, int64_t hstride,
+              int nt, float* out) {
   switch (nt) {
     case 1: return row_avx512<V, 1>(mask, atoms, v, h, hstride, out);
     case 2: return row_avx512<V, 2>(mask, atoms, v, h, hstride, out);
@@ -153,10 +160,93 @@ void row_tile(const uint8_t* mask, int64_t atoms, const V* v, const float* h, in
     default: return row_avx512<V, 8>(mask, atoms, v, h, hstride, out);
   }
 }
+#elif defined(FK_AVX2)
+// AVX2 has no expand: a table gives, for each mask byte, the lane of the packed values that every set bit
+// takes (its rank among the set bits), a permute puts them in place and the unset lanes are zeroed.
+struct RankTable {
+  alignas(32) int32_t rank[256][8];
+  RankTable() {
+    for (int m = 0; m < 256; ++m)
+      for (int i = 0; i < 8; ++i) rank[m][i] = __builtin_popcount(m & ((1 << i) - 1));
+  }
+};
+const RankTable& rank_table() {
+  static const RankTable table;
+  return table;
+}
+
+// Eight values from v, never reading past end (the row's last value).
+inline __m256 load8(const float* v, const float* end) {
+  if (v + 8 <= end) return _mm256_loadu_ps(v);
+  alignas(32) float tmp[8] = {0.f};
+  for (int i = 0; v + i < end; ++i) tmp[i] = v[i];
+  return _mm256_load_ps(tmp);
+}
+inline __m256 load8(const uint16_t* v, const uint16_t* end) {
+  alignas(16) uint16_t tmp[8] = {0};
+  const uint16_t* src = v;
+  if (v + 8 > end) {
+    for (int i = 0; v + i < end; ++i) tmp[i] = v[i];
+    src = tmp;
+  }
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+inline float hsum(__m256 x) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  const __m128 d = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(d, _mm_shuffle_ps(d, d, 1)));
+}
+
+// One mask byte (atoms j .. j+7): adds its values times h into acc; returns the next value.
+template <typename V, int NT>
+inline const V* block8(unsigned m, int64_t j, int64_t atoms, const V* v, const V* end, const float* h,
+                       int64_t hstride, __m256* acc) {
+  if (!m) return v;
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i lanes = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(m)), bit), bit);
+  const __m256i rank = _mm256_load_si256(reinterpret_cast<const __m256i*>(rank_table().rank[m]));
+  const __m256 vals = _mm256_and_ps(_mm256_permutevar8x32_ps(load8(v, end), rank), _mm256_castsi256_ps(lanes));
+  if (j + 8 <= atoms) {
+    for (int t = 0; t < NT; ++t) acc[t] = _mm256_fmadd_ps(vals, _mm256_loadu_ps(h + t * hstride + j), acc[t]);
+  } else {  // the last byte of a row whose atoms are not a multiple of 8: load only the set lanes of h
+    for (int t = 0; t < NT; ++t)
+      acc[t] = _mm256_fmadd_ps(vals, _mm256_maskload_ps(h + t * hstride + j, lanes), acc[t]);
+  }
+  return v + __builtin_popcount(m);
+}
+
+template <typename V, int NT>
+void row_avx2(const uint8_t* mask, int64_t atoms, const V* v, const V* end, const float* h, int64_t hstride,
+              float* out) {
+  __m256 acc[NT], odd[NT];  // even and odd mask bytes: two independent chains of multiply-adds per token
+  for (int t = 0; t < NT; ++t) acc[t] = odd[t] = _mm256_setzero_ps();
+  const int64_t nbytes = (atoms + 7) / 8;
+  int64_t b = 0;
+  for (; b + 2 <= nbytes; b += 2) {
+    v = block8<V, NT>(mask[b], b * 8, atoms, v, end, h, hstride, acc);
+    v = block8<V, NT>(mask[b + 1], b * 8 + 8, atoms, v, end, h, hstride, odd);
+  }
+  if (b < nbytes) block8<V, NT>(mask[b], b * 8, atoms, v, end, h, hstride, acc);
+  for (int t = 0; t < NT; ++t) out[t] = hsum(_mm256_add_ps(acc[t], odd[t]));
+}
+
+template <typename V>
+void row_tile(const uint8_t* mask, int64_t atoms, const V* v, const V* end, const float* h, int64_t hstride,
+              int nt, float* out) {
+  switch (nt) {
+    case 1: return row_avx2<V, 1>(mask, atoms, v, end, h, hstride, out);
+    case 2: return row_avx2<V, 2>(mask, atoms, v, end, h, hstride, out);
+    case 3: return row_avx2<V, 3>(mask, atoms, v, end, h, hstride, out);
+    case 4: return row_avx2<V, 4>(mask, atoms, v, end, h, hstride, out);
+    default: return row_avx2<V, 4>(mask, atoms, v, end, h, hstride, out);  // the caller's tile is 4 here
+  }
+}
 #else
 template <typename V>
-void row_tile(const uint8_t* mask, int64_t atoms, const V* v, const float* h, int64_t hstride, int nt,
-              float* out) {
+void row_tile(const uint8_t* mask, int64_t atoms, const V* v, const V* end, const float* h, int64_t hstride,
+              int nt, float* out) {
   row_scalar(mask, (atoms + 7) / 8, v, h, hstride, nt, out);
 }
 #endif
@@ -174,7 +264,7 @@ void run(const float* h, const uint8_t* mask, const V* values, float* y, int64_t
       const float* row_h = h + (o / rows_per_block) * atoms;
       for (int64_t t0 = 0; t0 < tokens; t0 += kTile) {
         const int nt = static_cast<int>(std::min<int64_t>(kTile, tokens - t0));
-        row_tile(row_mask, atoms, row_values, row_h + t0 * hstride, hstride, nt, acc);
+        row_tile(row_mask, atoms, row_values, row_values + sparsity, row_h + t0 * hstride, hstride, nt, acc);
         for (int t = 0; t < nt; ++t) y[(t0 + t) * out + o] = acc[t];
       }
     }
@@ -299,11 +389,14 @@ torch::Tensor codes_dense(torch::Tensor support, torch::Tensor values, int64_t a
   return C;
 }
 
-bool vectorised() {
-#ifdef FK_AVX512
-  return true;
+// The instruction set the code product was compiled for: "avx512", "avx2" or "scalar".
+std::string isa() {
+#if defined(FK_AVX512)
+  return "avx512";
+#elif defined(FK_AVX2)
+  return "avx2";
 #else
-  return false;
+  return "scalar";
 #endif
 }
 
@@ -311,5 +404,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mask_codes", &mask_codes, "DictionaryLinear's code product from the packed support mask");
   m.def("mask_codes_lanes", &mask_codes_lanes, "the same with the tokens in the vector lanes (8+ tokens)");
   m.def("codes_dense", &codes_dense, "the dense code matrix written from the support mask");
-  m.def("vectorised", &vectorised, "whether the AVX-512 path was compiled");
+  m.def("isa", &isa, "the instruction set of the code product: avx512, avx2 or scalar");
 }
