@@ -120,3 +120,21 @@ def test_without_the_compiled_kernels_the_torch_kernels_give_the_same_result(mon
         assert "c++' failed" in caplog.records[0].getMessage()
     finally:
         kernels._build.cache_clear()
+
+
+@needs_ext
+def test_the_compiled_kernels_give_the_same_bits_on_any_number_of_threads():
+    module = random_dictionary(300, 64, 90, 40, 3, seed=1)  # rows are spread over the threads
+    x = torch.randn(20, 64)
+    threads = torch.get_num_threads()
+    results = {}
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for kernel in kernels.usable(kernels.dictionary()) + ("codes",):
+                module.kernel = kernel
+                with torch.no_grad():
+                    results[kernel, n] = module(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[k, 1], results[k, 2]) for k, _ in results)
