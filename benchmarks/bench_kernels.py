@@ -152,7 +152,7 @@ def measure_e2e(results: Results) -> None:
     def prefill(model) -> float:
         return best_time(lambda x: model(x), long, 3)
 
-    row = {}
+    row, before = {}, os.environ.get(kernels.DISABLE_ENV)
     for label, model, compiled in (("dense", dense, True), ("dict-compiled", sparse, True),
                                    ("dict-torch", sparse, False)):
         os.environ[kernels.DISABLE_ENV] = "1" if compiled else "0"
@@ -162,7 +162,10 @@ def measure_e2e(results: Results) -> None:
         row[label] = {"decode_tok_s": max(decode(model) for _ in range(3)), "prefill_s": prefill(model),
                       "bytes": held_bytes(model)}
         print(label, row[label], flush=True)
-    os.environ[kernels.DISABLE_ENV] = "1"
+    if before is None:
+        os.environ.pop(kernels.DISABLE_ENV)
+    else:
+        os.environ[kernels.DISABLE_ENV] = before
     results.put(key, row)
 
 

@@ -297,6 +297,28 @@ void run_lanes(const float* hT, const uint8_t* mask, const V* values, float* yT,
 }
 #endif
 
+// The checks every entry point makes on the codes of an (out x blocks*atoms) matrix.
+void check_codes(const torch::Tensor& support, const torch::Tensor& values, int64_t atoms, int64_t blocks) {
+  TORCH_CHECK(support.dim() == 2 && support.scalar_type() == torch::kUInt8 && support.is_contiguous(),
+              "support must be a contiguous uint8 bit mask");
+  TORCH_CHECK(values.dim() == 2 && values.is_contiguous() &&
+                  (values.scalar_type() == torch::kFloat32 || values.scalar_type() == torch::kBFloat16),
+              "values must be a contiguous float32 or bfloat16 matrix");
+  TORCH_CHECK(blocks >= 1 && values.size(0) % blocks == 0, "blocks must divide the output rows");
+  TORCH_CHECK(support.size(0) == values.size(0) && support.size(1) == (atoms + 7) / 8,
+              "support must be out x ceil(atoms/8)");
+}
+
+// f(pointer to the values): float for float32, the raw 16 bits for bfloat16.
+template <typename F>
+void with_values(const torch::Tensor& values, F&& f) {
+  if (values.scalar_type() == torch::kFloat32) {
+    f(values.data_ptr<float>());
+  } else {
+    f(reinterpret_cast<const uint16_t*>(values.data_ptr()));
+  }
+}
+
 }  // namespace
 
 // hT: (blocks*atoms, tokens16) float32 with tokens16 a multiple of 16 (h transposed, zero-padded);
@@ -304,25 +326,16 @@ void run_lanes(const float* hT, const uint8_t* mask, const V* values, float* yT,
 torch::Tensor mask_codes_lanes(torch::Tensor hT, torch::Tensor support, torch::Tensor values, int64_t atoms,
                                int64_t blocks) {
 #ifdef FK_AVX512
+  check_codes(support, values, atoms, blocks);
   TORCH_CHECK(hT.dim() == 2 && hT.scalar_type() == torch::kFloat32 && hT.is_contiguous() && hT.size(1) % 16 == 0,
               "hT must be a contiguous (atoms x 16n) float32 matrix");
-  TORCH_CHECK(support.dim() == 2 && support.scalar_type() == torch::kUInt8 && support.is_contiguous(),
-              "support must be a contiguous uint8 bit mask");
-  TORCH_CHECK(values.dim() == 2 && values.is_contiguous() &&
-                  (values.scalar_type() == torch::kFloat32 || values.scalar_type() == torch::kBFloat16),
-              "values must be a contiguous float32 or bfloat16 matrix");
   const int64_t out = values.size(0), sparsity = values.size(1), tokens16 = hT.size(1);
-  TORCH_CHECK(blocks >= 1 && out % blocks == 0, "blocks must divide the output rows");
   TORCH_CHECK(hT.size(0) == blocks * atoms, "hT must have blocks*atoms rows");
-  TORCH_CHECK(support.size(0) == out && support.size(1) == (atoms + 7) / 8, "support must be out x ceil(atoms/8)");
   auto yT = torch::empty({out, tokens16}, hT.options());
-  if (values.scalar_type() == torch::kFloat32) {
-    run_lanes(hT.data_ptr<float>(), support.data_ptr<uint8_t>(), values.data_ptr<float>(), yT.data_ptr<float>(),
-              tokens16, out, atoms, sparsity, blocks);
-  } else {
-    run_lanes(hT.data_ptr<float>(), support.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(values.data_ptr()),
-              yT.data_ptr<float>(), tokens16, out, atoms, sparsity, blocks);
-  }
+  with_values(values, [&](auto* v) {
+    run_lanes(hT.data_ptr<float>(), support.data_ptr<uint8_t>(), v, yT.data_ptr<float>(), tokens16, out, atoms,
+              sparsity, blocks);
+  });
   return yT;
 #else
   TORCH_CHECK(false, "mask_codes_lanes needs the AVX-512 build");
@@ -333,39 +346,24 @@ torch::Tensor mask_codes_lanes(torch::Tensor hT, torch::Tensor support, torch::T
 // bfloat16. Returns y: (tokens, out) float32.
 torch::Tensor mask_codes(torch::Tensor h, torch::Tensor support, torch::Tensor values, int64_t atoms,
                          int64_t blocks) {
+  check_codes(support, values, atoms, blocks);
   TORCH_CHECK(h.dim() == 2 && h.scalar_type() == torch::kFloat32 && h.is_contiguous(),
               "h must be a contiguous (tokens x atoms) float32 matrix");
-  TORCH_CHECK(support.dim() == 2 && support.scalar_type() == torch::kUInt8 && support.is_contiguous(),
-              "support must be a contiguous uint8 bit mask");
-  TORCH_CHECK(values.dim() == 2 && values.is_contiguous() &&
-                  (values.scalar_type() == torch::kFloat32 || values.scalar_type() == torch::kBFloat16),
-              "values must be a contiguous float32 or bfloat16 matrix");
   const int64_t out = values.size(0), sparsity = values.size(1), tokens = h.size(0);
-  TORCH_CHECK(blocks >= 1 && out % blocks == 0, "blocks must divide the output rows");
   TORCH_CHECK(h.size(1) == blocks * atoms, "h must have blocks*atoms columns");
-  TORCH_CHECK(support.size(0) == out && support.size(1) == (atoms + 7) / 8, "support must be out x ceil(atoms/8)");
   auto y = torch::empty({tokens, out}, h.options());
-  if (values.scalar_type() == torch::kFloat32) {
-    run(h.data_ptr<float>(), support.data_ptr<uint8_t>(), values.data_ptr<float>(), y.data_ptr<float>(), tokens,
-        out, atoms, sparsity, blocks);
-  } else {
-    run(h.data_ptr<float>(), support.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(values.data_ptr()),
-        y.data_ptr<float>(), tokens, out, atoms, sparsity, blocks);
-  }
+  with_values(values, [&](auto* v) {
+    run(h.data_ptr<float>(), support.data_ptr<uint8_t>(), v, y.data_ptr<float>(), tokens, out, atoms, sparsity,
+        blocks);
+  });
   return y;
 }
 
 // The dense code matrix C (out x blocks*atoms, the values' dtype) written straight from the mask: what the
 // code-GEMM kernel multiplies by, without an index tensor or a bool copy of the mask.
 torch::Tensor codes_dense(torch::Tensor support, torch::Tensor values, int64_t atoms, int64_t blocks) {
-  TORCH_CHECK(support.dim() == 2 && support.scalar_type() == torch::kUInt8 && support.is_contiguous(),
-              "support must be a contiguous uint8 bit mask");
-  TORCH_CHECK(values.dim() == 2 && values.is_contiguous() &&
-                  (values.scalar_type() == torch::kFloat32 || values.scalar_type() == torch::kBFloat16),
-              "values must be a contiguous float32 or bfloat16 matrix");
+  check_codes(support, values, atoms, blocks);
   const int64_t out = values.size(0), sparsity = values.size(1), nbytes = (atoms + 7) / 8;
-  TORCH_CHECK(blocks >= 1 && out % blocks == 0, "blocks must divide the output rows");
-  TORCH_CHECK(support.size(0) == out && support.size(1) == nbytes, "support must be out x ceil(atoms/8)");
   auto C = torch::zeros({out, blocks * atoms}, values.options());
   const int64_t width = blocks * atoms, rows_per_block = out / blocks;
   const uint8_t* mask = support.data_ptr<uint8_t>();
