@@ -88,7 +88,7 @@ def test_the_compiled_kernels_keep_no_index_and_leave_training_to_torch():
     module(x).sum().backward()  # with a gradient auto takes torch's kernels
     assert x.grad is not None and module.values.grad is not None
     module.kernel = "mask"
-    with pytest.raises(ValueError, match="no gradient"):
+    with pytest.raises(ValueError, match="a gradient is needed"):
         module(torch.randn(4, 20, requires_grad=True))
 
 
@@ -104,7 +104,7 @@ def test_without_the_compiled_kernels_the_torch_kernels_give_the_same_result(mon
         with torch.no_grad():
             assert torch.allclose(module(x), want, atol=1e-5)
         module.kernel = "mask"
-        with pytest.raises(ValueError, match="compiled CPU kernels"):
+        with pytest.raises(ValueError, match="not built on this machine"), torch.no_grad():
             module(x)
         # a failed build says so in one logged sentence and falls back
         monkeypatch.setenv(kernels.DISABLE_ENV, "1")

@@ -194,7 +194,7 @@ class DictionaryLinear(FactorModule):
 
     def _compiled(self, needs_grad: bool = False):
         """The compiled kernels when they apply to this module (CPU, float32/bfloat16, no gradient), else None."""
-        if needs_grad or self.values.is_cuda or self.values.dtype not in (torch.float32, torch.bfloat16):
+        if needs_grad or self.values.device.type != "cpu" or self.values.dtype not in (torch.float32, torch.bfloat16):
             return None
         return kernels.dictionary()  # built on first use
 
@@ -248,9 +248,13 @@ class DictionaryLinear(FactorModule):
         """y = C (atoms x) with the compiled kernels (no autograd: forward only)."""
         ext = self._compiled(needs_grad)
         if ext is None or (kernel == "lanes" and ext.isa() != "avx512"):
-            why = "a gradient" if needs_grad else f"{self.values.device.type} {self.values.dtype}"
-            raise ValueError(f"the {kernel} kernel needs factorkit's compiled CPU kernels (AVX-512 for lanes), "
-                             f"float32 or bfloat16 values and no gradient, not {why}; use kernel='auto'")
+            why = ("a gradient is needed" if needs_grad else
+                   f"the values are {self.values.device.type} {self.values.dtype}" if ext is None
+                   and (self.values.device.type != "cpu" or self.values.dtype not in (torch.float32, torch.bfloat16))
+                   else "they are not built on this machine (see the logged reason)" if ext is None
+                   else f"this machine's build is {ext.isa()}")
+            raise ValueError(f"the {kernel} kernel runs only on factorkit's compiled CPU kernels (lanes: the AVX-512 "
+                             f"build) with float32 or bfloat16 values and no gradient, but {why}; use kernel='auto'")
         lead = x.shape[:-1]
         h2 = F.linear(x.reshape(-1, self.in_features), self.atoms).float()
         values = self.values.detach().contiguous()
