@@ -71,9 +71,16 @@ class Results:
         return self.items[key]
 
     def put(self, key: str, value: dict) -> None:
+        # keep what another run of the same settings stored meanwhile (two ratios or methods run side by side)
+        data = json.loads(self.path.read_text()) if self.path.exists() else {}
+        if data.get("settings") == self.settings:
+            for other, item in data.get("items", {}).items():
+                if other not in self.items:
+                    self.items[other] = item
+                    self.dates[other] = data.get("dates", {}).get(other, today())
         self.items[key] = value
         self.dates[key] = today()
-        tmp = self.path.with_suffix(".json.tmp")
+        tmp = self.path.with_suffix(f".json.{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"settings": self.settings, "items": self.items, "dates": self.dates}, indent=2))
         os.replace(tmp, self.path)
 
