@@ -71,7 +71,8 @@ def _build() -> ModuleType | None:
     except Exception as exc:  # any build or load failure means: use the torch kernels
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.warning("factorkit's compiled DictionaryLinear kernel is unavailable (%s); falling back to torch's "
-                    "slower kernels: install a C++ compiler and ninja (make install does) to enable it.", reason)
+                    "slower kernels: install a C++ compiler (g++ or clang++) and ninja (a factorkit dependency) to enable "
+                    "it.", reason)
         return None
 
 
