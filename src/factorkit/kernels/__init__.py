@@ -13,6 +13,7 @@ does not pay the minute the compile takes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -30,11 +31,9 @@ DISABLE_ENV = "FACTORKIT_KERNELS"
 def _cpu_tag() -> str:
     """A short hash of the CPU's instruction-set flags (x86: /proc/cpuinfo's flags line)."""
     flags = platform.machine()
-    try:
+    with contextlib.suppress(OSError):  # no /proc/cpuinfo (macOS): the machine name alone
         with open("/proc/cpuinfo") as f:
             flags += next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        pass
     return hashlib.sha1(flags.encode()).hexdigest()[:10]
 
 
@@ -46,6 +45,7 @@ def dictionary() -> ModuleType | None:
     return _build()
 
 
+@functools.cache  # asked on every forward: the answer never changes for one extension
 def usable(ext: ModuleType | None) -> tuple[str, ...]:
     """The compiled kernels worth running: both with AVX-512, the mask kernel with AVX2, none without a vector
     path (the scalar build is slower than torch's CSR product) or without the extension."""
