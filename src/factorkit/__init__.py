@@ -6,6 +6,7 @@
     report = factorkit.compress(model, factorkit.SVDLLMConfig(ratio=0.2), data)
     factorkit.save(model, "out/smollm2-svdllm", tokenizer=tok)
     model = factorkit.load("out/smollm2-svdllm")
+    factorkit.quantize(model, "int4", group_size=32)  # torchao, on top of the factors
 
     # or the whole job (load, calibrate, compress, evaluate, save) in one call:
     report = factorkit.run(factorkit.CompressJob(method=factorkit.SVDLLMConfig(ratio=0.2), eval="shakespeare",
@@ -14,6 +15,9 @@
 
 __version__ = "0.1.0"
 
+from .quantization import preload_torchao  # noqa: E402
+
+preload_torchao()  # before transformers imports it, so that its CPU-machine warnings stay quiet
 from . import data, models  # noqa: E402
 from .api import (  # noqa: E402
     CompressionReport,
@@ -21,11 +25,15 @@ from .api import (  # noqa: E402
     EvalJob,
     FinetuneJob,
     PretrainJob,
+    QuantizationReport,
+    QuantizeJob,
     compress,
     compression_record,
     load,
+    quantize,
     run,
     save,
+    stored_bytes,
     summarize,
 )
 from .errors import FactorkitError  # noqa: E402
@@ -51,6 +59,8 @@ __all__ = [
     "EvalJob",
     "FinetuneJob",
     "PretrainJob",
+    "QuantizationReport",
+    "QuantizeJob",
     "TrainConfig",
     "compression_record",
     "run",
@@ -68,7 +78,9 @@ __all__ = [
     "fisher_information",
     "load",
     "models",
+    "quantize",
     "rank_profile",
     "save",
+    "stored_bytes",
     "summarize",
 ]

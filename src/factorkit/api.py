@@ -1,4 +1,4 @@
-"""The library's verbs: compress, save, load, summarize, and run(job).
+"""The library's verbs: compress, quantize, save, load, summarize, and run(job).
 
 ``compress`` changes a model in place and returns what the method measured
 (a :class:`CompressionReport`). ``run`` does a whole job, the way the command
@@ -7,7 +7,8 @@ line does it, and returns a typed report:
     report = factorkit.run(CompressJob(method=SVDLLMConfig(ratio=0.2), eval="shakespeare", out="out/svdllm"))
     report.perplexity_after, report.compression.summary.ratio_targeted
 
-Jobs: :class:`CompressJob` (load, calibrate, compress, evaluate, save),
+Jobs: :class:`CompressJob` (load, calibrate, compress, quantize, evaluate, save), :class:`QuantizeJob`
+(load any model, quantize, evaluate, save),
 :class:`EvalJob` (perplexity and the zero-shot suite of any model), :class:`PretrainJob`,
 :class:`FinetuneJob` (the workflows, plus saving).
 """
@@ -34,6 +35,7 @@ from .report import fmt_bytes, fmt_count, fmt_ppl
 from .methods import DEFAULT_METHOD, METHODS, CompressionConfig, get_method
 from .models import load_compressed, save as _save
 from .models.checkpoint import is_factorkit_dir, parse_dtype, read_compression
+from .quantization import GROUP_SIZES, SCHEMES, QuantizationReport, quantization_record, quantize, stored_bytes
 from .surgery import find_blocks, linear_weight, model_targets
 from .workflows.finetune import FinetuneConfig, FinetuneResult, finetune, save_finetuned
 from .workflows.pretrain import PretrainConfig, PretrainResult, leave_distributed, pretrain
@@ -259,6 +261,16 @@ def _overwrite() -> Any:
     return option(False, "replace --out if factorkit wrote it (never a folder holding other files)")
 
 
+def _scheme(default: str | None) -> Any:
+    lead = "then quantize" if default is None else "quantize"
+    return option(default, f"{lead} the weight matrices of the blocks (dense layers and factors) with torchao: int8 "
+                           "(a scale per row) or int4 (a scale per --group-size numbers)", choices=SCHEMES)
+
+
+def _group_size() -> Any:
+    return option(32, "numbers per int4 scale", choices=GROUP_SIZES, when=("quantize", "int4"))
+
+
 @dataclass
 class CompressJob(_EvalSettings):
     """Load ``model``, calibrate on ``calib``, compress with ``method``,
@@ -278,6 +290,8 @@ class CompressJob(_EvalSettings):
     eval_before: bool = option(True, "with eval, also measure the model before compressing (sweeps that "
                                      "measured it once turn this off)", cli=False)
     max_chunks: int | None = option(16, "evaluate at most this many chunks", check=optional(positive_int))
+    quantize: str | None = _scheme(None)
+    group_size: int = _group_size()
     out: str | None = _out()
     overwrite: bool = _overwrite()
 
@@ -294,6 +308,21 @@ class CompressJob(_EvalSettings):
     def check(self) -> None:
         if self.heal_samples is not None and not self.method.heal:
             raise ConfigError("heal_samples", "applies only with --heal above 0; add --heal STEPS or drop it.")
+
+
+@dataclass
+class QuantizeJob(_EvalSettings):
+    """Load ``model`` (dense or compressed), quantize its weight matrices with torchao, measure perplexity on
+    ``eval`` before and after (optional), save to ``out``."""
+
+    model: str = _model_option()
+    quantize: str = _scheme("int8")
+    group_size: int = _group_size()
+    seed: int = option(0, "seed of the shakespeare split", check=whole(0))
+    eval: str | None = option(None, "also measure perplexity before and after on this text (its held-out split)")
+    max_chunks: int | None = option(16, "evaluate at most this many chunks", check=optional(positive_int))
+    out: str | None = _out()
+    overwrite: bool = _overwrite()
 
 
 def _task_names(value: Any) -> str | None:
@@ -369,12 +398,14 @@ class CompressJobReport:
     perplexity_before: PerplexityResult | None = None
     perplexity_after: PerplexityResult | None = None
     eval_seconds: tuple[float, float] = (0.0, 0.0)
+    quantization: QuantizationReport | None = None
 
     def as_dict(self) -> dict:
         ppl = {k: (getattr(self, k).as_dict() if getattr(self, k) is not None else None)
                for k in ("perplexity_before", "perplexity_after")}
         return {"job": self.job.to_dict(), "compression": self.compression.as_dict(), "bytes_before": self.bytes_before,
-                "bytes_after": self.bytes_after, **ppl, "eval_seconds": list(self.eval_seconds)}
+                "bytes_after": self.bytes_after, **ppl, "eval_seconds": list(self.eval_seconds),
+                "quantization": self.quantization.as_dict() if self.quantization else None}
 
     def table(self) -> tuple:
         """(title, header, rows, caption) for ``report.print_table``."""
@@ -385,16 +416,15 @@ class CompressJobReport:
                  fmt_bytes(self.bytes_after) if job.out else "not saved"],
                 ["compression wall time", "", f"{self.compression.seconds:.1f} s"]]
         rows += allocation_rows(self.compression.fit)
+        rows += quantization_rows(self.quantization)
         healed = self.compression.fit.get("heal")
         if healed and healed["losses"]:
             on = f" on {healed['sequences']} sequences" if "sequences" in healed else ""
             rows.append([f"healing loss (first and last of {len(healed['losses'])} steps{on}, "
                          f"{healed['seconds']:.0f} s)", f"{healed['losses'][0]:.4f}", f"{healed['losses'][-1]:.4f}"])
-        if self.perplexity_after is not None:
-            rows.insert(0, [f"perplexity ({job.eval}, {self.perplexity_after.tokens} tokens)",
-                            fmt_ppl(self.perplexity_before.perplexity) if self.perplexity_before else "",
-                            fmt_ppl(self.perplexity_after.perplexity)])
-            rows.append(["evaluation wall time", f"{self.eval_seconds[0]:.1f} s", f"{self.eval_seconds[1]:.1f} s"])
+        ppl = _ppl_rows(job, self.perplexity_before, self.perplexity_after, self.eval_seconds)
+        if ppl:
+            rows = [ppl[0], *rows, ppl[1]]
         config = job.method
         title = (f"{job.model}: {config.method} at ratio {config.ratio}"
                  + (" (global allocation)" if getattr(config, "allocation", "uniform") == "global" else ""))
@@ -406,6 +436,63 @@ class CompressJobReport:
                       "support masks)." if s.targeted_index_bits else "low-rank factors store no indices).")
                    + (f" Saved to {job.out}." if job.out else ""))
         return title, ["", "before", "after"], rows, caption
+
+
+def quantization_rows(report: QuantizationReport | None) -> list[list[str]]:
+    """Rows of a quantization for a job's table: the stored bytes of the whole model and what fell back."""
+    if report is None:
+        return []
+    scheme = report.scheme + (f", groups of {report.group_size}" if report.group_size else "")
+    rows = [[f"stored bytes of the model (weights; {scheme} after)", fmt_bytes(report.bytes_before),
+             fmt_bytes(report.bytes_after)],
+            ["matrices quantized", "", str(len(report.tensors))]]
+    if report.by_columns:
+        rows.append(["int4 matrices grouped down their columns (rows not a multiple of the group)", "",
+                     str(len(report.by_columns))])
+    if report.int8_fallback:
+        rows.append(["int4 matrices kept at int8 (no dimension a multiple of the group)", "",
+                     str(len(report.int8_fallback))])
+    return rows
+
+
+def _ppl_rows(job, before: PerplexityResult | None, after: PerplexityResult | None,
+              seconds: tuple[float, float]) -> tuple[list[str], list[str]] | None:
+    """The perplexity row (first) and the evaluation-time row (last) of a job that measured before and after."""
+    if after is None:
+        return None
+    return ([f"perplexity ({job.eval}, {after.tokens} tokens)", fmt_ppl(before.perplexity) if before else "",
+             fmt_ppl(after.perplexity)],
+            ["evaluation wall time", f"{seconds[0]:.1f} s", f"{seconds[1]:.1f} s"])
+
+
+@dataclass
+class QuantizeJobReport:
+    job: QuantizeJob
+    quantization: QuantizationReport
+    bytes_before: int  # the weights as save() would have written them before
+    bytes_after: int  # the folder written (0 without --out)
+    perplexity_before: PerplexityResult | None = None
+    perplexity_after: PerplexityResult | None = None
+    eval_seconds: tuple[float, float] = (0.0, 0.0)
+
+    def as_dict(self) -> dict:
+        ppl = {k: (getattr(self, k).as_dict() if getattr(self, k) is not None else None)
+               for k in ("perplexity_before", "perplexity_after")}
+        return {"job": self.job.to_dict(), "quantization": self.quantization.as_dict(),
+                "bytes_before": self.bytes_before, "bytes_after": self.bytes_after, **ppl,
+                "eval_seconds": list(self.eval_seconds)}
+
+    def table(self) -> tuple:
+        job, q = self.job, self.quantization
+        rows = quantization_rows(q)
+        rows.append(["folder size", "", fmt_bytes(self.bytes_after) if job.out else "not saved"])
+        rows.append(["quantization wall time", "", f"{q.seconds:.1f} s"])
+        ppl = _ppl_rows(job, self.perplexity_before, self.perplexity_after, self.eval_seconds)
+        if ppl:
+            rows = [ppl[0], *rows, ppl[1]]
+        caption = (f"Quantized {len(q.tensors)} weight matrices with torchao ({q.scheme}); embeddings, norms and "
+                   "biases kept." + (f" Saved to {job.out}." if job.out else ""))
+        return f"{job.model}: {q.scheme} weights", ["", "before", "after"], rows, caption
 
 
 @dataclass
@@ -466,6 +553,7 @@ def _run_compress(job: CompressJob, progress: bool, loaded: tuple | None) -> Com
                             nonfinite_hint="try --dtype float32 or check the model's weights")
         times[0] = time.perf_counter() - t
     compression = compress(model, config, data, heal_data=heal_data, progress=progress)
+    quantized = quantize(model, job.quantize, job.group_size) if job.quantize else None
     if chunks is not None:  # measured before saving: a broken model is never written
         t = time.perf_counter()
         after = perplexity(model, chunks, progress=progress, desc="perplexity (compressed)",
@@ -475,7 +563,38 @@ def _run_compress(job: CompressJob, progress: bool, loaded: tuple | None) -> Com
     if job.out is not None:
         save(model, job.out, tokenizer=tokenizer, overwrite=job.overwrite, report=compression, protect=job.model)
         bytes_after = folder_size(job.out)
-    return CompressJobReport(job, compression, bytes_before, bytes_after, before, after, tuple(times))
+    return CompressJobReport(job, compression, bytes_before, bytes_after, before, after, tuple(times), quantized)
+
+
+def _run_quantize(job: QuantizeJob, progress: bool, loaded: tuple | None) -> QuantizeJobReport:
+    from .data import eval_tokens
+    from .models.files import check_writable_target, folder_size
+
+    if job.out is not None:
+        check_writable_target(job.out, job.overwrite, protect=job.model)
+    model, tokenizer = loaded if loaded is not None else _load_with_tokenizer(job.model, job.dtype)
+    if quantization_record(model) is not None:
+        raise FactorkitError(f"{job.model} is quantized already; quantize the float model.")
+    chunks = eval_tokens(tokenizer, job.eval, job.seq_len, job.max_chunks, job.seed) if job.eval else None
+    if chunks is not None:
+        check_token_ids(model, chunks, _tokenizer_fix(loaded))
+    bytes_before = stored_bytes(model)
+    times, before, after = [0.0, 0.0], None, None
+    if chunks is not None:
+        t = time.perf_counter()
+        before = perplexity(model, chunks, progress=progress, desc="perplexity (float)")
+        times[0] = time.perf_counter() - t
+    report = quantize(model, job.quantize, job.group_size)
+    if chunks is not None:
+        t = time.perf_counter()
+        after = perplexity(model, chunks, progress=progress, desc=f"perplexity ({job.quantize})",
+                           nonfinite_hint="try int8 or --dtype float32")
+        times[1] = time.perf_counter() - t
+    bytes_after = 0
+    if job.out is not None:
+        save(model, job.out, tokenizer=tokenizer, overwrite=job.overwrite, protect=job.model)
+        bytes_after = folder_size(job.out)
+    return QuantizeJobReport(job, report, bytes_before, bytes_after, before, after, tuple(times))
 
 
 def _run_eval(job: EvalJob, progress: bool, loaded: tuple | None) -> EvalReport:
@@ -593,10 +712,10 @@ def resume_folder(job: Config) -> str | None:
     return getattr(train, "checkpoint_dir", None) or getattr(inner, "checkpoint_dir", None)
 
 
-_RUNNERS = {CompressJob: _run_compress, EvalJob: _run_eval, PretrainJob: _run_pretrain, FinetuneJob: _run_finetune}
+_RUNNERS = {CompressJob: _run_compress, QuantizeJob: _run_quantize, EvalJob: _run_eval, PretrainJob: _run_pretrain, FinetuneJob: _run_finetune}
 
 
-def run(job: CompressJob | EvalJob | PretrainJob | FinetuneJob, *, progress: bool = True,
+def run(job: CompressJob | QuantizeJob | EvalJob | PretrainJob | FinetuneJob, *, progress: bool = True,
         model: tuple[nn.Module, Any] | None = None):
     """Do a whole job, as the command line does; returns its typed report.
 
@@ -605,11 +724,12 @@ def run(job: CompressJob | EvalJob | PretrainJob | FinetuneJob, *, progress: boo
     keep the original), e.g. for a sweep over many settings of one model."""
     runner = _RUNNERS.get(type(job))
     if runner is None:
-        raise FactorkitError(f"run() takes a CompressJob, EvalJob, PretrainJob or FinetuneJob, got {type(job).__name__}.")
+        raise FactorkitError(f"run() takes a CompressJob, QuantizeJob, EvalJob, PretrainJob or FinetuneJob, got "
+                             f"{type(job).__name__}.")
     if model is not None and runner is _run_pretrain:
         raise FactorkitError("a pretraining job builds its own model; call run() without model=.")
     return runner(job, progress, model)
 
 __all__ = ["CompressJob", "CompressJobReport", "CompressionReport", "CompressionSummary", "EvalJob", "EvalReport",
-           "FinetuneJob", "PretrainJob", "TrainJobReport", "compress", "compression_record", "load", "run", "save",
-           "summarize"]
+           "FinetuneJob", "PretrainJob", "QuantizationReport", "QuantizeJob", "QuantizeJobReport", "TrainJobReport",
+           "compress", "compression_record", "load", "quantize", "run", "save", "stored_bytes", "summarize"]

@@ -2,6 +2,7 @@
 
     factorkit compress --model smollm2-135m --method svdllm --ratio 0.2 --calib shakespeare --out out/svdllm
     factorkit eval --model out/svdllm --text shakespeare
+    factorkit quantize --model out/svdllm --quantize int4 --eval general --out out/svdllm-int4
     factorkit eval --model out/svdllm --tasks all --limit 100      (lm-eval's zero-shot suite; writes a JSON file)
     factorkit finetune --model smollm2-135m --adapter wara --r 8 --text my_notes.txt --out out/wara
     factorkit pretrain --config llama-20m --param sltrain --rank 64 --delta 0.03 --steps 300 --out out/sltrain
@@ -107,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, method in METHODS.items():  # an option several methods share is listed under the first
         _add_options(c.add_argument_group(f"--method {name}"), method.config_cls, ("method",), seen)
     c.set_defaults(job=api.CompressJob)
-    for name, job in (("eval", api.EvalJob), ("pretrain", api.PretrainJob), ("finetune", api.FinetuneJob)):
+    for name, job in (("quantize", api.QuantizeJob), ("eval", api.EvalJob), ("pretrain", api.PretrainJob),
+                      ("finetune", api.FinetuneJob)):
         text = " ".join(job.__doc__.split()).replace("``", "")
         p = sub.add_parser(name, help=text.split(" (")[0].rstrip("."), description=text)
         _add_options(p, job)

@@ -20,6 +20,9 @@ FACTOR_TYPES: dict[str, type["FactorModule"]] = {}
 
 class FactorModule(nn.Module, ABC):
     factor_type: ClassVar[str]
+    # weight matrices factorkit.quantize may replace by torchao quantized tensors (the module's forward and
+    # dense_weight then read them through plain()); () for modules it must leave alone
+    quantizable: ClassVar[tuple[str, ...]] = ()
     in_features: int
     out_features: int
 
@@ -64,6 +67,11 @@ class FactorModule(nn.Module, ABC):
     @classmethod
     def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype | None = None) -> "FactorModule":
         return cls(**spec, dtype=dtype)
+
+
+def plain(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor in its float dtype: dequantized when torchao quantized it (it has ``qdata``), else itself."""
+    return tensor.dequantize() if hasattr(tensor, "qdata") and hasattr(tensor, "dequantize") else tensor
 
 
 def factor_modules(model: nn.Module) -> Iterator[tuple[str, FactorModule]]:

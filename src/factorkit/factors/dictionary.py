@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from .base import FactorModule
+from .base import FactorModule, plain
 
 KERNELS = ("auto", "mask", "lanes", "gather", "sparse", "codes", "dense", "semi24")
 COMPILED = ("mask", "lanes")  # the kernels of factorkit.kernels
@@ -75,6 +75,7 @@ def _after_load(module: "DictionaryLinear", incompatible_keys: Any) -> None:
 
 class DictionaryLinear(FactorModule):
     factor_type = "dictionary"
+    quantizable = ("atoms", "values")
     # Token counts up to which gather / sparse beat the dense code GEMM, from
     # benchmarks/bench_cospadi.py on SmolLM2 shapes. CPU, float32: the CSR
     # kernel wins up to about 64 tokens, gather never did (it stays available).
@@ -173,10 +174,10 @@ class DictionaryLinear(FactorModule):
         """The dense (out x blocks*k) code matrix C, built from the mask (no index is kept)."""
         ext = self._compiled(torch.is_grad_enabled() and self.values.requires_grad)
         if ext is not None:
-            return ext.codes_dense(self.support, self.values.detach().contiguous(), self.num_atoms, self.blocks)
+            return ext.codes_dense(self.support, plain(self.values).detach().contiguous(), self.num_atoms, self.blocks)
         bits = unpack_support(self.support, self.num_atoms)
         local = torch.zeros(self.out_features, self.num_atoms, dtype=self.values.dtype, device=self.values.device)
-        local = local.masked_scatter(bits, self.values)  # row-major fill: increasing atoms, as values are stored
+        local = local.masked_scatter(bits, plain(self.values))  # row-major fill: increasing atoms, as values are stored
         if self.blocks == 1:
             return local
         g, rows = self.blocks, self.out_features // self.blocks
@@ -186,7 +187,7 @@ class DictionaryLinear(FactorModule):
         return dense.view(self.out_features, self.total_atoms)
 
     def dense_weight(self) -> torch.Tensor:
-        return self.code_matrix() @ self.atoms
+        return self.code_matrix() @ plain(self.atoms)
 
     def _native_sparse(self) -> bool:
         """torch's CPU CSR product has no half-precision kernel."""
@@ -232,9 +233,9 @@ class DictionaryLinear(FactorModule):
         if kernel == "gather":
             # (tokens, out, s) gathered entries of h, weighted and summed over s
             picked = h2.index_select(1, self.indices.flatten()).view(-1, self.out_features, self.sparsity)
-            y = (picked * self.values).sum(-1)
+            y = (picked * plain(self.values)).sum(-1)
         else:
-            values = self.values if self._native_sparse() else self.values.float()
+            values = plain(self.values) if self._native_sparse() else plain(self.values).float()
             with warnings.catch_warnings():  # "sparse CSR support is in beta"
                 warnings.simplefilter("ignore", UserWarning)
                 csr = torch.sparse_csr_tensor(self.crow, self.indices.view(-1), values.reshape(-1),
@@ -257,7 +258,7 @@ class DictionaryLinear(FactorModule):
                              f"build) with float32 or bfloat16 values and no gradient, but {why}; use kernel='auto'")
         lead = x.shape[:-1]
         h2 = F.linear(x.reshape(-1, self.in_features), self.atoms).float()
-        values = self.values.detach().contiguous()
+        values = plain(self.values).detach().contiguous()
         if kernel == "mask":
             y = ext.mask_codes(h2, self.support, values, self.num_atoms, self.blocks)
         else:

@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import FactorModule
+from .base import FactorModule, plain
 
 
 class LowRankLinear(FactorModule):
     factor_type = "low_rank"
+    quantizable = ("U", "V")
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
@@ -39,7 +40,7 @@ class LowRankLinear(FactorModule):
         return F.linear(F.linear(x, self.V), self.U, self.bias)
 
     def dense_weight(self) -> torch.Tensor:
-        return self.U @ self.V
+        return plain(self.U) @ plain(self.V)
 
     def spec(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features,

@@ -28,10 +28,10 @@ from typing import Any
 import torch
 import transformers
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
-from .. import __version__
+from .. import __version__, quantization
 from ..errors import FactorkitError
 from ..factors import FACTOR_TYPES, factor_modules
 from ..surgery import replace_module
@@ -41,7 +41,7 @@ from .files import FACTORKIT_JSON, atomic_dir, first_sentence, read_json
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 REMOTE_CODE = "factorkit_model.py"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: torchao quantized tensors (factorkit.json "quantization"); a folder without them is 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 # safetensors' dtype names -> torch
 FILE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -69,16 +69,20 @@ def is_factorkit_dir(path: str | os.PathLike) -> bool:
 
 def save(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False, *,
          compression: dict | None = None, protect: str | os.PathLike | None = None) -> Path:
-    """Write ``model`` (compressed or not) to the folder ``path``, atomically.
+    """Write ``model`` (compressed, quantized or not) to the folder ``path``, atomically.
 
     ``compression``: how the model was compressed (JSON-able, kept in factorkit.json);
-    ``protect``: the input model's path, which the folder may neither be nor hold."""
+    ``protect``: the input model's path, which the folder may neither be nor hold.
+    A quantized model (``factorkit.quantize``) is stored through torchao's flattening
+    (its integer numbers, scales and zero points, int4 packed two per byte) and always
+    as a custom-code folder: plain transformers would fill its quantized layers at random."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_diff_dict"):
         raise FactorkitError("only Hugging Face transformers models can be saved; this model has no .config.")
     architecture = type(model).__name__
+    quantized = quantization.quantization_record(model)
     manifest = {
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if quantized else 1,
         "factorkit_version": __version__,
         "architecture": architecture,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
@@ -86,20 +90,42 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, overw
         "modules": {name: {"type": m.factor_type, **m.spec()} for name, m in factor_modules(model)},
         "tied": _tied_factor_parameters(model),
     }
+    if quantized:
+        manifest["quantization"] = quantized
     hf_config = {**config.to_diff_dict(), "architectures": [architecture]}
-    if manifest["modules"]:
+    if manifest["modules"] or quantized:
         hf_config = _remote_code_config(hf_config, architecture)
     # serialized before the folder is started: what cannot be written fails first
     config_text, manifest_text = json.dumps(hf_config, indent=2, sort_keys=True), json.dumps(manifest, indent=2)
     with atomic_dir(path, overwrite, protect=protect) as tmp:
-        if manifest["modules"]:
+        if manifest["modules"] or quantized:
             shutil.copyfile(factorkit_model.__file__, tmp / REMOTE_CODE)
         (tmp / CONFIG).write_text(config_text + "\n")
-        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if quantized:
+            _save_quantized(model, tmp / WEIGHTS)
+        else:
+            save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / FACTORKIT_JSON).write_text(manifest_text)
     return Path(path)
+
+
+def _save_quantized(model: nn.Module, file: Path) -> None:
+    """model.safetensors of a quantized model: plain tensors as they are, each tied tensor once, and the
+    quantized ones flattened by torchao (metadata in the safetensors header, JSON)."""
+    plain, quantized, seen = {}, {}, set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        q = quantization.is_quantized(tensor)
+        key = id(tensor) if q else (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            if q:
+                quantized[name] = tensor.detach()
+            else:
+                plain[name] = tensor.detach().contiguous()
+    data, metadata = quantization.flatten(quantized)
+    save_file({**plain, **data}, str(file), metadata={**metadata, "format": "pt"})
 
 
 def _remote_code_config(base: dict, architecture: str) -> dict:
@@ -168,6 +194,13 @@ def _read_manifest(path: Path) -> dict:
             raise _damaged(file, f"gives {name} more nonzeros per row (sparsity) than atoms")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in manifest["tied"].items()):
         raise _damaged(file, "has a 'tied' entry that is not a pair of parameter names")
+    quant = manifest.get("quantization")
+    if quant is not None:
+        lists = ("tensors", "int8_fallback", "by_columns")
+        if not (isinstance(quant, dict) and quant.get("scheme") in quantization.SCHEMES
+                and all(isinstance(quant.get(k), list) and all(isinstance(n, str) for n in quant[k]) for k in lists)
+                and (quant["scheme"] == "int8" or quant.get("group_size") in quantization.GROUP_SIZES)):
+            raise _damaged(file, "has a 'quantization' record without a known scheme, group size and tensor names")
     return manifest
 
 
@@ -234,17 +267,47 @@ def _build(path: Path, config: transformers.PretrainedConfig, manifest: dict, dt
     return model
 
 
-def _check_tensors(skeleton: nn.Module, header: dict[str, tuple[str, list[int]]], path: Path) -> None:
+def _int4_columns(quant: dict | None, expected: dict[str, torch.Tensor]) -> dict[str, int]:
+    """The int4 tensors of a quantized folder and their number of columns (their numbers are packed)."""
+    if not quant or quant["scheme"] != "int4":
+        return {}
+    fallback = set(quant["int8_fallback"])
+    return {n: expected[n].shape[-1] for n in quant["tensors"] if n not in fallback}
+
+
+def _check_tensors(skeleton: nn.Module, header: dict[str, tuple[str, list[int]]], path: Path,
+                   quant: dict | None = None) -> None:
     """Every tensor the model expects is in the file with its shape and a compatible
     dtype, and nothing else is. Tied tensors (embeddings and LM head, shared
-    dictionaries) are stored once under any of their names."""
+    dictionaries) are stored once under any of their names. A quantized tensor is
+    stored as torchao's parts (``{module}._{name}_qdata``, ``_scale``, ...): its
+    integer numbers are checked here, the rest when torchao rebuilds it."""
     expected = skeleton.state_dict(keep_vars=True)
+    file = path / WEIGHTS
+    header = dict(header)
+    if quant:
+        int4 = _int4_columns(quant, expected)
+        for name in quant["tensors"]:
+            if name not in expected:
+                raise _damaged(path / FACTORKIT_JSON, f"quantizes {name}, which the model does not have")
+            want = list(expected[name].shape)
+            if name in int4:
+                want[-1] = -(-want[-1] // 2)
+            prefix = quantization.part_prefix(name)
+            got = header.get(prefix + "qdata")
+            if got is None or list(got[1]) != want or got[0] != ("U8" if name in int4 else "I8"):
+                raise _damaged(file, f"holds {name}'s quantized numbers as {got} but {FACTORKIT_JSON} describes "
+                                     f"{'U8' if name in int4 else 'I8'} {want}")
+            for key in [k for k in header if k.startswith(prefix)]:
+                del header[key]
+            tensor = expected[name]
+            for alias in [k for k, t in expected.items() if t is tensor]:
+                del expected[alias]
     names: dict[int, list[str]] = {}
     for key, tensor in expected.items():
         names.setdefault(id(tensor), []).append(key)
     missing = sorted(k for k, t in expected.items() if not any(n in header for n in names[id(t)]))
     unexpected = sorted(set(header) - set(expected))
-    file = path / WEIGHTS
     if missing or unexpected:
         raise _damaged(file, f"does not match {FACTORKIT_JSON} and {CONFIG} (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")
@@ -267,15 +330,41 @@ def load_compressed(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     config = _read_config(path)
     header = _read_header(path / WEIGHTS)
     saved = DTYPES[manifest["dtype"]]
+    quant = manifest.get("quantization")
+    if quant and dtype not in (None, saved):
+        raise FactorkitError(f"{path} holds {quant['scheme']} weights quantized from {manifest['dtype']}; load it "
+                             f"in {manifest['dtype']} (no dtype), or quantize the float model in the dtype you want.")
     with torch.device("meta"):
-        _check_tensors(_build(path, config, manifest, saved), header, path)
+        _check_tensors(_build(path, config, manifest, saved), header, path, quant)
     # build in the wanted dtype and let load_state_dict cast: model.to(dtype) would
     # also cast buffers that transformers keeps in float32 (rotary tables)
     model = _build(path, config, manifest, dtype or saved)
     try:
+        tensors = load_file(str(path / WEIGHTS))
+        if quant:
+            _load_quantized(model, path / WEIGHTS, tensors, quant, manifest["tied"])
         # the post-load hooks check what shapes cannot: a support mask with the wrong number of atoms per row
-        model.load_state_dict(load_file(str(path / WEIGHTS)), strict=False)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        model.load_state_dict(tensors, strict=False)
+    except (SafetensorError, OSError, ValueError, RuntimeError, AssertionError, KeyError, TypeError) as exc:
         raise _damaged(path / WEIGHTS, f"holds values that do not fit the model ({first_sentence(exc)})") from None
+    quantization.remember(model, quant)
     model.eval()
     return model
+
+
+def _load_quantized(model: nn.Module, file: Path, tensors: dict[str, torch.Tensor], quant: dict,
+                    tied: dict[str, str]) -> None:
+    """Rebuild the quantized tensors of ``quant["tensors"]`` through torchao and put them in place (and in
+    every module that shares them); their parts are taken out of ``tensors``."""
+    with safe_open(str(file), "pt") as f:
+        metadata = f.metadata() or {}
+    int4 = _int4_columns(quant, dict(model.state_dict(keep_vars=True)))
+    prefixes = tuple(quantization.part_prefix(n) for n in quant["tensors"])
+    parts = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefixes)]}
+    rebuilt = quantization.unflatten(parts, metadata, int4)
+    for name in quant["tensors"]:
+        if name not in rebuilt:
+            raise ValueError(f"the quantized parts of {name} are incomplete")
+        module_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(module_name), attr, nn.Parameter(rebuilt[name], requires_grad=False))
+    _tie(model, {k: v for k, v in tied.items() if v in rebuilt})

@@ -1,0 +1,180 @@
+"""Weight-only quantization (torchao) on dense and compressed models: the error bound of round to nearest,
+what is quantized and what is not, honest byte counts, and folders that reload to identical logits."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+import factorkit as fk
+from factorkit.cli import main
+from factorkit.errors import FactorkitError
+from factorkit.factors import DictionaryLinear, LowRankLinear
+from factorkit.factors.base import plain
+from factorkit.quantization import is_quantized, packed_int4, quantize_tensor, unpacked_int4
+
+pytest.importorskip("torchao")
+
+
+def _block_matrices(model):
+    layer = model.model.layers[0]
+    return [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.mlp.down_proj]
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_round_to_nearest_error_is_within_half_a_step(scheme):
+    torch.manual_seed(0)
+    w = torch.randn(48, 96) * torch.logspace(-2, 1, 48)[:, None]  # rows of very different scale
+    q, how = quantize_tensor(w, scheme, 32)
+    assert how == "rows" and is_quantized(q)
+    err = (plain(q) - w).abs()
+    if scheme == "int8":  # one scale per row: max|w| / 127, half a step of error at most
+        bound = w.abs().amax(1, keepdim=True) / 127 / 2
+    else:  # one scale per 32 numbers of a row, 16 levels: max|w| / 7.5, half a step
+        bound = (w.abs().view(48, 3, 32).amax(2, keepdim=True) / 7.5 / 2).expand(48, 3, 32).reshape(48, 96)
+    assert bool((err <= bound * (1 + 1e-5) + 1e-8).all())
+
+
+def test_int4_groups_down_the_columns_or_falls_back_to_int8_when_rows_do_not_split():
+    torch.manual_seed(0)
+    q, how = quantize_tensor(torch.randn(64, 7), "int4", 32)  # a rank-7 U: 7 numbers per row, 64 rows
+    assert how == "columns" and q.block_size == (32, 1)
+    q, how = quantize_tensor(torch.randn(5, 7), "int4", 32)
+    assert how == "int8" and getattr(q, "target_dtype", None) != torch.int4
+
+
+def test_int4_packing_round_trips_every_value_and_odd_widths():
+    q = torch.arange(-8, 8, dtype=torch.int8).repeat(3, 1)[:, :15]  # 15 columns: the last byte half used
+    packed = packed_int4(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 8)
+    assert torch.equal(unpacked_int4(packed, 15), q)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_dense_model_quantizes_block_matrices_only_and_bytes_shrink(llama, calib, scheme):
+    with torch.no_grad():
+        ref = llama(input_ids=calib[:2]).logits
+    embed = llama.model.embed_tokens.weight
+    report = fk.quantize(llama, scheme, group_size=32)
+    assert len(report.tensors) == 2 * 7 and not report.int8_fallback
+    assert all(is_quantized(m.weight) for m in _block_matrices(llama))
+    assert llama.model.embed_tokens.weight is embed and llama.lm_head.weight is embed  # kept, still tied
+    # their numbers took 4 bytes each and now 1 (int8) or 1/2 (int4), plus a float32 scale and an int8 zero
+    # point per row of 32 or 64 numbers (int8) or per 32 numbers (int4): at most 5/32 byte per number
+    numbers = sum(m.weight.numel() for m in _matrices(llama))
+    added = report.bytes_after - (report.bytes_before - numbers * (4 - (1 if scheme == "int8" else 0.5)))
+    assert 0 < added <= numbers * 5 / 32
+    with torch.no_grad():
+        out = llama(input_ids=calib[:2]).logits
+    rel = float((out - ref).norm() / ref.norm())
+    assert rel < (0.02 if scheme == "int8" else 0.25)
+
+
+def _matrices(model):
+    return [m for layer in model.model.layers for m in layer.modules() if isinstance(m, nn.Linear)
+            and m is not model.lm_head]
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_factors_are_quantized_and_every_dictionary_kernel_agrees(llama, calib, scheme):
+    fk.compress(llama, fk.CoSpaDiConfig(ratio=0.3, iterations=2, group=2), calib, progress=False)
+    report = fk.quantize(llama, scheme, group_size=32)
+    q = llama.model.layers[0].self_attn.q_proj
+    assert isinstance(q, DictionaryLinear) and is_quantized(q.atoms) and is_quantized(q.values)
+    # the dictionary shared by the two layers is quantized once and still shared
+    assert llama.model.layers[1].self_attn.q_proj.atoms is q.atoms
+    assert sum(name.endswith("q_proj.atoms") for name in report.tensors) == 1
+    x = torch.randn(5, q.in_features)
+    want = x @ q.dense_weight().T
+    for kernel in ("codes", "gather", "sparse", "dense"):
+        q.kernel = kernel
+        torch.testing.assert_close(q(x), want, rtol=1e-4, atol=1e-5)
+    q.kernel = "auto"
+    torch.testing.assert_close(q(x), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_compressed_model_reloads_to_identical_logits(llama, calib, tmp_path, tokenizer, scheme):
+    fk.compress(llama, fk.SVDLLMConfig(ratio=0.3), calib, progress=False)
+    report = fk.quantize(llama, scheme, group_size=32)
+    assert all(isinstance(m, LowRankLinear) and is_quantized(m.U) and is_quantized(m.V)
+               for m in _block_matrices(llama))
+    before = llama(input_ids=calib[:2]).logits
+    folder = fk.save(llama, tmp_path / "q", tokenizer=tokenizer)
+    again = fk.load(folder)
+    assert torch.equal(again(input_ids=calib[:2]).logits, before)
+    assert is_quantized(again.model.layers[0].self_attn.q_proj.U)
+    assert again.lm_head.weight.data_ptr() == again.model.embed_tokens.weight.data_ptr()
+    # the file holds what stored_bytes counts (int4 numbers two per byte), plus its header
+    file = folder / "model.safetensors"
+    with safe_open(str(file), "pt") as f:
+        data = sum(f.get_slice(k).get_shape().__len__() and
+                   torch.Size(f.get_slice(k).get_shape()).numel() * {"F32": 4, "I8": 1, "U8": 1}[f.get_slice(k).get_dtype()]
+                   for k in f.keys())
+    assert data == report.bytes_after == fk.stored_bytes(again)
+    manifest = json.loads((folder / "factorkit.json").read_text())
+    assert manifest["quantization"]["scheme"] == scheme and manifest["format_version"] == 2
+    # a second quantization of a quantized model is refused
+    with pytest.raises(FactorkitError, match="already quantized"):
+        fk.quantize(again, "int8")
+
+
+def test_quantized_dense_folder_is_refused_by_plain_transformers_and_reloads(llama, calib, tmp_path):
+    fk.quantize(llama, "int4", group_size=32)
+    before = llama(input_ids=calib[:2]).logits
+    folder = fk.save(llama, tmp_path / "dense-int4")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "factorkit"  # custom code: never loaded as a float model with random layers
+    assert torch.equal(fk.load(folder)(input_ids=calib[:2]).logits, before)
+    with pytest.raises(FactorkitError, match="load it in float32"):
+        fk.load(folder, dtype="bfloat16")
+
+
+def test_damaged_quantized_folder_fails_with_one_sentence(llama, tmp_path):
+    fk.quantize(llama, "int4", group_size=32)
+    folder = fk.save(llama, tmp_path / "q")
+    manifest = json.loads((folder / "factorkit.json").read_text())
+    manifest["quantization"]["scheme"] = "int8"  # the file holds packed int4 numbers
+    (folder / "factorkit.json").write_text(json.dumps(manifest))
+    with pytest.raises(FactorkitError, match="damaged"):
+        fk.load(folder)
+    manifest["quantization"]["scheme"] = "int3"
+    (folder / "factorkit.json").write_text(json.dumps(manifest))
+    with pytest.raises(FactorkitError, match="damaged"):
+        fk.load(folder)
+
+
+def test_bad_settings_and_unsupported_modules_are_refused(llama, calib):
+    with pytest.raises(FactorkitError, match="scheme 'int2' is unknown"):
+        fk.quantize(llama, "int2")
+    with pytest.raises(FactorkitError, match="group size 48"):
+        fk.quantize(llama, "int4", group_size=48)
+    fk.compress(llama, fk.DSFormerConfig(ratio=0.3, train=fk.TrainConfig(steps=1)), calib, progress=False)
+    assert fk.quantize(llama, "int8").tensors  # DSFormer's exported layers are dictionaries: supported
+
+
+def test_cli_quantize_writes_a_folder_that_reloads(model_dir, tmp_path, capsys):
+    out = tmp_path / "int4"
+    assert main(["-q", "quantize", "--model", str(model_dir), "--quantize", "int4", "--group-size", "64",
+                 "--out", str(out)]) == 0
+    assert "stored bytes of the model" in capsys.readouterr().out
+    model = fk.load(out)
+    assert is_quantized(model.model.layers[0].mlp.up_proj.weight)
+    assert main(["-q", "quantize", "--model", str(model_dir), "--quantize", "int8", "--group-size", "64",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "--group-size applies only with --quantize int4" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_compress_then_quantize_measures_and_saves(model_dir, tmp_path, capsys, monkeypatch, text_file):
+    out = tmp_path / "svdllm-int8"
+    assert main(["-q", "compress", "--model", str(model_dir), "--method", "svdllm", "--ratio", "0.3",
+                 "--calib", str(text_file), "--calib-samples", "4", "--calib-seq-len", "32", "--eval", str(text_file),
+                 "--seq-len", "32", "--quantize", "int8", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "stored bytes of the model" in printed and "matrices quantized" in printed
+    model = fk.load(out)
+    assert isinstance(model.model.layers[0].mlp.up_proj, LowRankLinear) and is_quantized(model.model.layers[0].mlp.up_proj.U)
+    assert json.loads((out / "factorkit.json").read_text())["compression"]["method"] == "svdllm"
