@@ -78,7 +78,7 @@ def _matrices(model):
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_factors_are_quantized_and_every_dictionary_kernel_agrees(llama, calib, scheme):
+def test_factors_are_quantized_and_every_dictionary_kernel_agrees(llama, calib, scheme, tmp_path):
     fk.compress(llama, fk.CoSpaDiConfig(ratio=0.3, iterations=2, group=2), calib, progress=False)
     report = fk.quantize(llama, scheme, group_size=32)
     q = llama.model.layers[0].self_attn.q_proj
@@ -93,6 +93,12 @@ def test_factors_are_quantized_and_every_dictionary_kernel_agrees(llama, calib, 
         torch.testing.assert_close(q(x), want, rtol=1e-4, atol=1e-5)
     q.kernel = "auto"
     torch.testing.assert_close(q(x), want, rtol=1e-4, atol=1e-5)
+    # saved once, shared again after loading, same logits
+    before = llama(input_ids=calib[:2]).logits
+    again = fk.load(fk.save(llama, tmp_path / "c"))
+    assert again.model.layers[1].self_attn.q_proj.atoms is again.model.layers[0].self_attn.q_proj.atoms
+    assert is_quantized(again.model.layers[1].self_attn.q_proj.atoms)
+    assert torch.equal(again(input_ids=calib[:2]).logits, before)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
@@ -110,9 +116,8 @@ def test_quantized_compressed_model_reloads_to_identical_logits(llama, calib, tm
     # the file holds what stored_bytes counts (int4 numbers two per byte), plus its header
     file = folder / "model.safetensors"
     with safe_open(str(file), "pt") as f:
-        data = sum(f.get_slice(k).get_shape().__len__() and
-                   torch.Size(f.get_slice(k).get_shape()).numel() * {"F32": 4, "I8": 1, "U8": 1}[f.get_slice(k).get_dtype()]
-                   for k in f.keys())
+        width = {"F32": 4, "I8": 1, "U8": 1}
+        data = sum(torch.Size(f.get_slice(k).get_shape()).numel() * width[f.get_slice(k).get_dtype()] for k in f.keys())
     assert data == report.bytes_after == fk.stored_bytes(again)
     manifest = json.loads((folder / "factorkit.json").read_text())
     assert manifest["quantization"]["scheme"] == scheme and manifest["format_version"] == 2
@@ -155,13 +160,18 @@ def test_bad_settings_and_unsupported_modules_are_refused(llama, calib):
     assert fk.quantize(llama, "int8").tensors  # DSFormer's exported layers are dictionaries: supported
 
 
-def test_cli_quantize_writes_a_folder_that_reloads(model_dir, tmp_path, capsys):
+def test_cli_quantize_writes_a_folder_that_reloads_and_evaluates(model_dir, tmp_path, capsys, text_file):
     out = tmp_path / "int4"
     assert main(["-q", "quantize", "--model", str(model_dir), "--quantize", "int4", "--group-size", "64",
-                 "--out", str(out)]) == 0
-    assert "stored bytes of the model" in capsys.readouterr().out
+                 "--eval", str(text_file), "--seq-len", "32", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "stored bytes of the model" in printed and "perplexity" in printed
     model = fk.load(out)
     assert is_quantized(model.model.layers[0].mlp.up_proj.weight)
+    assert main(["-q", "eval", "--model", str(out), "--text", str(text_file), "--seq-len", "32"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    assert main(["-q", "quantize", "--model", str(out), "--out", str(tmp_path / "twice")]) == 2
+    assert "quantized already" in capsys.readouterr().err
     assert main(["-q", "quantize", "--model", str(model_dir), "--quantize", "int8", "--group-size", "64",
                  "--out", str(tmp_path / "x")]) == 2
     assert "--group-size applies only with --quantize int4" in capsys.readouterr().err
@@ -176,5 +186,6 @@ def test_cli_compress_then_quantize_measures_and_saves(model_dir, tmp_path, caps
     printed = capsys.readouterr().out
     assert "stored bytes of the model" in printed and "matrices quantized" in printed
     model = fk.load(out)
-    assert isinstance(model.model.layers[0].mlp.up_proj, LowRankLinear) and is_quantized(model.model.layers[0].mlp.up_proj.U)
+    up = model.model.layers[0].mlp.up_proj
+    assert isinstance(up, LowRankLinear) and is_quantized(up.U)
     assert json.loads((out / "factorkit.json").read_text())["compression"]["method"] == "svdllm"

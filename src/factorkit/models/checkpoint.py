@@ -272,7 +272,7 @@ def _int4_columns(quant: dict | None, expected: dict[str, torch.Tensor]) -> dict
     if not quant or quant["scheme"] != "int4":
         return {}
     fallback = set(quant["int8_fallback"])
-    return {n: expected[n].shape[-1] for n in quant["tensors"] if n not in fallback}
+    return {n: expected[n].shape[-1] for n in quant["tensors"] if n not in fallback and n in expected}
 
 
 def _check_tensors(skeleton: nn.Module, header: dict[str, tuple[str, list[int]]], path: Path,
