@@ -88,12 +88,14 @@ ONLY_AT = {"auto (signals start)": (0.2,), f"auto (signals start)+heal{HEAL_STEP
 HEAL_ON_CALIB = (f"auto (signals start)+heal{HEAL_STEPS}",)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+# The options that fix how a point is compressed and measured; a results file is kept per value of them.
+SETTINGS = ("model", "limit", "cospadi_iterations", "calib_samples", "calib_seq_len", "seq_len", "max_chunks")
+
+
+def add_point_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options of SETTINGS, and --fresh / --report (bench_eval.py and bench_quant.py share them)."""
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--limit", type=int, default=50, help="documents per zero-shot task (first N of each)")
-    ap.add_argument("--methods", default=None, help="comma-separated subset of the methods (default: all)")
-    ap.add_argument("--ratios", default=",".join(map(str, RATIOS)), help="comma-separated subset of the ratios")
     ap.add_argument("--cospadi-iterations", type=int, default=8)
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-seq-len", type=int, default=512)
@@ -101,12 +103,18 @@ def main() -> None:
     ap.add_argument("--max-chunks", type=int, default=8)
     ap.add_argument("--fresh", action="store_true", help="ignore results of an earlier, interrupted run")
     ap.add_argument("--report", action="store_true", help="only rewrite BENCHMARKS.md and the plot")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_point_arguments(ap)
+    ap.add_argument("--methods", default=None, help="comma-separated subset of the methods (default: all)")
+    ap.add_argument("--ratios", default=",".join(map(str, RATIOS)), help="comma-separated subset of the ratios")
     ap.add_argument("--dense-full", action="store_true",
                     help="score the dense model on every document, task by task (resumable), then report")
     ap.add_argument("--tasks", default=",".join(TASKS), help="with --dense-full: the tasks to score")
     args = ap.parse_args()
-    settings = {k: getattr(args, k) for k in ("model", "limit", "cospadi_iterations", "calib_samples",
-                                              "calib_seq_len", "seq_len", "max_chunks")}
+    settings = {k: getattr(args, k) for k in SETTINGS}
     results = Results(f"eval-{args.model}", settings, fresh=args.fresh)
     table = methods(args.cospadi_iterations)
     chosen = list(table) if args.methods is None else args.methods.split(",")

@@ -26,7 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_eval import fmt_ppl, methods, shared_note  # noqa: E402
+from bench_eval import SETTINGS, add_point_arguments, fmt_ppl, methods, shared_note  # noqa: E402
 from common import RESULTS, Results, held_out, machine, run_point, write_section  # noqa: E402
 
 import factorkit as fk  # noqa: E402
@@ -41,20 +41,11 @@ METHODS = ("svdllm-global", "fwsvd-white-global", "auto", "cospadi")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
+    add_point_arguments(ap)
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated factorizations (bench_eval names)")
     ap.add_argument("--ratios", default=",".join(map(str, RATIOS)))
-    ap.add_argument("--limit", type=int, default=50, help="documents per zero-shot task (first N of each)")
-    ap.add_argument("--cospadi-iterations", type=int, default=8)
-    ap.add_argument("--calib-samples", type=int, default=32)
-    ap.add_argument("--calib-seq-len", type=int, default=512)
-    ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--max-chunks", type=int, default=8)
-    ap.add_argument("--fresh", action="store_true", help="ignore results of an earlier, interrupted run")
-    ap.add_argument("--report", action="store_true", help="only rewrite BENCHMARKS.md and the plot")
     args = ap.parse_args()
-    settings = {k: getattr(args, k) for k in ("model", "limit", "cospadi_iterations", "calib_samples",
-                                              "calib_seq_len", "seq_len", "max_chunks")}
+    settings = {k: getattr(args, k) for k in SETTINGS}
     settings["group_size"] = GROUP_SIZE
     table = methods(args.cospadi_iterations)
     chosen = args.methods.split(",")
