@@ -13,6 +13,8 @@ kernel's speed as a ratio to nn.Linear (above 1: faster) beside the ideal ratio,
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import os
 import sys
 
@@ -88,6 +90,55 @@ def measure(results: Results) -> None:
                 results.put(key, row)
                 print(key, {k: (f"{v * 1e6:.0f}us" if isinstance(v, float) else v) for k, v in row.items()
                             if k != "bytes"}, flush=True)
+
+
+QUANT_TOKENS = (1, 2, 8)  # the int8 kernel's range (INT8_MAX_TOKENS); beyond it both paths are torchao's
+QUANT_SCHEMES = ("int8", "int4")
+
+
+@contextlib.contextmanager
+def compiled_kernels_off():
+    """factorkit's compiled kernels switched off (read at every call): the torch / torchao paths run."""
+    before = os.environ.get(kernels.DISABLE_ENV)
+    os.environ[kernels.DISABLE_ENV] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[kernels.DISABLE_ENV]
+        else:
+            os.environ[kernels.DISABLE_ENV] = before
+
+
+def measure_quant(results: Results) -> None:
+    """A Linear with its weight quantized by factorkit.quantize (int8 per row, int4 per 32 numbers), run by
+    factorkit's compiled int8 kernel and by torchao's own path, against the float32 nn.Linear."""
+    from factorkit.quantization import QuantizedLinear, quantize_tensor, tensor_bytes
+
+    for label, (out_f, in_f) in SHAPES.items():
+        if all(f"quant/{label}/{t}" in results for t in QUANT_TOKENS):
+            continue
+        torch.manual_seed(0)
+        dense = nn.Linear(in_f, out_f, bias=False).requires_grad_(False)
+        layers = {}
+        for scheme in QUANT_SCHEMES:
+            layer = copy.deepcopy(dense)
+            layer.weight = nn.Parameter(quantize_tensor(dense.weight, scheme, 32)[0], requires_grad=False)
+            layer.__class__ = QuantizedLinear
+            layers[scheme] = layer
+        sizes = {"dense": tensor_bytes(dense.weight), **{k: tensor_bytes(m.weight, packed=False) for k, m in layers.items()}}
+        for tokens in QUANT_TOKENS:
+            key = f"quant/{label}/{tokens}"
+            if key in results:
+                continue
+            x = torch.randn(1, tokens, in_f)
+            row = {"dense": best_time(dense, x, 50), "bytes": sizes}
+            for scheme, layer in layers.items():
+                row[scheme] = best_time(layer, x, 50)
+                with compiled_kernels_off():
+                    row[f"{scheme}-torchao"] = best_time(layer, x, 10)
+            results.put(key, row)
+            print(key, {k: f"{v * 1e6:.0f}us" for k, v in row.items() if k != "bytes"}, flush=True)
 
 
 E2E_MODEL = "smollm2-135m"
@@ -204,6 +255,22 @@ holds in memory (parameters, buffers, and the int32 index copies the torch kerne
 
 """ + markdown_table(["model", "decode tok/s", "vs dense", "prefill 512 (ms)", "vs dense", "held MiB", "vs dense"],
                      rows))
+    rows = []
+    for label in SHAPES:
+        for tokens in QUANT_TOKENS:
+            r = results.items.get(f"quant/{label}/{tokens}")
+            if r:
+                rows.append([label, tokens, f"{r['dense'] * 1e6:.0f}"]
+                            + [f"{r['dense'] / r[k]:.2f}x" for s in QUANT_SCHEMES for k in (s, f"{s}-torchao")]
+                            + [f"{r['bytes']['dense'] / r['bytes'][s]:.2f}x" for s in QUANT_SCHEMES])
+    if rows:
+        sections.append("""**Quantized weights** (`factorkit.quantize`: int8 with a scale per row, int4 with a scale per 32
+numbers, held one per byte by torchao), float32 activations: factorkit's compiled int8 kernel
+(`QuantizedLinear`, up to 8 tokens) against torchao's own path (the whole weight converted to float, then a GEMM),
+as speed against the float32 nn.Linear; ideal = float32 bytes / bytes the quantized weight holds in memory.
+
+""" + markdown_table(["shape", "tokens", "nn.Linear (us)", "int8 kernel", "int8 torchao", "int4 kernel",
+                      "int4 torchao", "int8 ideal", "int4 ideal"], rows))
     ext = kernels.dictionary()
     path = "not built (torch kernels only)" if ext is None else (
         f"built, {ext.isa()} path")
@@ -234,6 +301,7 @@ def main() -> None:
     if not args.report:
         measure(results)
         measure_e2e(results)
+        measure_quant(results)
     report(results)
 
 

@@ -72,6 +72,36 @@ def test_the_avx2_and_scalar_builds_match_the_dense_product_too():
                 want = h.double() @ C.to(values.dtype).double().T
                 assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max(), (isa, tokens, values.dtype)
             assert torch.equal(ext.codes_dense(module.support, module.values.detach().contiguous(), 37, 1), C)
+        for tokens, (out, n, group) in zip((1, 3, 6), ((21, 37, 37), (40, 96, 32), (9, 100, 50))):
+            q, scale, x = random_int8(out, n, group, tokens, seed=tokens)
+            want = x.double() @ dequantized(q, scale, group).T
+            got = ext.int8_rows(x, q, scale, group)
+            assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max(), (isa, tokens)
+
+
+def random_int8(out: int, n: int, group: int, tokens: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(-128, 128, (out, n), generator=gen, dtype=torch.int8)
+    scale = torch.rand(out, n // group, generator=gen) + 0.01
+    return q, scale, torch.randn(tokens, n, generator=gen)
+
+
+def dequantized(q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+    return q.double() * scale.double().repeat_interleave(group, dim=1)
+
+
+@needs_ext
+@pytest.mark.parametrize("out,n,group", [(37, 29, 29), (64, 96, 32), (5, 200, 40), (130, 17, 17), (16, 64, 64)])
+def test_the_int8_kernel_matches_the_product_with_the_dequantized_weight(out, n, group):
+    """Rows of 17-200 integers (tails shorter than a vector), one scale per row or per group, 1-9 tokens."""
+    for tokens in (1, 2, 3, 4, 5, 8, 9):
+        q, scale, x = random_int8(out, n, group, tokens, seed=tokens)
+        want = x.double() @ dequantized(q, scale, group).T
+        got = kernels.dictionary().int8_rows(x, q, scale, group)
+        # float32 sums of n products: 1e-5 of the largest output
+        assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max(), tokens
+    with pytest.raises(RuntimeError, match="group must divide"):
+        kernels.dictionary().int8_rows(x, q, scale, n + 1)
 
 
 @needs_ext

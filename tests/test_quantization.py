@@ -12,8 +12,9 @@ import factorkit as fk
 from factorkit.cli import main
 from factorkit.errors import FactorkitError
 from factorkit.factors import DictionaryLinear, LowRankLinear
-from factorkit.factors.base import plain
-from factorkit.quantization import is_quantized, packed_int4, quantize_tensor, unpacked_int4
+from factorkit import kernels
+from factorkit.factors.base import _int8_parts, linear, plain
+from factorkit.quantization import QuantizedLinear, is_quantized, packed_int4, quantize_tensor, unpacked_int4
 
 pytest.importorskip("torchao")
 
@@ -189,3 +190,32 @@ def test_cli_compress_then_quantize_measures_and_saves(model_dir, tmp_path, caps
     up = model.model.layers[0].mlp.up_proj
     assert isinstance(up, LowRankLinear) and is_quantized(up.U)
     assert json.loads((out / "factorkit.json").read_text())["compression"]["method"] == "svdllm"
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_few_tokens_run_the_compiled_int8_kernel_with_the_same_result(scheme, monkeypatch):
+    torch.manual_seed(0)
+    q, how = quantize_tensor(torch.randn(96, 64), scheme, 32)
+    parts = _int8_parts(q)
+    assert parts is not None and parts[2] == (64 if scheme == "int8" else 32)  # a scale per row / per 32
+    bias = torch.randn(96)
+    for tokens in (1, 3, 8, 9):  # up to INT8_MAX_TOKENS in the kernel (when built), then torchao's path
+        x = torch.randn(2, tokens, 64)
+        want = x.double() @ plain(q).double().T + bias.double()
+        got = linear(x, q, bias)
+        assert got.shape == (2, tokens, 96)
+        assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+    monkeypatch.setenv(kernels.DISABLE_ENV, "0")  # without the compiled kernels: torchao's path, same numbers
+    x = torch.randn(1, 64)
+    torch.testing.assert_close(linear(x, q, bias), x @ plain(q).T + bias, rtol=1e-5, atol=1e-5)
+    column_grouped, how = quantize_tensor(torch.randn(64, 7), "int4", 32)
+    assert how == "columns" and _int8_parts(column_grouped) is None  # the kernel reads row groups only
+
+
+def test_quantized_linears_stay_linears_and_reload_as_such(llama, tmp_path):
+    fk.quantize(llama, "int8")
+    layer = llama.model.layers[0]
+    assert type(layer.mlp.up_proj) is QuantizedLinear and isinstance(layer.mlp.up_proj, nn.Linear)
+    assert type(llama.lm_head) is nn.Linear  # not quantized: untouched
+    again = fk.load(fk.save(llama, tmp_path / "q"))
+    assert type(again.model.layers[1].self_attn.o_proj) is QuantizedLinear

@@ -38,6 +38,7 @@ from torch import nn
 
 from .errors import FactorkitError
 from .factors import FactorModule
+from .factors.base import linear
 from .surgery import find_blocks
 
 SCHEMES = ("int8", "int4")
@@ -181,10 +182,28 @@ def quantize(model: nn.Module, scheme: str = "int8", group_size: int | None = 32
             report.int8_fallback.append(name)
         elif how == "columns":
             report.by_columns.append(name)
+    route(model)
     report.bytes_before, report.bytes_after = before, stored_bytes(model)
     report.seconds = time.perf_counter() - start
     _RECORDS[model] = report.record()
     return report
+
+
+class QuantizedLinear(nn.Linear):
+    """An nn.Linear whose weight quantize() replaced. Its forward goes through ``factors.base.linear``: a few
+    tokens on the CPU run factorkit's compiled int8 kernel instead of torchao's convert-then-GEMM. quantize()
+    and load() make the quantized Linears of a model this class in place, so their names, hooks and
+    ``isinstance(module, nn.Linear)`` stay."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def route(model: nn.Module) -> None:
+    """Make every nn.Linear of ``model`` that holds a quantized weight a QuantizedLinear (in place)."""
+    for module in model.modules():
+        if type(module) is nn.Linear and is_quantized(module.weight):
+            module.__class__ = QuantizedLinear
 
 
 def packed_int4(qdata: torch.Tensor) -> torch.Tensor:
@@ -205,14 +224,15 @@ def _is_int4(tensor: torch.Tensor) -> bool:
     return getattr(tensor, "target_dtype", None) == torch.int4
 
 
-def tensor_bytes(tensor: torch.Tensor) -> int:
-    """Bytes a tensor takes in a saved file (an int4 tensor's numbers packed two per byte)."""
+def tensor_bytes(tensor: torch.Tensor, packed: bool = True) -> int:
+    """Bytes a tensor takes in a saved file (an int4 tensor's numbers packed two per byte); with
+    ``packed=False``, in memory (torchao keeps one int4 number per byte)."""
     if not is_quantized(tensor):
         return tensor.numel() * tensor.element_size()
     names = [*tensor.tensor_data_names, *getattr(tensor, "optional_tensor_data_names", ())]
     parts = [p for p in (getattr(tensor, n, None) for n in names) if p is not None]
     total = sum(p.numel() * p.element_size() for p in parts)
-    if _is_int4(tensor):
+    if packed and _is_int4(tensor):
         rows, cols = tensor.qdata.shape
         total -= rows * cols - rows * -(-cols // 2)
     return total

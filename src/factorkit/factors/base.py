@@ -13,7 +13,10 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from .. import kernels
 
 FACTOR_TYPES: dict[str, type["FactorModule"]] = {}
 
@@ -67,6 +70,53 @@ class FactorModule(nn.Module, ABC):
     @classmethod
     def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype | None = None) -> "FactorModule":
         return cls(**spec, dtype=dtype)
+
+
+# Token counts up to which a few tokens times an int8-stored weight run in factorkit's compiled kernel
+# (kernels/quant.cpp) rather than torch's path (the whole weight converted to float, then a GEMM);
+# from benchmarks/bench_kernels.py.
+INT8_MAX_TOKENS = 8
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear; a torchao weight stored as int8 numbers (int8 with a scale per row, int4 one per byte with a
+    scale per group of a row, symmetric) times a few tokens on the CPU runs factorkit's compiled kernel."""
+    parts = _int8_parts(weight) if x.device.type == "cpu" and weight.device.type == "cpu" else None
+    tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if parts is None or not 0 < tokens <= INT8_MAX_TOKENS or (torch.is_grad_enabled() and x.requires_grad):
+        return F.linear(x, weight, bias)
+    ext = kernels.dictionary()
+    if not kernels.usable(ext):
+        return F.linear(x, weight, bias)
+    qdata, scale, group = parts
+    y = ext.int8_rows(x.reshape(tokens, -1).float().contiguous(), qdata, scale, group)
+    y = y.to(x.dtype).reshape(*x.shape[:-1], qdata.shape[0])
+    return y if bias is None else y + bias
+
+
+def _int8_parts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """(int8 numbers, float32 scales, group) of a weight the compiled int8 kernel can multiply, else None;
+    worked out once per tensor and kept on it."""
+    cached = getattr(weight, "_factorkit_int8", False)
+    if cached is not False:
+        return cached
+    parts = None
+    qdata, scale = getattr(weight, "qdata", None), getattr(weight, "scale", None)
+    block = tuple(getattr(weight, "block_size", ()) or ())
+    zero = getattr(weight, "zero_point", None)
+    weight_only = (getattr(weight, "act_quant_kwargs", None) is None
+                   and getattr(weight, "activation_quantization", None) is None
+                   and getattr(weight, "act_pre_scale", None) is None)
+    if (isinstance(qdata, torch.Tensor) and qdata.dtype == torch.int8 and qdata.ndim == 2 and len(block) == 2
+            and block[0] == 1 and qdata.shape[1] % block[1] == 0 and isinstance(scale, torch.Tensor)
+            and scale.numel() == qdata.shape[0] * (qdata.shape[1] // block[1]) and weight_only
+            and (zero is None or not bool(zero.any()))):
+        parts = (qdata.contiguous(), scale.float().contiguous().view(qdata.shape[0], -1), int(block[1]))
+    try:
+        weight._factorkit_int8 = parts
+    except AttributeError:  # a tensor type that takes no attributes: worked out again next time
+        pass
+    return parts
 
 
 def plain(tensor: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from .base import FactorModule, plain
+from .base import FactorModule, linear, plain
 
 KERNELS = ("auto", "mask", "lanes", "gather", "sparse", "codes", "dense", "semi24")
 COMPILED = ("mask", "lanes")  # the kernels of factorkit.kernels
@@ -223,7 +223,7 @@ class DictionaryLinear(FactorModule):
             return self._compiled_product(kernel, x, needs_grad)
         if kernel == "dense":
             return F.linear(x, self.dense_weight(), self.bias)
-        h = F.linear(x, self.atoms)
+        h = linear(x, self.atoms)
         if kernel == "semi24":
             return F.linear(h, self._semi_structured_codes(), self.bias)
         if kernel == "codes":
@@ -257,7 +257,7 @@ class DictionaryLinear(FactorModule):
             raise ValueError(f"the {kernel} kernel runs only on factorkit's compiled CPU kernels (lanes: the AVX-512 "
                              f"build) with float32 or bfloat16 values and no gradient, but {why}; use kernel='auto'")
         lead = x.shape[:-1]
-        h2 = F.linear(x.reshape(-1, self.in_features), self.atoms).float()
+        h2 = linear(x.reshape(-1, self.in_features), self.atoms).float()
         values = plain(self.values).detach().contiguous()
         if kernel == "mask":
             y = ext.mask_codes(h2, self.support, values, self.num_atoms, self.blocks)

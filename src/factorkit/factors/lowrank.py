@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .base import FactorModule, plain
+from .base import FactorModule, linear, plain
 
 
 class LowRankLinear(FactorModule):
@@ -37,7 +36,7 @@ class LowRankLinear(FactorModule):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.V), self.U, self.bias)
+        return linear(linear(x, self.V), self.U, self.bias)
 
     def dense_weight(self) -> torch.Tensor:
         return plain(self.U) @ plain(self.V)

@@ -1,6 +1,7 @@
 """Compiled CPU kernels, built once on the machine that runs them, with a torch fallback.
 
-``dictionary()`` returns the extension built from ``dictionary.cpp`` (see its header for the
+``dictionary()`` returns the extension built from ``dictionary.cpp`` (DictionaryLinear's code product)
+and ``quant.cpp`` (the product with int8 weights, ``int8_rows``; see each file's header for the
 algorithm) or None when it cannot be built or loaded: no C++ compiler, no ninja, a failed compile,
 or ``FACTORKIT_KERNELS=0`` in the environment. The first failure logs one sentence; callers then use
 their pure-torch kernels, which give the same results more slowly. The build is torch's JIT
@@ -24,7 +25,7 @@ from types import ModuleType
 
 log = logging.getLogger("factorkit")
 
-SOURCE = Path(__file__).with_name("dictionary.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("dictionary.cpp", "quant.cpp")]
 DISABLE_ENV = "FACTORKIT_KERNELS"
 
 
@@ -54,13 +55,13 @@ def usable(ext: ModuleType | None) -> tuple[str, ...]:
 
 
 def build(extra_cflags: tuple[str, ...] = (), suffix: str = "") -> ModuleType:
-    """Compile (or load the cached build of) dictionary.cpp for this machine; raises when it cannot.
+    """Compile (or load the cached build of) the kernels for this machine; raises when it cannot.
     ``extra_cflags`` and a name ``suffix`` build variants, e.g. ("-mno-avx512f",) for the AVX2 path."""
     from torch.utils import cpp_extension
 
     if not cpp_extension.is_ninja_available():
         raise RuntimeError("ninja is not installed")
-    return cpp_extension.load(name=f"factorkit_dictionary_{_cpu_tag()}{suffix}", sources=[str(SOURCE)],
+    return cpp_extension.load(name=f"factorkit_dictionary_{_cpu_tag()}{suffix}", sources=[str(p) for p in SOURCES],
                               extra_cflags=["-O3", "-march=native", *extra_cflags], verbose=False)
 
 
@@ -70,7 +71,7 @@ def _build() -> ModuleType | None:
         return build()
     except Exception as exc:  # any build or load failure means: use the torch kernels
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        log.warning("factorkit's compiled DictionaryLinear kernel is unavailable (%s); falling back to torch's "
+        log.warning("factorkit's compiled CPU kernels are unavailable (%s); falling back to torch's "
                     "slower kernels: install a C++ compiler (g++ or clang++) and ninja (a factorkit dependency) to enable "
                     "it.", reason)
         return None

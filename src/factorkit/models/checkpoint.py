@@ -368,3 +368,4 @@ def _load_quantized(model: nn.Module, file: Path, tensors: dict[str, torch.Tenso
         module_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(module_name), attr, nn.Parameter(rebuilt[name], requires_grad=False))
     _tie(model, {k: v for k, v in tied.items() if v in rebuilt})
+    quantization.route(model)
