@@ -148,8 +148,11 @@ E2E_PREFILL = 512
 
 
 def held_bytes(model: nn.Module) -> int:
-    """Bytes the model holds: parameters, buffers, and the index caches the torch kernels build."""
-    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    """Bytes the model holds: parameters (quantized ones as torchao holds them), buffers, and the index caches
+    the torch kernels build."""
+    from factorkit.quantization import tensor_bytes
+
+    total = sum(tensor_bytes(t, packed=False) for t in list(model.parameters()) + list(model.buffers()))
     for module in model.modules():
         cached = module.__dict__.get("_indices_cache")
         total += 0 if cached is None else cached[1].numel() * cached[1].element_size()
@@ -173,21 +176,28 @@ def dictionary_model(model: nn.Module) -> nn.Module:
     return model.requires_grad_(False)
 
 
-def measure_e2e(results: Results) -> None:
-    """Greedy decode (64 new tokens after a 16-token prompt, batch 1) and a 512-token prefill of the dense
-    model and of the same model with dictionaries, on the compiled kernels and on torch's, side by side."""
+def lowrank_model(model: nn.Module, ratio: float) -> nn.Module:
+    """SmolLM2 with every targeted linear replaced by a random LowRankLinear at ``ratio`` (speed only)."""
+    from factorkit.surgery import find_blocks, replace_module, target_linears
+
+    gen = torch.Generator().manual_seed(0)
+    _, blocks = find_blocks(model)
+    for block in blocks:
+        for name, linear in target_linears(block).items():
+            out_f, in_f = linear.weight.shape
+            r = rank_for_ratio(out_f, in_f, ratio)
+            replace_module(block, name, LowRankLinear.from_factors(torch.randn(out_f, r, generator=gen) / r ** 0.5,
+                                                                   torch.randn(r, in_f, generator=gen) / in_f ** 0.5))
+    return model.requires_grad_(False)
+
+
+def e2e_row(models, results: Results, key: str) -> None:
+    """Greedy decode (64 new tokens after a 16-token prompt, batch 1) and a 512-token prefill of each
+    (label, model, compiled kernels on?) side by side, and the bytes each holds."""
     import time
 
-    from factorkit.models import load
-
-    key = f"e2e/{E2E_MODEL}"
-    if key in results:
-        return
-    dense, _ = load(E2E_MODEL)
-    dense.requires_grad_(False)
-    sparse, _ = load(E2E_MODEL)
-    sparse = dictionary_model(sparse)
-    vocab = dense.config.vocab_size
+    first = models[0][1]
+    vocab = first.config.vocab_size
     gen = torch.Generator().manual_seed(2)
     prompt = torch.randint(vocab, (1, E2E_PROMPT), generator=gen)
     long = torch.randint(vocab, (1, E2E_PREFILL), generator=gen)
@@ -203,21 +213,58 @@ def measure_e2e(results: Results) -> None:
     def prefill(model) -> float:
         return best_time(lambda x: model(x), long, 3)
 
-    row, before = {}, os.environ.get(kernels.DISABLE_ENV)
-    for label, model, compiled in (("dense", dense, True), ("dict-compiled", sparse, True),
-                                   ("dict-torch", sparse, False)):
-        os.environ[kernels.DISABLE_ENV] = "1" if compiled else "0"
-        for module in model.modules():
-            module.__dict__.pop("_indices_cache", None)
-        decode(model)  # warm-up
-        row[label] = {"decode_tok_s": max(decode(model) for _ in range(3)), "prefill_s": prefill(model),
-                      "bytes": held_bytes(model)}
+    row = {}
+    for label, model, compiled in models:
+        with contextlib.nullcontext() if compiled else compiled_kernels_off():
+            for module in model.modules():
+                module.__dict__.pop("_indices_cache", None)
+            decode(model)  # warm-up
+            row[label] = {"decode_tok_s": max(decode(model) for _ in range(3)), "prefill_s": prefill(model),
+                          "bytes": held_bytes(model)}
         print(label, row[label], flush=True)
-    if before is None:
-        os.environ.pop(kernels.DISABLE_ENV)
-    else:
-        os.environ[kernels.DISABLE_ENV] = before
     results.put(key, row)
+
+
+def measure_e2e(results: Results) -> None:
+    """The dense model and the same model with dictionaries, on the compiled kernels and on torch's."""
+    from factorkit.models import load
+
+    key = f"e2e/{E2E_MODEL}"
+    if key in results:
+        return
+    dense, _ = load(E2E_MODEL)
+    dense.requires_grad_(False)
+    sparse = dictionary_model(load(E2E_MODEL)[0])
+    e2e_row([("dense", dense, True), ("dict-compiled", sparse, True), ("dict-torch", sparse, False)], results, key)
+
+
+# (label, ratio of random low-rank factors or None for the dense model, quantization or None, compiled kernels on?)
+E2E_QUANT = (("dense", None, None, True), ("dense int8", None, "int8", True),
+             ("dense int8, torchao's path", None, "int8", False), ("dense int4", None, "int4", True),
+             ("low rank 0.4", 0.4, None, True), ("low rank 0.4 + int8", 0.4, "int8", True),
+             ("low rank 0.4 + int4", 0.4, "int4", True), ("dictionaries 0.2 + int8", "dict", "int8", True))
+
+
+def measure_e2e_quant(results: Results) -> None:
+    """Quantized models (factorkit.quantize on the dense model, on random low-rank factors at ratio 0.4 and on
+    random dictionaries at 0.2), on factorkit's int8 kernel and on torchao's path."""
+    import factorkit as fk
+    from factorkit.models import load
+
+    key = f"e2e-quant/{E2E_MODEL}"
+    if key in results:
+        return
+    models = []
+    for label, ratio, scheme, compiled in E2E_QUANT:
+        model = load(E2E_MODEL)[0].requires_grad_(False)
+        if ratio == "dict":
+            model = dictionary_model(model)
+        elif ratio is not None:
+            model = lowrank_model(model, ratio)
+        if scheme:
+            fk.quantize(model, scheme, 32)
+        models.append((label, model, compiled))
+    e2e_row(models, results, key)
 
 
 def report(results: Results) -> None:
@@ -252,6 +299,19 @@ def report(results: Results) -> None:
 {RATIO} (speed does not depend on the values), greedy decode of {E2E_NEW_TOKENS} new tokens after a
 {E2E_PROMPT}-token prompt (batch 1, best of 3), a {E2E_PREFILL}-token prefill (best of 3), and the bytes the model
 holds in memory (parameters, buffers, and the int32 index copies the torch kernels build), float32.
+
+""" + markdown_table(["model", "decode tok/s", "vs dense", "prefill 512 (ms)", "vs dense", "held MiB", "vs dense"],
+                     rows))
+    e2eq = results.items.get(f"e2e-quant/{E2E_MODEL}")
+    if e2eq:
+        d = e2eq["dense"]
+        rows = [[label, f"{r['decode_tok_s']:.1f}", f"{r['decode_tok_s'] / d['decode_tok_s']:.2f}x",
+                 f"{r['prefill_s'] * 1e3:.0f}", f"{d['prefill_s'] / r['prefill_s']:.2f}x",
+                 f"{r['bytes'] / 2**20:.1f}", f"{r['bytes'] / d['bytes']:.2f}x"] for label, r in e2eq.items()]
+        sections.append(f"""**End to end, quantized** (`factorkit.quantize`, int4 in groups of 32): {E2E_MODEL} dense, with
+random low-rank factors at ratio 0.4 and with random dictionaries at ratio {RATIO}; the same decode, prefill and
+held bytes as above (a quantized tensor counted as torchao holds it: int4 one number per byte), float32
+activations; factorkit's int8 kernel runs up to 8 tokens (decode), torchao's path beyond (prefill).
 
 """ + markdown_table(["model", "decode tok/s", "vs dense", "prefill 512 (ms)", "vs dense", "held MiB", "vs dense"],
                      rows))
@@ -302,6 +362,7 @@ def main() -> None:
         measure(results)
         measure_e2e(results)
         measure_quant(results)
+        measure_e2e_quant(results)
     report(results)
 
 

@@ -105,6 +105,20 @@ def test_the_int8_kernel_matches_the_product_with_the_dequantized_weight(out, n,
 
 
 @needs_ext
+@pytest.mark.parametrize("out,n,group", [(64, 7, 32), (96, 33, 32), (17, 40, 17)])
+def test_the_int8_kernel_with_scales_down_the_columns_matches_too(out, n, group):
+    """torchao block (group, 1): each group of rows has one scale per column (int4 factors of odd rank)."""
+    gen = torch.Generator().manual_seed(out)
+    q = torch.randint(-8, 8, (out, n), generator=gen, dtype=torch.int8)
+    scale = torch.rand(out // group, n, generator=gen) + 0.01
+    for tokens in (1, 2, 5, 8):
+        x = torch.randn(tokens, n, generator=gen)
+        want = x.double() @ (q.double() * scale.double().repeat_interleave(group, dim=0)).T
+        got = kernels.dictionary().int8_colgroups(x, q, scale, group)
+        assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max(), tokens
+
+
+@needs_ext
 def test_the_compiled_kernels_keep_no_index_and_leave_training_to_torch():
     module = random_dictionary(48, 20, 24, 12, 1, seed=3)
     module.kernel = "auto"

@@ -197,7 +197,7 @@ def test_few_tokens_run_the_compiled_int8_kernel_with_the_same_result(scheme, mo
     torch.manual_seed(0)
     q, how = quantize_tensor(torch.randn(96, 64), scheme, 32)
     parts = _int8_parts(q)
-    assert parts is not None and parts[2] == (64 if scheme == "int8" else 32)  # a scale per row / per 32
+    assert parts is not None and parts[2:] == ((64 if scheme == "int8" else 32), False)  # per row / per 32
     bias = torch.randn(96)
     for tokens in (1, 3, 8, 9):  # up to INT8_MAX_TOKENS in the kernel (when built), then torchao's path
         x = torch.randn(2, tokens, 64)
@@ -208,8 +208,12 @@ def test_few_tokens_run_the_compiled_int8_kernel_with_the_same_result(scheme, mo
     monkeypatch.setenv(kernels.DISABLE_ENV, "0")  # without the compiled kernels: torchao's path, same numbers
     x = torch.randn(1, 64)
     torch.testing.assert_close(linear(x, q, bias), x @ plain(q).T + bias, rtol=1e-5, atol=1e-5)
+    # a rank-7 factor: int4 grouped down the columns, the kernel scales x per group of 32 rows instead
     column_grouped, how = quantize_tensor(torch.randn(64, 7), "int4", 32)
-    assert how == "columns" and _int8_parts(column_grouped) is None  # the kernel reads row groups only
+    assert how == "columns" and _int8_parts(column_grouped)[2:] == (32, True)
+    x = torch.randn(3, 7)
+    want = x.double() @ plain(column_grouped).double().T
+    assert (linear(x, column_grouped).double() - want).abs().max() <= 1e-5 * want.abs().max()
 
 
 def test_quantized_linears_stay_linears_and_reload_as_such(llama, tmp_path):

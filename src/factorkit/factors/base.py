@@ -88,15 +88,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     ext = kernels.dictionary()
     if not kernels.usable(ext):
         return F.linear(x, weight, bias)
-    qdata, scale, group = parts
-    y = ext.int8_rows(x.reshape(tokens, -1).float().contiguous(), qdata, scale, group)
+    qdata, scale, group, by_columns = parts
+    product = ext.int8_colgroups if by_columns else ext.int8_rows
+    y = product(x.reshape(tokens, -1).float().contiguous(), qdata, scale, group)
     y = y.to(x.dtype).reshape(*x.shape[:-1], qdata.shape[0])
     return y if bias is None else y + bias
 
 
-def _int8_parts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-    """(int8 numbers, float32 scales, group) of a weight the compiled int8 kernel can multiply, else None;
-    worked out once per tensor and kept on it."""
+def _int8_parts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, bool] | None:
+    """(int8 numbers, float32 scales, numbers per scale, grouped down the columns?) of a weight the compiled
+    int8 kernel can multiply, else None; worked out once per tensor and kept on it."""
     cached = getattr(weight, "_factorkit_int8", False)
     if cached is not False:
         return cached
@@ -108,10 +109,12 @@ def _int8_parts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] 
                    and getattr(weight, "activation_quantization", None) is None
                    and getattr(weight, "act_pre_scale", None) is None)
     if (isinstance(qdata, torch.Tensor) and qdata.dtype == torch.int8 and qdata.ndim == 2 and len(block) == 2
-            and block[0] == 1 and qdata.shape[1] % block[1] == 0 and isinstance(scale, torch.Tensor)
-            and scale.numel() == qdata.shape[0] * (qdata.shape[1] // block[1]) and weight_only
-            and (zero is None or not bool(zero.any()))):
-        parts = (qdata.contiguous(), scale.float().contiguous().view(qdata.shape[0], -1), int(block[1]))
+            and isinstance(scale, torch.Tensor) and weight_only and (zero is None or not bool(zero.any()))):
+        out, cols = qdata.shape
+        if block[0] == 1 and cols % block[1] == 0 and scale.numel() == out * (cols // block[1]):
+            parts = (qdata.contiguous(), scale.float().contiguous().view(out, -1), int(block[1]), False)
+        elif block[1] == 1 and out % block[0] == 0 and scale.numel() == (out // block[0]) * cols:
+            parts = (qdata.contiguous(), scale.float().contiguous().view(-1, cols), int(block[0]), True)
     try:
         weight._factorkit_int8 = parts
     except AttributeError:  # a tensor type that takes no attributes: worked out again next time

@@ -398,12 +398,15 @@ std::string isa() {
 #endif
 }
 
-torch::Tensor int8_rows(torch::Tensor x, torch::Tensor q, torch::Tensor scale, int64_t group);  // quant.cpp
+// quant.cpp
+torch::Tensor int8_rows(torch::Tensor x, torch::Tensor q, torch::Tensor scale, int64_t group);
+torch::Tensor int8_colgroups(torch::Tensor x, torch::Tensor q, torch::Tensor scale, int64_t group);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mask_codes", &mask_codes, "DictionaryLinear's code product from the packed support mask");
   m.def("mask_codes_lanes", &mask_codes_lanes, "the same with the tokens in the vector lanes (8+ tokens)");
   m.def("codes_dense", &codes_dense, "the dense code matrix written from the support mask");
   m.def("int8_rows", &int8_rows, "a few tokens times int8 weights with a scale per row or per group of a row");
+  m.def("int8_colgroups", &int8_colgroups, "the same with the scales grouped down the columns (block (g, 1))");
   m.def("isa", &isa, "the instruction set of the code product: avx512, avx2 or scalar");
 }

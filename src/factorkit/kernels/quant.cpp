@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
@@ -100,6 +101,63 @@ void row(const int8_t* q, const float* scale, int64_t group, const float* x, int
 
 }  // namespace
 
+namespace {
+
+// y[t, n] for rows n in [begin, end) with their scales `sn(n)`, `group` numbers per scale.
+template <typename S>
+void rows(const float* xp, int64_t tokens, int64_t in, const int8_t* qp, S sn, int64_t group, float* yp,
+          int64_t out, int64_t begin, int64_t end) {
+  float acc[kTokens];
+  for (int64_t n = begin; n < end; ++n) {
+    for (int64_t t0 = 0; t0 < tokens; t0 += kTokens) {
+      const int nt = static_cast<int>(std::min<int64_t>(kTokens, tokens - t0));
+      const float* xt = xp + t0 * in;
+      const int8_t* qn = qp + n * in;
+      switch (nt) {
+        case 1: row<1>(qn, sn(n), group, xt, in, in, acc); break;
+        case 2: row<2>(qn, sn(n), group, xt, in, in, acc); break;
+        case 3: row<3>(qn, sn(n), group, xt, in, in, acc); break;
+        default: row<4>(qn, sn(n), group, xt, in, in, acc); break;
+      }
+      for (int t = 0; t < nt; ++t) yp[(t0 + t) * out + n] = acc[t];
+    }
+  }
+}
+
+}  // namespace
+
+// A weight quantized in groups down its columns (torchao block (group, 1): rows g*group .. g*group+group-1
+// share one scale per column, scale: (out / group, in) float32), as factorkit.quantize stores int4 factors
+// whose rows do not split into groups (a low-rank U of rank r, out x r): x is scaled by each row group's
+// scales once (tokens x in numbers, few next to the group's integers), then the rows run as with one scale
+// per row of 1.
+torch::Tensor int8_colgroups(torch::Tensor x, torch::Tensor q, torch::Tensor scale, int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
+              "x must be a contiguous (tokens x in) float32 matrix");
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kInt8 && q.is_contiguous(),
+              "q must be a contiguous (out x in) int8 matrix");
+  const int64_t tokens = x.size(0), in = x.size(1), out = q.size(0);
+  TORCH_CHECK(q.size(1) == in, "q must have as many columns as x");
+  TORCH_CHECK(group >= 1 && out % group == 0, "group must divide the rows");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == (out / group) * in,
+              "scale must hold (out / group) x in float32 numbers");
+  auto y = torch::empty({tokens, out}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float one = 1.f;
+  at::parallel_for(0, out / group, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> xs(tokens * in);
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t t = 0; t < tokens; ++t)
+        for (int64_t k = 0; k < in; ++k) xs[t * in + k] = xp[t * in + k] * sp[b * in + k];
+      rows(xs.data(), tokens, in, qp, [&](int64_t) { return &one; }, in, yp, out, b * group, (b + 1) * group);
+    }
+  });
+  return y;
+}
+
 // x: (tokens, in) float32; q: (out, in) int8; scale: (out, in / group) float32. Returns y: (tokens, out)
 // float32.
 torch::Tensor int8_rows(torch::Tensor x, torch::Tensor q, torch::Tensor scale, int64_t group) {
@@ -120,22 +178,7 @@ torch::Tensor int8_rows(torch::Tensor x, torch::Tensor q, torch::Tensor scale, i
   const int64_t groups = in / group;
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, in));
   at::parallel_for(0, out, grain, [&](int64_t begin, int64_t end) {
-    float acc[kTokens];
-    for (int64_t n = begin; n < end; ++n) {
-      for (int64_t t0 = 0; t0 < tokens; t0 += kTokens) {
-        const int nt = static_cast<int>(std::min<int64_t>(kTokens, tokens - t0));
-        const float* xt = xp + t0 * in;
-        const int8_t* qn = qp + n * in;
-        const float* sn = sp + n * groups;
-        switch (nt) {
-          case 1: row<1>(qn, sn, group, xt, in, in, acc); break;
-          case 2: row<2>(qn, sn, group, xt, in, in, acc); break;
-          case 3: row<3>(qn, sn, group, xt, in, in, acc); break;
-          default: row<4>(qn, sn, group, xt, in, in, acc); break;
-        }
-        for (int t = 0; t < nt; ++t) yp[(t0 + t) * out + n] = acc[t];
-      }
-    }
+    rows(xp, tokens, in, qp, [&](int64_t n) { return sp + n * groups; }, group, yp, out, begin, end);
   });
   return y;
 }
