@@ -141,8 +141,11 @@ def verdicts(pts: list[tuple[str, str, dict]]) -> list[str]:
             lines.append(f"- {name} ({size}): beaten by {beaten[0]} ({q['bytes'] / 2**20:.1f} MiB, "
                          f"ppl {fmt_ppl(q['ppl_general'])}).")
         elif smallest is not None and item["bytes"] < smallest["bytes"]:
-            lines.append(f"- {name} ({size}): smaller than any quantization alone here (dense int4: "
-                         f"{smallest['bytes'] / 2**20:.1f} MiB, ppl {fmt_ppl(smallest['ppl_general'])}).")
+            worse = item["ppl_general"] / smallest["ppl_general"]
+            lines.append(f"- {name} ({size}): {1 - item['bytes'] / smallest['bytes']:.0%} fewer bytes than the "
+                         f"smallest quantization alone here (dense int4, {smallest['bytes'] / 2**20:.1f} MiB), at "
+                         + (f"{worse:.2f}x its perplexity: smaller, not better at equal bytes."
+                            if worse > 1 else f"{worse:.2f}x its perplexity: smaller and better."))
         else:
             lines.append(f"- {name} ({size}): no quantization alone here is both smaller and better.")
     return lines
