@@ -132,13 +132,13 @@ def measure_quant(results: Results) -> None:
             if key in results:
                 continue
             x = torch.randn(1, tokens, in_f)
-            row = {"dense": best_time(dense, x, 50), "bytes": sizes}
+            row = {"dense": best_time(dense, x, 50), "bytes": sizes, "load": os.getloadavg()[0]}
             for scheme, layer in layers.items():
                 row[scheme] = best_time(layer, x, 50)
                 with compiled_kernels_off():
                     row[f"{scheme}-torchao"] = best_time(layer, x, 10)
             results.put(key, row)
-            print(key, {k: f"{v * 1e6:.0f}us" for k, v in row.items() if k != "bytes"}, flush=True)
+            print(key, {k: f"{v * 1e6:.0f}us" for k, v in row.items() if k not in ("bytes", "load")}, flush=True)
 
 
 E2E_MODEL = "smollm2-135m"
@@ -213,7 +213,7 @@ def e2e_row(models, results: Results, key: str) -> None:
     def prefill(model) -> float:
         return best_time(lambda x: model(x), long, 3)
 
-    row = {}
+    row = {"load": os.getloadavg()[0]}
     for label, model, compiled in models:
         with contextlib.nullcontext() if compiled else compiled_kernels_off():
             for module in model.modules():
@@ -267,6 +267,12 @@ def measure_e2e_quant(results: Results) -> None:
     e2e_row(models, results, key)
 
 
+def busy(load: float | None) -> str:
+    """A caption's note on a machine that was not quiet while the rows were measured."""
+    return (f" The load average was {load:.1f} while these rows were measured (another process on the other core; "
+            "each process on one thread)." if load and load > 0.5 else "")
+
+
 def report(results: Results) -> None:
     sections = []
     for dname in DTYPES:
@@ -307,19 +313,21 @@ holds in memory (parameters, buffers, and the int32 index copies the torch kerne
         d = e2eq["dense"]
         rows = [[label, f"{r['decode_tok_s']:.1f}", f"{r['decode_tok_s'] / d['decode_tok_s']:.2f}x",
                  f"{r['prefill_s'] * 1e3:.0f}", f"{d['prefill_s'] / r['prefill_s']:.2f}x",
-                 f"{r['bytes'] / 2**20:.1f}", f"{r['bytes'] / d['bytes']:.2f}x"] for label, r in e2eq.items()]
+                 f"{r['bytes'] / 2**20:.1f}", f"{r['bytes'] / d['bytes']:.2f}x"] for label, r in e2eq.items()
+                if label != "load"]
         sections.append(f"""**End to end, quantized** (`factorkit.quantize`, int4 in groups of 32): {E2E_MODEL} dense, with
 random low-rank factors at ratio 0.4 and with random dictionaries at ratio {RATIO}; the same decode, prefill and
 held bytes as above (a quantized tensor counted as torchao holds it: int4 one number per byte), float32
-activations; factorkit's int8 kernel runs up to 8 tokens (decode), torchao's path beyond (prefill).
+activations; factorkit's int8 kernel runs up to 8 tokens (decode), torchao's path beyond (prefill).{busy(e2eq.get("load"))}
 
 """ + markdown_table(["model", "decode tok/s", "vs dense", "prefill 512 (ms)", "vs dense", "held MiB", "vs dense"],
                      rows))
-    rows = []
+    rows, quant_rows = [], []
     for label in SHAPES:
         for tokens in QUANT_TOKENS:
             r = results.items.get(f"quant/{label}/{tokens}")
             if r:
+                quant_rows.append(r)
                 rows.append([label, tokens, f"{r['dense'] * 1e6:.0f}"]
                             + [f"{r['dense'] / r[k]:.2f}x" for s in QUANT_SCHEMES for k in (s, f"{s}-torchao")]
                             + [f"{r['bytes']['dense'] / r['bytes'][s]:.2f}x" for s in QUANT_SCHEMES])
@@ -327,7 +335,8 @@ activations; factorkit's int8 kernel runs up to 8 tokens (decode), torchao's pat
         sections.append("""**Quantized weights** (`factorkit.quantize`: int8 with a scale per row, int4 with a scale per 32
 numbers, held one per byte by torchao), float32 activations: factorkit's compiled int8 kernel
 (`QuantizedLinear`, up to 8 tokens) against torchao's own path (the whole weight converted to float, then a GEMM),
-as speed against the float32 nn.Linear; ideal = float32 bytes / bytes the quantized weight holds in memory.
+as speed against the float32 nn.Linear; ideal = float32 bytes / bytes the quantized weight holds in memory.""" + busy(
+            max((r.get("load") or 0.0) for r in quant_rows)) + """
 
 """ + markdown_table(["shape", "tokens", "nn.Linear (us)", "int8 kernel", "int8 torchao", "int4 kernel",
                       "int4 torchao", "int8 ideal", "int4 ideal"], rows))
