@@ -103,6 +103,14 @@ void row(const int8_t* q, const float* scale, int64_t group, const float* x, int
 
 namespace {
 
+void check_xq(const torch::Tensor& x, const torch::Tensor& q) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
+              "x must be a contiguous (tokens x in) float32 matrix");
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kInt8 && q.is_contiguous(),
+              "q must be a contiguous (out x in) int8 matrix");
+  TORCH_CHECK(q.size(1) == x.size(1), "q must have as many columns as x");
+}
+
 // y[t, n] for rows n in [begin, end) with their scales `sn(n)`, `group` numbers per scale.
 template <typename S>
 void rows(const float* xp, int64_t tokens, int64_t in, const int8_t* qp, S sn, int64_t group, float* yp,
@@ -132,12 +140,8 @@ void rows(const float* xp, int64_t tokens, int64_t in, const int8_t* qp, S sn, i
 // scales once (tokens x in numbers, few next to the group's integers), then the rows run as with one scale
 // per row of 1.
 torch::Tensor int8_colgroups(torch::Tensor x, torch::Tensor q, torch::Tensor scale, int64_t group) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
-              "x must be a contiguous (tokens x in) float32 matrix");
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kInt8 && q.is_contiguous(),
-              "q must be a contiguous (out x in) int8 matrix");
+  check_xq(x, q);
   const int64_t tokens = x.size(0), in = x.size(1), out = q.size(0);
-  TORCH_CHECK(q.size(1) == in, "q must have as many columns as x");
   TORCH_CHECK(group >= 1 && out % group == 0, "group must divide the rows");
   TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == (out / group) * in,
               "scale must hold (out / group) x in float32 numbers");
@@ -161,12 +165,8 @@ torch::Tensor int8_colgroups(torch::Tensor x, torch::Tensor q, torch::Tensor sca
 // x: (tokens, in) float32; q: (out, in) int8; scale: (out, in / group) float32. Returns y: (tokens, out)
 // float32.
 torch::Tensor int8_rows(torch::Tensor x, torch::Tensor q, torch::Tensor scale, int64_t group) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
-              "x must be a contiguous (tokens x in) float32 matrix");
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kInt8 && q.is_contiguous(),
-              "q must be a contiguous (out x in) int8 matrix");
+  check_xq(x, q);
   const int64_t tokens = x.size(0), in = x.size(1), out = q.size(0);
-  TORCH_CHECK(q.size(1) == in, "q must have as many columns as x");
   TORCH_CHECK(group >= 1 && in % group == 0, "group must divide the columns");
   TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == out * (in / group),
               "scale must hold out x (in / group) float32 numbers");
