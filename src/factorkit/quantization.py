@@ -38,7 +38,7 @@ from torch import nn
 
 from .errors import FactorkitError
 from .factors import FactorModule
-from .factors.base import linear
+from .factors.base import is_quantized, linear
 from .surgery import find_blocks
 
 SCHEMES = ("int8", "int4")
@@ -98,11 +98,6 @@ def _torchao():
     except ImportError:
         raise FactorkitError(f"quantization runs through torchao, which is not installed; {INSTALL}.") from None
     return Int8Tensor, IntxUnpackedToInt8Tensor, MappingType, PerRow
-
-
-def is_quantized(tensor: torch.Tensor) -> bool:
-    """A torchao quantized tensor (not a plain float tensor)."""
-    return hasattr(tensor, "qdata") and hasattr(tensor, "dequantize")
 
 
 def quantizable(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:

@@ -81,6 +81,8 @@ INT8_MAX_TOKENS = 8
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear; a torchao weight stored as int8 numbers (int8 with a scale per row, int4 one per byte with a
     scale per group of a row, symmetric) times a few tokens on the CPU runs factorkit's compiled kernel."""
+    if not is_quantized(weight):  # float weights: nothing to look up
+        return F.linear(x, weight, bias)
     parts = _int8_parts(weight) if x.device.type == "cpu" and weight.device.type == "cpu" else None
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if parts is None or not 0 < tokens <= INT8_MAX_TOKENS or (torch.is_grad_enabled() and x.requires_grad):
@@ -115,16 +117,18 @@ def _int8_parts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, 
             parts = (qdata.contiguous(), scale.float().contiguous().view(out, -1), int(block[1]), False)
         elif block[1] == 1 and out % block[0] == 0 and scale.numel() == (out // block[0]) * cols:
             parts = (qdata.contiguous(), scale.float().contiguous().view(-1, cols), int(block[0]), True)
-    try:
-        weight._factorkit_int8 = parts
-    except AttributeError:  # a tensor type that takes no attributes: worked out again next time
-        pass
+    weight._factorkit_int8 = parts
     return parts
 
 
+def is_quantized(tensor: torch.Tensor) -> bool:
+    """A torchao quantized tensor (it has integer ``qdata`` and ``dequantize``), not a plain float tensor."""
+    return hasattr(tensor, "qdata") and hasattr(tensor, "dequantize")
+
+
 def plain(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor in its float dtype: dequantized when torchao quantized it (it has ``qdata``), else itself."""
-    return tensor.dequantize() if hasattr(tensor, "qdata") and hasattr(tensor, "dequantize") else tensor
+    """The tensor in its float dtype: dequantized when torchao quantized it, else itself."""
+    return tensor.dequantize() if is_quantized(tensor) else tensor
 
 
 def factor_modules(model: nn.Module) -> Iterator[tuple[str, FactorModule]]:
