@@ -242,7 +242,8 @@ def measure_e2e(results: Results) -> None:
 E2E_QUANT = (("dense", None, None, True), ("dense int8", None, "int8", True),
              ("dense int8, torchao's path", None, "int8", False), ("dense int4", None, "int4", True),
              ("low rank 0.4", 0.4, None, True), ("low rank 0.4 + int8", 0.4, "int8", True),
-             ("low rank 0.4 + int4", 0.4, "int4", True), ("dictionaries 0.2 + int8", "dict", "int8", True))
+             ("low rank 0.4 + int4", 0.4, "int4", True), ("dictionaries 0.2", "dict", None, True),
+             ("dictionaries 0.2 + int8", "dict", "int8", True), ("dictionaries 0.2 + int4", "dict", "int4", True))
 
 
 def measure_e2e_quant(results: Results) -> None:
@@ -265,6 +266,38 @@ def measure_e2e_quant(results: Results) -> None:
             fk.quantize(model, scheme, 32)
         models.append((label, model, compiled))
     e2e_row(models, results, key)
+
+
+def measure_quant_dict(results: Results) -> None:
+    """DictionaryLinear at ratio RATIO with its atoms and values quantized (int8 per row, int4 per 32 numbers):
+    the mask kernel reading the int8 values and their scales, against nn.Linear and the float32 dictionary."""
+    from factorkit.quantization import quantize_tensor
+
+    if kernels.usable(kernels.dictionary()) == ():
+        return
+    for label, (out_f, in_f) in list(SHAPES.items())[:3]:  # the LLaMA-7B shapes: bound by reading weights
+        if all(f"quant-dict/{label}/{t}" in results for t in QUANT_TOKENS):
+            continue
+        dense, _, dic = build(out_f, in_f, torch.float32)
+        layers = {"dict": dic}
+        for scheme in QUANT_SCHEMES:
+            layer = copy.deepcopy(dic)
+            for attr in type(layer).quantizable:
+                setattr(layer, attr, nn.Parameter(quantize_tensor(getattr(layer, attr), scheme, 32)[0],
+                                                  requires_grad=False))
+            layers[f"dict+{scheme}"] = layer
+        for tokens in QUANT_TOKENS:
+            key = f"quant-dict/{label}/{tokens}"
+            if key in results:
+                continue
+            x = torch.randn(1, tokens, in_f)
+            row = {"dense": best_time(dense, x, 50), "load": os.getloadavg()[0],
+                   "bytes": {"dense": stored_bytes(dense), **{k: held_bytes(m) for k, m in layers.items()}}}
+            for name, layer in layers.items():
+                row[name] = best_time(layer, x, 50)
+            results.put(key, row)
+            print(key, {k: f"{v * 1e6:.0f}us" for k, v in row.items() if isinstance(v, float) and k != "load"},
+                  flush=True)
 
 
 def busy(load: float | None) -> str:
@@ -340,6 +373,24 @@ as speed against the float32 nn.Linear; ideal = float32 bytes / bytes the quanti
 
 """ + markdown_table(["shape", "tokens", "nn.Linear (us)", "int8 kernel", "int8 torchao", "int4 kernel",
                       "int4 torchao", "int8 ideal", "int4 ideal"], rows))
+    rows, dict_rows = [], []
+    for label in SHAPES:
+        for tokens in QUANT_TOKENS:
+            r = results.items.get(f"quant-dict/{label}/{tokens}")
+            if r:
+                dict_rows.append(r)
+                b = r["bytes"]
+                rows.append([label, tokens, f"{r['dense'] * 1e6:.0f}"]
+                            + [f"{r['dense'] / r[k]:.2f}x ({b['dense'] / b[k]:.2f}x)"
+                               for k in ("dict", *(f"dict+{s}" for s in QUANT_SCHEMES))])
+    if rows:
+        sections.append(f"""**Quantized dictionaries**: DictionaryLinear at ratio {RATIO} with its atoms and values quantized
+by `factorkit.quantize` (int8 per row, int4 per 32 numbers), float32 activations; the atoms through the int8
+kernel, the code product through the mask kernel reading the int8 values and their scales. Speed against the
+float32 nn.Linear, with the ideal (float32 bytes / bytes held) in brackets.""" + busy(
+            max((r.get("load") or 0.0) for r in dict_rows)) + """
+
+""" + markdown_table(["shape", "tokens", "nn.Linear (us)", "dict float32", "dict + int8", "dict + int4"], rows))
     ext = kernels.dictionary()
     path = "not built (torch kernels only)" if ext is None else (
         f"built, {ext.isa()} path")
@@ -371,6 +422,7 @@ def main() -> None:
         measure(results)
         measure_e2e(results)
         measure_quant(results)
+        measure_quant_dict(results)
         measure_e2e_quant(results)
     report(results)
 

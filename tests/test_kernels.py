@@ -72,11 +72,43 @@ def test_the_avx2_and_scalar_builds_match_the_dense_product_too():
                 want = h.double() @ C.to(values.dtype).double().T
                 assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max(), (isa, tokens, values.dtype)
             assert torch.equal(ext.codes_dense(module.support, module.values.detach().contiguous(), 37, 1), C)
+            check_int8_mask_codes(ext, module, h, (isa, tokens))
         for tokens, (out, n, group) in zip((1, 3, 6), ((21, 37, 37), (40, 96, 32), (9, 100, 50))):
             q, scale, x = random_int8(out, n, group, tokens, seed=tokens)
             want = x.double() @ dequantized(q, scale, group).T
             got = ext.int8_rows(x, q, scale, group)
             assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max(), (isa, tokens)
+
+
+def check_int8_mask_codes(ext, module: DictionaryLinear, h: torch.Tensor, what) -> None:
+    """ext.mask_codes_int8 with integer values in place of the module's, scaled per row, per group of a row
+    and per group of rows, against h times the dequantized code matrix."""
+    out, s = module.values.shape
+    gen = torch.Generator().manual_seed(out * s)
+    q = torch.randint(-128, 128, (out, s), generator=gen, dtype=torch.int8)
+    groupings = [(s, False)] + [(g, False) for g in (2, 4) if s % g == 0] + [(g, True) for g in (3, 5) if out % g == 0]
+    for group, by_columns in groupings:
+        scale = torch.rand(*((out // group, s) if by_columns else (out, s // group)), generator=gen) + 0.01
+        values = q.double() * scale.double().repeat_interleave(group, dim=0 if by_columns else 1)
+        C = torch.zeros(out, h.shape[1], dtype=torch.float64).masked_scatter(module.code_matrix() != 0, values)
+        got = ext.mask_codes_int8(h, module.support, q, scale, group, by_columns, module.num_atoms, module.blocks)
+        want = h.double() @ C.T
+        assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max(), (what, group, by_columns)
+
+
+@needs_ext
+@pytest.mark.parametrize("out,n,k,s,blocks", [(37, 29, 21, 7, 1), (60, 50, 70, 36, 2), (15, 10, 3, 1, 3),
+                                              (45, 17, 16, 16, 1), (33, 9, 131, 60, 1)])
+def test_the_mask_kernel_reads_int8_values_and_their_scales(out, n, k, s, blocks):
+    """Odd sizes, mask tails, full rows, row blocks; one scale per row, per group of a row, per group of rows."""
+    module = random_dictionary(out, n, k, s, blocks, seed=out + 1)
+    gen = torch.Generator().manual_seed(3)
+    for tokens in (1, 2, 5, 9, 17):
+        check_int8_mask_codes(kernels.dictionary(), module, torch.randn(tokens, blocks * k, generator=gen), tokens)
+    q = torch.zeros(out, s, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="one scale per group"):
+        kernels.dictionary().mask_codes_int8(torch.zeros(1, blocks * k), module.support, q, torch.ones(out, s + 1),
+                                             1, False, k, blocks)
 
 
 def random_int8(out: int, n: int, group: int, tokens: int, seed: int):

@@ -13,7 +13,7 @@ from factorkit.cli import main
 from factorkit.errors import FactorkitError
 from factorkit.factors import DictionaryLinear, LowRankLinear
 from factorkit import kernels
-from factorkit.factors.base import _int8_parts, linear, plain
+from factorkit.factors.base import int8_parts, linear, plain
 from factorkit.quantization import QuantizedLinear, is_quantized, packed_int4, quantize_tensor, unpacked_int4
 
 pytest.importorskip("torchao")
@@ -89,9 +89,11 @@ def test_factors_are_quantized_and_every_dictionary_kernel_agrees(llama, calib, 
     assert sum(name.endswith("q_proj.atoms") for name in report.tensors) == 1
     x = torch.randn(5, q.in_features)
     want = x @ q.dense_weight().T
-    for kernel in ("codes", "gather", "sparse", "dense"):
+    compiled = kernels.usable(kernels.dictionary())  # the mask kernel reads the int8 values as stored
+    for kernel in ("codes", "gather", "sparse", "dense", *compiled):
         q.kernel = kernel
-        torch.testing.assert_close(q(x), want, rtol=1e-4, atol=1e-5)
+        with torch.no_grad():
+            torch.testing.assert_close(q(x), want, rtol=1e-4, atol=1e-5)
     q.kernel = "auto"
     torch.testing.assert_close(q(x), want, rtol=1e-4, atol=1e-5)
     # saved once, shared again after loading, same logits
@@ -196,7 +198,7 @@ def test_cli_compress_then_quantize_measures_and_saves(model_dir, tmp_path, caps
 def test_few_tokens_run_the_compiled_int8_kernel_with_the_same_result(scheme, monkeypatch):
     torch.manual_seed(0)
     q, how = quantize_tensor(torch.randn(96, 64), scheme, 32)
-    parts = _int8_parts(q)
+    parts = int8_parts(q)
     assert parts is not None and parts[2:] == ((64 if scheme == "int8" else 32), False)  # per row / per 32
     bias = torch.randn(96)
     for tokens in (1, 3, 8, 9):  # up to INT8_MAX_TOKENS in the kernel (when built), then torchao's path
@@ -210,7 +212,7 @@ def test_few_tokens_run_the_compiled_int8_kernel_with_the_same_result(scheme, mo
     torch.testing.assert_close(linear(x, q, bias), x @ plain(q).T + bias, rtol=1e-5, atol=1e-5)
     # a rank-7 factor: int4 grouped down the columns, the kernel scales x per group of 32 rows instead
     column_grouped, how = quantize_tensor(torch.randn(64, 7), "int4", 32)
-    assert how == "columns" and _int8_parts(column_grouped)[2:] == (32, True)
+    assert how == "columns" and int8_parts(column_grouped)[2:] == (32, True)
     x = torch.randn(3, 7)
     want = x.double() @ plain(column_grouped).double().T
     assert (linear(x, column_grouped).double() - want).abs().max() <= 1e-5 * want.abs().max()

@@ -325,6 +325,55 @@ class QuantizeJob(_EvalSettings):
     overwrite: bool = _overwrite()
 
 
+def _schemes(value: Any) -> str | None:
+    bad = [v for v in value or () if v not in SCHEMES]
+    return f"must list schemes among {', '.join(SCHEMES)}, got {bad[0]!r}." if bad else None
+
+
+def _counts(what: str, example: str) -> Any:
+    def check(value: Any) -> str | None:
+        if not value or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
+            return f"must list one or more {what} (whole numbers of at least 1) such as {example}, got {value!r}."
+        return None
+    return check
+
+
+@dataclass
+class SpeedJob(Config):
+    """Greedy decode speed, prefill time and memory of ``model`` and of the models to ``compare`` with it
+    (and of ``model`` quantized in memory), one after the other in this process, as ratios against ``model``."""
+
+    model: str = _model_option()
+    compare: tuple[str, ...] | None = option(None, "models to measure against --model, comma separated (saved "
+                                                   "factorkit folders, model folders, .gguf files or names)")
+    quantize: tuple[str, ...] | None = option(None, "also measure --model quantized in memory, one row per scheme: "
+                                                    "int8, int4 (a scale per --group-size numbers)", check=_schemes)
+    group_size: int = option(32, "numbers per int4 scale", choices=GROUP_SIZES)
+    new_tokens: int = option(64, "tokens each sequence decodes", check=positive_int)
+    batch_sizes: tuple[int, ...] = option((1, 8), "decode batch sizes, comma separated",
+                                          check=_counts("batch sizes", "1,8"))
+    prefill: tuple[int, ...] = option((512, 2048), "prompt lengths of the prefill timing, comma separated",
+                                      check=_counts("prompt lengths", "512,2048"))
+    repeats: int = option(3, "timed repeats of each measurement (the best is kept)", check=positive_int)
+    dtype: str = option("float32", "dtype to run the models in", choices=("float32", "bfloat16", "float16"))
+
+    def check(self) -> None:
+        if self.quantize and len(set(self.quantize)) != len(self.quantize):
+            raise ConfigError("quantize", "names a scheme twice; list each once.")
+
+
+@dataclass
+class SpeedReport:
+    job: SpeedJob
+    result: Any  # eval.speed.SpeedResult
+
+    def as_dict(self) -> dict:
+        return {"job": self.job.to_dict(), **self.result.as_dict()}
+
+    def table(self) -> tuple:
+        return self.result.table(f"speed against {self.job.model} ({self.job.dtype})")
+
+
 def _task_names(value: Any) -> str | None:
     if value is None or isinstance(value, tuple) and value and all(isinstance(t, str) and t.strip() for t in value):
         return None
@@ -618,6 +667,45 @@ def _run_eval(job: EvalJob, progress: bool, loaded: tuple | None) -> EvalReport:
     return EvalReport(job, result, summarize(model), compression_record(model), time.perf_counter() - t, suite)
 
 
+def _run_speed(job: SpeedJob, progress: bool, loaded: tuple | None) -> SpeedReport:
+    import logging
+
+    from .eval import speed
+    from .models import load as load_model
+    from .models.hub import check_source
+
+    for name in (job.model, *(job.compare or ())):  # every model exists before the first is timed
+        check_source(name)
+    dtype = parse_dtype(job.dtype)
+
+    def reference(scheme: str | None = None):
+        def make() -> nn.Module:
+            model = (loaded[0] if scheme is None else copy.deepcopy(loaded[0])) if loaded is not None \
+                else load_model(job.model, dtype)[0]
+            config = getattr(model.config, "text_config", None) or model.config
+            positions = getattr(config, "max_position_embeddings", None)
+            if positions is not None and max(job.prefill) > positions:  # found on the first model, before timing
+                raise FactorkitError(f"--prefill {max(job.prefill)} is longer than the {positions} positions "
+                                     f"{job.model} supports; give shorter prompt lengths.")
+            if scheme is not None:
+                if quantization_record(model) is not None:
+                    raise FactorkitError(f"{job.model} is quantized already; drop --quantize or measure the float "
+                                         "model.")
+                quantize(model, scheme, job.group_size)
+            return model
+        return make
+
+    loaders = [(job.model, reference())]
+    loaders += [(f"{job.model} {scheme}" + (f" (groups of {job.group_size})" if scheme == "int4" else ""),
+                 reference(scheme)) for scheme in job.quantize or ()]
+    loaders += [(name, lambda name=name: load_model(name, dtype)[0]) for name in job.compare or ()]
+    log = logging.getLogger("factorkit.speed")
+    rows = speed.compare(loaders, progress=(lambda label: log.info("measured %s", label)) if progress else None,
+                         new_tokens=job.new_tokens, batch_sizes=job.batch_sizes, prefill=job.prefill,
+                         repeats=job.repeats)
+    return SpeedReport(job, speed.SpeedResult(rows, job.new_tokens, job.batch_sizes, job.prefill, job.repeats))
+
+
 @dataclass
 class PretrainJob(Config):
     """Pretrain a small LLaMA from scratch with full-rank, low-rank or SLTrain weights (data parallel under
@@ -712,10 +800,11 @@ def resume_folder(job: Config) -> str | None:
     return getattr(train, "checkpoint_dir", None) or getattr(inner, "checkpoint_dir", None)
 
 
-_RUNNERS = {CompressJob: _run_compress, QuantizeJob: _run_quantize, EvalJob: _run_eval, PretrainJob: _run_pretrain, FinetuneJob: _run_finetune}
+_RUNNERS = {CompressJob: _run_compress, QuantizeJob: _run_quantize, EvalJob: _run_eval, SpeedJob: _run_speed,
+            PretrainJob: _run_pretrain, FinetuneJob: _run_finetune}
 
 
-def run(job: CompressJob | QuantizeJob | EvalJob | PretrainJob | FinetuneJob, *, progress: bool = True,
+def run(job: CompressJob | QuantizeJob | EvalJob | SpeedJob | PretrainJob | FinetuneJob, *, progress: bool = True,
         model: tuple[nn.Module, Any] | None = None):
     """Do a whole job, as the command line does; returns its typed report.
 
@@ -724,12 +813,12 @@ def run(job: CompressJob | QuantizeJob | EvalJob | PretrainJob | FinetuneJob, *,
     keep the original), e.g. for a sweep over many settings of one model."""
     runner = _RUNNERS.get(type(job))
     if runner is None:
-        raise FactorkitError(f"run() takes a CompressJob, QuantizeJob, EvalJob, PretrainJob or FinetuneJob, got "
-                             f"{type(job).__name__}.")
+        raise FactorkitError("run() takes a CompressJob, QuantizeJob, EvalJob, SpeedJob, PretrainJob or FinetuneJob, "
+                             f"got {type(job).__name__}.")
     if model is not None and runner is _run_pretrain:
         raise FactorkitError("a pretraining job builds its own model; call run() without model=.")
     return runner(job, progress, model)
 
 __all__ = ["CompressJob", "CompressJobReport", "CompressionReport", "CompressionSummary", "EvalJob", "EvalReport",
-           "FinetuneJob", "PretrainJob", "QuantizationReport", "QuantizeJob", "QuantizeJobReport", "TrainJobReport",
-           "compress", "compression_record", "load", "quantize", "run", "save", "stored_bytes", "summarize"]
+           "FinetuneJob", "PretrainJob", "QuantizationReport", "QuantizeJob", "QuantizeJobReport", "SpeedJob",
+           "SpeedReport", "TrainJobReport", "compress", "compression_record", "load", "quantize", "run", "save", "stored_bytes", "summarize"]

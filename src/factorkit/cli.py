@@ -42,8 +42,10 @@ class _Parser(argparse.ArgumentParser):
 def _converter(tp: Any):
     """A string -> value function for a field's type (argparse reports a bad value)."""
     args = [t for t in (typing.get_args(tp) or (tp,)) if t is not type(None)]
-    if is_tuple(tp):
-        return lambda text: tuple(t.strip() for t in text.split(",") if t.strip())
+    if is_tuple(tp):  # comma separated; the items converted like a single value of their type
+        items = next((typing.get_args(t) for t in (tp, *args) if typing.get_origin(t) is tuple), ())
+        one = _converter(items[0]) if items and items[0] is not str else str
+        return lambda text: tuple(one(t.strip()) for t in text.split(",") if t.strip())
     kind = {(int,): (int, "a whole number"), (float,): (float, "a number")}.get(tuple(args))
     if kind is None:
         return str
@@ -108,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, method in METHODS.items():  # an option several methods share is listed under the first
         _add_options(c.add_argument_group(f"--method {name}"), method.config_cls, ("method",), seen)
     c.set_defaults(job=api.CompressJob)
-    for name, job in (("quantize", api.QuantizeJob), ("eval", api.EvalJob), ("pretrain", api.PretrainJob),
-                      ("finetune", api.FinetuneJob)):
+    for name, job in (("quantize", api.QuantizeJob), ("eval", api.EvalJob), ("bench-speed", api.SpeedJob),
+                      ("pretrain", api.PretrainJob), ("finetune", api.FinetuneJob)):
         text = " ".join(job.__doc__.split()).replace("``", "")
         p = sub.add_parser(name, help=text.split(" (")[0].rstrip("."), description=text)
         _add_options(p, job)

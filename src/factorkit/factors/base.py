@@ -83,7 +83,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     scale per group of a row, symmetric) times a few tokens on the CPU runs factorkit's compiled kernel."""
     if not is_quantized(weight):  # float weights: nothing to look up
         return F.linear(x, weight, bias)
-    parts = _int8_parts(weight) if x.device.type == "cpu" and weight.device.type == "cpu" else None
+    parts = int8_parts(weight) if x.device.type == "cpu" and weight.device.type == "cpu" else None
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if parts is None or not 0 < tokens <= INT8_MAX_TOKENS or (torch.is_grad_enabled() and x.requires_grad):
         return F.linear(x, weight, bias)
@@ -97,7 +97,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y if bias is None else y + bias
 
 
-def _int8_parts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, bool] | None:
+def int8_parts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, bool] | None:
     """(int8 numbers, float32 scales, numbers per scale, grouped down the columns?) of a weight the compiled
     int8 kernel can multiply, else None; worked out once per tensor and kept on it."""
     cached = getattr(weight, "_factorkit_int8", False)

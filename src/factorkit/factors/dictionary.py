@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from .base import FactorModule, linear, plain
+from .base import FactorModule, int8_parts, is_quantized, linear, plain
 
 KERNELS = ("auto", "mask", "lanes", "gather", "sparse", "codes", "dense", "semi24")
 COMPILED = ("mask", "lanes")  # the kernels of factorkit.kernels
@@ -258,13 +258,18 @@ class DictionaryLinear(FactorModule):
                              f"build) with float32 or bfloat16 values and no gradient, but {why}; use kernel='auto'")
         lead = x.shape[:-1]
         h2 = linear(x.reshape(-1, self.in_features), self.atoms).float()
-        values = plain(self.values).detach().contiguous()
-        if kernel == "mask":
-            y = ext.mask_codes(h2, self.support, values, self.num_atoms, self.blocks)
+        quantized = int8_parts(self.values) if kernel == "mask" and is_quantized(self.values) else None
+        if quantized is not None:  # the int8 numbers and their scales, read as stored
+            qdata, scale, group, by_columns = quantized
+            y = ext.mask_codes_int8(h2, self.support, qdata, scale, group, by_columns, self.num_atoms, self.blocks)
+        elif kernel == "mask":
+            y = ext.mask_codes(h2, self.support, plain(self.values).detach().contiguous(), self.num_atoms,
+                               self.blocks)
         else:
             tokens = h2.shape[0]
             hT = F.pad(h2, (0, 0, 0, -tokens % 16)).T.contiguous()
-            y = ext.mask_codes_lanes(hT, self.support, values, self.num_atoms, self.blocks)
+            y = ext.mask_codes_lanes(hT, self.support, plain(self.values).detach().contiguous(), self.num_atoms,
+                                     self.blocks)
             y = y[:, :tokens].T
         y = y.to(x.dtype)
         if self.bias is not None:

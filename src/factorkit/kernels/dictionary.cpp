@@ -9,13 +9,17 @@
 // the mask expand the row's next popcount values into a 16-lane vector (vexpandps) that multiplies the
 // matching 16 entries of h; without it a scalar loop walks the set bits. Rows are spread over torch's
 // intra-op threads, tokens are taken in tiles of up to 8 (one accumulator each) so the row's mask and
-// values are read from memory once per tile, from cache after the first.
+// values are read from memory once per tile, from cache after the first. Values that factorkit.quantize
+// left as int8 numbers with float scales are read as such (mask_codes_int8): each row is widened into a
+// small float buffer once and the same row kernels read it from there.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
@@ -251,16 +255,50 @@ void row_tile(const uint8_t* mask, int64_t atoms, const V* v, const V* end, cons
 }
 #endif
 
+// The values of a row as the row kernels read them. Stored as float32 or bfloat16: in place.
 template <typename V>
-void run(const float* h, const uint8_t* mask, const V* values, float* y, int64_t tokens, int64_t out,
+struct StoredValues {
+  const V* values;
+  int64_t sparsity;
+  const V* row(int64_t o, float* /*buf*/) const { return values + o * sparsity; }
+};
+
+// Stored as int8 numbers with float32 scales (what factorkit.quantize leaves: int8 with one scale per row,
+// int4 kept one per byte with one scale per `group` values of a row, or grouped down the rows, block
+// (group, 1)): the row's integers are widened and scaled into a float buffer of the thread (sparsity floats,
+// in L1), read from there for every tile of tokens. Memory traffic is the integers and their scales.
+struct Int8Values {
+  const int8_t* q;
+  const float* scale;
+  int64_t sparsity, group;
+  bool by_columns;
+  const float* row(int64_t o, float* buf) const {
+    const int8_t* qr = q + o * sparsity;
+    if (by_columns) {
+      const float* s = scale + (o / group) * sparsity;
+      for (int64_t i = 0; i < sparsity; ++i) buf[i] = static_cast<float>(qr[i]) * s[i];
+    } else {
+      const float* s = scale + o * (sparsity / group);
+      for (int64_t g0 = 0; g0 < sparsity; g0 += group) {
+        const float sg = s[g0 / group];
+        for (int64_t i = g0; i < g0 + group; ++i) buf[i] = static_cast<float>(qr[i]) * sg;
+      }
+    }
+    return buf;
+  }
+};
+
+template <typename P>
+void run(const float* h, const uint8_t* mask, const P& values, float* y, int64_t tokens, int64_t out,
          int64_t atoms, int64_t sparsity, int64_t blocks) {
   const int64_t nbytes = (atoms + 7) / 8, hstride = blocks * atoms, rows_per_block = out / blocks;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, sparsity));
   at::parallel_for(0, out, grain, [&](int64_t begin, int64_t end) {
     float acc[kTile];
+    std::vector<float> buf(std::is_same<P, Int8Values>::value ? sparsity : 0);
     for (int64_t o = begin; o < end; ++o) {
       const uint8_t* row_mask = mask + o * nbytes;
-      const V* row_values = values + o * sparsity;
+      const auto* row_values = values.row(o, buf.data());
       const float* row_h = h + (o / rows_per_block) * atoms;
       for (int64_t t0 = 0; t0 < tokens; t0 += kTile) {
         const int nt = static_cast<int>(std::min<int64_t>(kTile, tokens - t0));
@@ -298,15 +336,25 @@ void run_lanes(const float* hT, const uint8_t* mask, const V* values, float* yT,
 #endif
 
 // The checks every entry point makes on the codes of an (out x blocks*atoms) matrix.
-void check_codes(const torch::Tensor& support, const torch::Tensor& values, int64_t atoms, int64_t blocks) {
+void check_support(const torch::Tensor& support, const torch::Tensor& values, int64_t atoms, int64_t blocks) {
   TORCH_CHECK(support.dim() == 2 && support.scalar_type() == torch::kUInt8 && support.is_contiguous(),
               "support must be a contiguous uint8 bit mask");
-  TORCH_CHECK(values.dim() == 2 && values.is_contiguous() &&
-                  (values.scalar_type() == torch::kFloat32 || values.scalar_type() == torch::kBFloat16),
-              "values must be a contiguous float32 or bfloat16 matrix");
+  TORCH_CHECK(values.dim() == 2 && values.is_contiguous(), "values must be a contiguous matrix");
   TORCH_CHECK(blocks >= 1 && values.size(0) % blocks == 0, "blocks must divide the output rows");
   TORCH_CHECK(support.size(0) == values.size(0) && support.size(1) == (atoms + 7) / 8,
               "support must be out x ceil(atoms/8)");
+}
+
+void check_codes(const torch::Tensor& support, const torch::Tensor& values, int64_t atoms, int64_t blocks) {
+  check_support(support, values, atoms, blocks);
+  TORCH_CHECK(values.scalar_type() == torch::kFloat32 || values.scalar_type() == torch::kBFloat16,
+              "values must be a float32 or bfloat16 matrix");
+}
+
+void check_h(const torch::Tensor& h, int64_t atoms, int64_t blocks) {
+  TORCH_CHECK(h.dim() == 2 && h.scalar_type() == torch::kFloat32 && h.is_contiguous(),
+              "h must be a contiguous (tokens x atoms) float32 matrix");
+  TORCH_CHECK(h.size(1) == blocks * atoms, "h must have blocks*atoms columns");
 }
 
 // f(pointer to the values): float for float32, the raw 16 bits for bfloat16.
@@ -347,15 +395,34 @@ torch::Tensor mask_codes_lanes(torch::Tensor hT, torch::Tensor support, torch::T
 torch::Tensor mask_codes(torch::Tensor h, torch::Tensor support, torch::Tensor values, int64_t atoms,
                          int64_t blocks) {
   check_codes(support, values, atoms, blocks);
-  TORCH_CHECK(h.dim() == 2 && h.scalar_type() == torch::kFloat32 && h.is_contiguous(),
-              "h must be a contiguous (tokens x atoms) float32 matrix");
+  check_h(h, atoms, blocks);
   const int64_t out = values.size(0), sparsity = values.size(1), tokens = h.size(0);
-  TORCH_CHECK(h.size(1) == blocks * atoms, "h must have blocks*atoms columns");
   auto y = torch::empty({tokens, out}, h.options());
   with_values(values, [&](auto* v) {
-    run(h.data_ptr<float>(), support.data_ptr<uint8_t>(), v, y.data_ptr<float>(), tokens, out, atoms, sparsity,
-        blocks);
+    using V = std::remove_const_t<std::remove_pointer_t<decltype(v)>>;
+    run(h.data_ptr<float>(), support.data_ptr<uint8_t>(), StoredValues<V>{v, sparsity}, y.data_ptr<float>(),
+        tokens, out, atoms, sparsity, blocks);
   });
+  return y;
+}
+
+// The same with the values stored as int8 numbers q (out, s) and float32 scales: scale (out, s / group)
+// with a scale per `group` values of a row (group = s: one per row), or with by_columns (out / group, s),
+// a scale per `group` rows of a column. What factorkit.quantize leaves in DictionaryLinear.values.
+torch::Tensor mask_codes_int8(torch::Tensor h, torch::Tensor support, torch::Tensor q, torch::Tensor scale,
+                              int64_t group, bool by_columns, int64_t atoms, int64_t blocks) {
+  check_support(support, q, atoms, blocks);
+  check_h(h, atoms, blocks);
+  TORCH_CHECK(q.scalar_type() == torch::kInt8, "q must be an int8 matrix");
+  const int64_t out = q.size(0), sparsity = q.size(1), tokens = h.size(0);
+  TORCH_CHECK(group >= 1 && (by_columns ? out : sparsity) % group == 0, "group must divide the grouped dimension");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() &&
+                  scale.numel() == (by_columns ? out / group * sparsity : out * (sparsity / group)),
+              "scale must be a contiguous float32 tensor with one scale per group");
+  auto y = torch::empty({tokens, out}, h.options());
+  run(h.data_ptr<float>(), support.data_ptr<uint8_t>(),
+      Int8Values{q.data_ptr<int8_t>(), scale.data_ptr<float>(), sparsity, group, by_columns}, y.data_ptr<float>(),
+      tokens, out, atoms, sparsity, blocks);
   return y;
 }
 
@@ -405,6 +472,7 @@ torch::Tensor int8_colgroups(torch::Tensor x, torch::Tensor q, torch::Tensor sca
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mask_codes", &mask_codes, "DictionaryLinear's code product from the packed support mask");
   m.def("mask_codes_lanes", &mask_codes_lanes, "the same with the tokens in the vector lanes (8+ tokens)");
+  m.def("mask_codes_int8", &mask_codes_int8, "the same with int8 values and float scales (factorkit.quantize)");
   m.def("codes_dense", &codes_dense, "the dense code matrix written from the support mask");
   m.def("int8_rows", &int8_rows, "a few tokens times int8 weights with a scale per row or per group of a row");
   m.def("int8_colgroups", &int8_colgroups, "the same with the scales grouped down the columns (block (g, 1))");

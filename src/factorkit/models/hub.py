@@ -242,6 +242,20 @@ def builtin_path(name: str) -> Path:
     return target
 
 
+def check_source(name: str) -> None:
+    """Raise the error ``load`` would raise for a model that is nowhere (no folder, file, built-in name or hub
+    id), without loading anything: for commands that load several models one after the other."""
+    path = Path(name).expanduser()
+    if name in BUILTIN_MODELS or path.exists() or HUB_ID.match(name) and not name.startswith((".", "/", "~")):
+        return
+    raise FactorkitError(not_found(name))
+
+
+def not_found(name: str) -> str:
+    return (f"model {name!r} not found: it is not an existing folder or .gguf file, a built-in name "
+            f"({', '.join(BUILTIN_MODELS)}), or a Hugging Face Hub id like org/name.")
+
+
 def load(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = torch.float32,
          num_labels: int | None = None):
     """Load a model and its tokenizer; returns ``(model, tokenizer)`` with the model in eval mode.
@@ -274,10 +288,7 @@ def load(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = torc
     elif HUB_ID.match(name) and not name.startswith((".", "/", "~")):
         model, tokenizer = _load_from_hub(name, dtype, num_labels)
     else:
-        raise FactorkitError(
-            f"model {name!r} not found: it is not an existing folder or .gguf file, a built-in name "
-            f"({', '.join(BUILTIN_MODELS)}), or a Hugging Face Hub id like org/name."
-        )
+        raise FactorkitError(not_found(name))
     model.eval()
     return model, tokenizer
 
