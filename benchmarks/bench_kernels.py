@@ -159,8 +159,8 @@ def held_bytes(model: nn.Module) -> int:
     return total
 
 
-def dictionary_model(model: nn.Module) -> nn.Module:
-    """SmolLM2 with every targeted linear replaced by a random DictionaryLinear at ratio RATIO (speed only)."""
+def dictionary_model(model: nn.Module, ratio: float = RATIO) -> nn.Module:
+    """The model with every targeted linear replaced by a random DictionaryLinear at ``ratio`` (speed only)."""
     from factorkit.surgery import find_blocks, replace_module, target_linears
 
     gen = torch.Generator().manual_seed(0)
@@ -168,7 +168,7 @@ def dictionary_model(model: nn.Module) -> nn.Module:
     for block in blocks:
         for name, linear in target_linears(block).items():
             out_f, in_f = linear.weight.shape
-            k, s = dictionary_budget(in_f, out_f, RATIO)
+            k, s = dictionary_budget(in_f, out_f, ratio)
             idx = torch.stack([torch.randperm(k, generator=gen)[:s] for _ in range(out_f)])
             atoms = torch.randn(k, in_f, generator=gen) / in_f ** 0.5
             replace_module(block, name, DictionaryLinear.from_codes(atoms, idx, torch.randn(out_f, s, generator=gen)
@@ -177,7 +177,7 @@ def dictionary_model(model: nn.Module) -> nn.Module:
 
 
 def lowrank_model(model: nn.Module, ratio: float) -> nn.Module:
-    """SmolLM2 with every targeted linear replaced by a random LowRankLinear at ``ratio`` (speed only)."""
+    """The model with every targeted linear replaced by a random LowRankLinear at ``ratio`` (speed only)."""
     from factorkit.surgery import find_blocks, replace_module, target_linears
 
     gen = torch.Generator().manual_seed(0)

@@ -448,6 +448,7 @@ class CompressJobReport:
     perplexity_after: PerplexityResult | None = None
     eval_seconds: tuple[float, float] = (0.0, 0.0)
     quantization: QuantizationReport | None = None
+    rank: int = 0  # under torchrun, this process's rank (only rank 0 writes and reports)
 
     def as_dict(self) -> dict:
         ppl = {k: (getattr(self, k).as_dict() if getattr(self, k) is not None else None)
@@ -577,11 +578,29 @@ class EvalReport:
 
 
 def _run_compress(job: CompressJob, progress: bool, loaded: tuple | None) -> CompressJobReport:
-    from .data import calibration_tokens, eval_tokens
-    from .models.files import check_writable_target, folder_size
+    """Under torchrun every process runs the job (the methods divide their independent solves, see
+    ``parallel``) and rank 0 alone writes ``out``."""
+    from . import parallel
+    from .models.files import check_writable_target
 
     if job.out is not None:
         check_writable_target(job.out, job.overwrite, protect=job.model)  # fail before any long work
+    team = parallel.current()
+    failed = True
+    try:
+        report = _compress_job(job, progress, loaded, write=team.rank == 0)
+        report.rank = team.rank
+        failed = False
+    finally:
+        if team.world > 1:
+            parallel.leave(failed)
+    return report
+
+
+def _compress_job(job: CompressJob, progress: bool, loaded: tuple | None, write: bool) -> CompressJobReport:
+    from .data import calibration_tokens, eval_tokens
+    from .models.files import folder_size
+
     model, tokenizer = loaded if loaded is not None else _load_with_tokenizer(job.model, job.dtype)
     config = job.method
     data = heal_data = None
@@ -609,7 +628,7 @@ def _run_compress(job: CompressJob, progress: bool, loaded: tuple | None) -> Com
                            nonfinite_hint="try --dtype float32 or a smaller --ratio")
         times[1] = time.perf_counter() - t
     bytes_after = 0
-    if job.out is not None:
+    if job.out is not None and write:
         save(model, job.out, tokenizer=tokenizer, overwrite=job.overwrite, report=compression, protect=job.model)
         bytes_after = folder_size(job.out)
     return CompressJobReport(job, compression, bytes_before, bytes_after, before, after, tuple(times), quantized)

@@ -204,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if report_file:
             check_writable_file(report_file, "--json")  # before any work, like --out
         report = api.run(job, progress=not args.quiet)
-        if getattr(report, "saved", True) is False and job.out is not None:
+        if getattr(report, "saved", True) is False and job.out is not None or getattr(report, "rank", 0) != 0:
             return 0  # another process of a torchrun job wrote and reports
         for table in report.tables() if hasattr(report, "tables") else [report.table()]:
             print_table(*table)

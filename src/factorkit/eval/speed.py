@@ -206,6 +206,7 @@ def compare(loaders: Iterable[tuple[str, Callable[[], nn.Module]]], *, progress:
         baseline = resident_bytes()
         model = loader()
         model.requires_grad_(False)
+        release_memory()  # what loading or quantizing freed (a float copy of the weights) is not counted
         rows.append(measure(model, label, baseline=baseline, **settings))
         if progress is not None:
             progress(label)

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import parallel
 from ..calibration import LinearStats, calibrate_groupwise
 from ..surgery import find_blocks, linear_weight, replace_module
 from ..errors import FactorkitError
@@ -143,6 +144,7 @@ def _compress_cospadi(model: nn.Module, config: CoSpaDiConfig, data: Any, progre
             "method": config.method, "config": config.to_dict(), "dtype": str(dtype),
             "weights": fingerprint(weights), "data": fingerprint(data)})
     restored = []
+    team = parallel.current()
 
     def on_group(indices: list[int], block_names: list[str], group: list[nn.Module], stats: list) -> None:
         key = f"blocks-{indices[0]:04d}-{indices[-1]:04d}"
@@ -153,10 +155,9 @@ def _compress_cospadi(model: nn.Module, config: CoSpaDiConfig, data: Any, progre
                 restored.append(key)
                 return
         group_report = {}
-        for name in names:
-            start = time.perf_counter()
-            linears = [block.get_submodule(name) for block in group]
-            weights = [linear_weight(linear).detach() for linear in linears]
+        budgets = {}
+        for name in names:  # every matrix's budget first: a ratio too high fails before any solve
+            weights = [linear_weight(block.get_submodule(name)) for block in group]
             out_f, in_f = weights[0].shape
             if any(w.shape != (out_f, in_f) for w in weights):
                 raise FactorkitError(f"{name} differs in shape across blocks {block_names[0]}..{block_names[-1]}; "
@@ -166,26 +167,44 @@ def _compress_cospadi(model: nn.Module, config: CoSpaDiConfig, data: Any, progre
             if s < 1:
                 raise FactorkitError(f"ratio {config.ratio} leaves {name} ({out_f}x{in_f}) fewer than one nonzero "
                                      f"per output at rho {config.rho}; lower the ratio or rho.")
+            # OMP (k s^2 per output) and K-SVD (k sweeps over outputs and inputs): what a solve costs, roughly
+            budgets[name] = (k, s, k * s * (s * out_f * len(group) + in_f + out_f * len(group)))
+
+        def solve(name: str) -> list[torch.Tensor]:
+            start = time.perf_counter()
+            k, s, _ = budgets[name]
+            weights = [linear_weight(block.get_submodule(name)).detach() for block in group]
             gram = _averaged_gram([st[name] for st in stats]) if config.whiten else None
             fits = sparse_dictionary(weights, k, s, gram=gram, eps=config.eps, iterations=config.iterations,
                                      refresh=config.refresh, power_iterations=config.power_iterations,
                                      seed=config.seed, start=config.start)
-            if fits[0].shift:
-                warn_shift(f"{block_names[0]}.{name}", fits[0].shift, gram)
+            seconds = time.perf_counter() - start
+            return [t for fit in fits for t in (fit.atoms, fit.indices, fit.values, torch.tensor(
+                [fit.shift, fit.omp_seconds, fit.ksvd_seconds, seconds, *fit.errors], dtype=torch.float64))]
+
+        # under torchrun the processes divide the projections and share the solutions (parallel.Team)
+        solved = team.solve(names, [budgets[name][2] for name in names], solve)
+        for name, tensors in zip(names, solved):
+            k, s, _ = budgets[name]
+            linears = [block.get_submodule(name) for block in group]
+            fits = [(atoms, indices, values, meta.tolist()) for atoms, indices, values, meta in
+                    zip(tensors[0::4], tensors[1::4], tensors[2::4], tensors[3::4])]
+            shift, _, _, seconds = fits[0][3][:4]
+            if shift:
+                warn_shift(f"{block_names[0]}.{name}", shift, _averaged_gram([st[name] for st in stats]))
             shared = None
-            for block, block_name, linear, fit in zip(group, block_names, linears, fits):
+            for block, block_name, linear, (atoms, indices, values, meta) in zip(group, block_names, linears, fits):
                 bias = linear.bias.detach() if getattr(linear, "bias", None) is not None else None
-                module = DictionaryLinear.from_codes(fit.atoms, fit.indices, fit.values, bias, dtype=dtype,
-                                                     shared_atoms=shared)
+                module = DictionaryLinear.from_codes(atoms, indices, values, bias, dtype=dtype, shared_atoms=shared)
                 shared = module.atoms
                 replace_module(block, name, module)
+                errors = meta[4:]
                 group_report[f"{block_name}.{name}"] = {
-                    "atoms": k, "sparsity": s, "group": block_names, "error": fit.errors[-1], "errors": fit.errors,
+                    "atoms": k, "sparsity": s, "group": block_names, "error": errors[-1], "errors": errors,
                     # a shared dictionary is one solve: each layer of the group carries its share, so sums add up
-                    "omp_s": fit.omp_seconds / len(group), "ksvd_s": fit.ksvd_seconds / len(group),
-                    "seconds": (time.perf_counter() - start) / len(group)}
+                    "omp_s": meta[1] / len(group), "ksvd_s": meta[2] / len(group), "seconds": seconds / len(group)}
         report.update(group_report)
-        if finished is not None:
+        if finished is not None and team.rank == 0:  # one writer; the others hold the same blocks
             finished.store(key, group, group_report)
 
     desc = f"cospadi r={config.ratio}" + (f" group={config.group}" if config.group > 1 else "")

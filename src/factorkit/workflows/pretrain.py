@@ -34,6 +34,7 @@ from torch import nn
 
 from ..data import pretrain_rows, train_heldout_text
 from ..errors import FactorkitError
+from .. import parallel
 from ..eval import optimizer_state_bytes, parameter_bytes, peak_memory, perplexity
 from ..config import Config, nested, open_unit, option, optional, positive, positive_int, whole
 from ..training.sltrain import PARAMETERIZATIONS, SLTrainConfig, parameterize
@@ -112,16 +113,7 @@ def distributed_from_env(device: torch.device) -> Distributed:
     return Distributed(tdist.get_rank(), tdist.get_world_size())
 
 
-def leave_distributed(failed: bool = False) -> None:
-    """End this process's part in a torchrun job. After a clean run every process
-    waits for the others first, so none tears down gloo's connections while a peer
-    still sends (which can abort the process at exit); after a failure it leaves
-    at once, since the peers may never reach the barrier."""
-    if not tdist.is_initialized():
-        return
-    if not failed:
-        tdist.barrier()
-    tdist.destroy_process_group()
+leave_distributed = parallel.leave
 
 
 def _device(name: str) -> torch.device:
