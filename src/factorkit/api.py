@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 import time
 import weakref
 from collections.abc import Mapping
@@ -154,8 +155,9 @@ def compress(model: nn.Module, config: CompressionConfig, data: torch.Tensor | N
             raise FactorkitError("heal_data is only used with heal > 0; set heal in the config or drop heal_data.")
         _check_data(model, heal_data)
     targeted = model_targets(model, config.targets)
-    for name, linear in targeted.items():
-        if not bool(torch.isfinite(linear_weight(linear)).all()):
+    for name, linear in targeted.items():  # (offloaded blocks: checked as each is read)
+        weight = linear_weight(linear)
+        if not weight.is_meta and not bool(torch.isfinite(weight).all()):
             raise FactorkitError(f"the weight of {name} holds NaN or infinite values; compress a model with finite "
                                  "weights (check how it was loaded or trained).")
     before = sum(p.numel() for p in model.parameters())
@@ -271,6 +273,9 @@ def _group_size() -> Any:
     return option(32, "numbers per int4 scale", choices=GROUP_SIZES, when=("quantize", "int4"))
 
 
+OFFLOAD_METHODS = ("svdllm", "asvd", "cospadi")
+
+
 @dataclass
 class CompressJob(_EvalSettings):
     """Load ``model``, calibrate on ``calib``, compress with ``method``,
@@ -292,6 +297,9 @@ class CompressJob(_EvalSettings):
     max_chunks: int | None = option(16, "evaluate at most this many chunks", check=optional(positive_int))
     quantize: str | None = _scheme(None)
     group_size: int = _group_size()
+    offload: bool = option(False, "keep the blocks' weights on disk and hold one block at a time (a model larger "
+                                  "than memory): svdllm, asvd or cospadi with uniform ratios; needs a Hugging Face "
+                                  "folder of safetensors or a built-in name")
     out: str | None = _out()
     overwrite: bool = _overwrite()
 
@@ -308,6 +316,31 @@ class CompressJob(_EvalSettings):
     def check(self) -> None:
         if self.heal_samples is not None and not self.method.heal:
             raise ConfigError("heal_samples", "applies only with --heal above 0; add --heal STEPS or drop it.")
+        if self.offload:
+            self._check_offload()
+
+    def _check_offload(self) -> None:
+        """What --offload cannot do: each needs the whole model in memory."""
+        m = self.method
+        for name, command in (("eval", "eval"), ("quantize", "quantize")):
+            if getattr(self, name):
+                raise ConfigError(name, f"needs the whole model in memory and does not combine with --offload; drop "
+                                        f"it and run factorkit {command} on the saved folder.")
+        if m.heal:
+            raise ConfigError("offload", "does not combine with --heal, which trains the whole model in memory; "
+                                         "drop one of the two.")
+        if m.method not in OFFLOAD_METHODS:
+            raise ConfigError("offload", f"works with {', '.join(OFFLOAD_METHODS)} (block by block), not {m.method}; "
+                                         "drop --offload or change the method.")
+        if getattr(m, "allocation", "uniform") != "uniform":
+            raise ConfigError("offload", "works with uniform ratios only (global allocation profiles the whole "
+                                         "model at once); drop --allocation global or --offload.")
+        if getattr(m, "group", 1) > 1 or getattr(m, "checkpoint_dir", None):
+            what = "--group" if getattr(m, "group", 1) > 1 else "--checkpoint-dir"
+            raise ConfigError("offload", f"does not combine with {what} yet; drop one of the two.")
+        if self.out is None:
+            raise ConfigError("offload", "writes the compressed blocks to disk as it goes; name the folder with "
+                                         "--out.")
 
 
 @dataclass
@@ -597,7 +630,37 @@ def _run_compress(job: CompressJob, progress: bool, loaded: tuple | None) -> Com
     return report
 
 
+def _offloaded_model(job: CompressJob, loaded: tuple | None, workdir: Path):
+    """The model of ``job.model`` with its blocks on disk (models.offload), and its tokenizer."""
+    from .models.hub import BUILTIN_MODELS, builtin_path
+    from .models.offload import load_offloaded
+
+    if loaded is not None:
+        raise FactorkitError("offload reads the model from disk; call run() without model= or drop offload.")
+    folder = builtin_path(job.model) if job.model in BUILTIN_MODELS else Path(job.model).expanduser()
+    if not (folder / "config.json").is_file() or is_factorkit_dir(folder):
+        raise FactorkitError(f"--offload reads a Hugging Face folder of safetensors weights or a built-in name, and "
+                             f"{job.model} is not one; drop --offload or convert the model.")
+    import transformers
+
+    model = load_offloaded(folder, parse_dtype(job.dtype), workdir)
+    return model, transformers.AutoTokenizer.from_pretrained(folder)
+
+
 def _compress_job(job: CompressJob, progress: bool, loaded: tuple | None, write: bool) -> CompressJobReport:
+    if not job.offload:
+        return _compress_loaded(job, progress, loaded, write)
+    import shutil
+    import tempfile
+
+    workdir = Path(tempfile.mkdtemp(prefix=".factorkit-offload-", dir=Path(job.out).expanduser().resolve().parent))
+    try:
+        return _compress_loaded(job, progress, _offloaded_model(job, loaded, workdir), write)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _compress_loaded(job: CompressJob, progress: bool, loaded: tuple | None, write: bool) -> CompressJobReport:
     from .data import calibration_tokens, eval_tokens
     from .models.files import folder_size
 
@@ -840,4 +903,5 @@ def run(job: CompressJob | QuantizeJob | EvalJob | SpeedJob | PretrainJob | Fine
 
 __all__ = ["CompressJob", "CompressJobReport", "CompressionReport", "CompressionSummary", "EvalJob", "EvalReport",
            "FinetuneJob", "PretrainJob", "QuantizationReport", "QuantizeJob", "QuantizeJobReport", "SpeedJob",
-           "SpeedReport", "TrainJobReport", "compress", "compression_record", "load", "quantize", "run", "save", "stored_bytes", "summarize"]
+           "SpeedReport", "TrainJobReport", "compress", "compression_record", "load", "quantize", "run", "save",
+           "stored_bytes", "summarize"]

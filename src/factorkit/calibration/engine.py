@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..models import offload
 from ..surgery import find_blocks, linear_weight, target_linears
 
 STAT_KINDS = ("gram", "abs_mean")
@@ -199,6 +200,7 @@ def calibrate_groupwise(
         raise ValueError(f"group_size must be at least 1, got {group_size}")
     was_training = model.training
     model.eval()
+    offloaded = offload.store(model)  # blocks kept on disk: each read before its turn, written back after
     try:
         list_name, blocks, hidden, extras = capture_block_inputs(model, data, batch_size)
         bar = tqdm(total=len(blocks), desc=desc, unit="block", disable=not progress)
@@ -206,6 +208,8 @@ def calibrate_groupwise(
             group = list(range(first, min(first + group_size, len(blocks))))
             h, group_stats = hidden, []
             for i in group:
+                if offloaded is not None:
+                    offloaded.materialize(i, blocks[i])
                 # the last block's uncompressed outputs are only needed when nothing reruns it
                 keep = i != group[-1] or not sequential
                 layer_stats, h = _collect_stats(blocks[i], h, extras[i], targets, kinds, keep)
@@ -215,6 +219,9 @@ def calibrate_groupwise(
                 h = hidden
                 for i in group:
                     h = [run_block(blocks[i], x, extras[i][b]) for b, x in enumerate(h)]
+            if offloaded is not None:
+                for i in group:
+                    offloaded.release(i, blocks[i])
             hidden = h
             bar.update(len(group))
         bar.close()

@@ -35,7 +35,7 @@ from .. import __version__, quantization
 from ..errors import FactorkitError
 from ..factors import FACTOR_TYPES, factor_modules
 from ..surgery import replace_module
-from . import factorkit_model
+from . import factorkit_model, offload
 from .files import FACTORKIT_JSON, atomic_dir, first_sentence, read_json
 
 WEIGHTS = "model.safetensors"
@@ -101,7 +101,10 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, overw
         if manifest["modules"] or quantized:
             shutil.copyfile(factorkit_model.__file__, tmp / REMOTE_CODE)
         (tmp / CONFIG).write_text(config_text + "\n")
-        if quantized:
+        offloaded = offload.store(model)
+        if offloaded is not None:  # blocks on disk: streamed tensor by tensor
+            offloaded.write_weights(tmp / WEIGHTS, metadata={"format": "pt"})
+        elif quantized:
             _save_quantized(model, tmp / WEIGHTS)
         else:
             save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})

@@ -1,0 +1,215 @@
+"""CoSpaDi past one process: solve time against matrix size, and one against two processes.
+
+1. Scaling: one whitened CoSpaDi solve (`solvers.dictionary.sparse_dictionary`, ratio 0.2, rho 2, the
+   alternations of bench_eval.py, doubling refresh) of a random (n x n) matrix with the Gram of random inputs,
+   at several n, one thread; a least-squares fit of log time against log n gives the exponent, used to scale
+   the solve times to Llama-3-70B's shapes (the plan in README.md).
+2. Offload: peak resident memory of `factorkit compress` on SmolLM2-135M with and without `--offload`, and
+   whether the saved tensors are identical.
+3. Processes: `factorkit compress --method cospadi` of the first blocks of SmolLM2-135M (its real weights and
+   shapes; the other blocks cut so that the run takes minutes) on one process and under
+   `torchrun --nproc-per-node 2`, each process on one thread, side by side, and whether the saved tensors are
+   identical. Needs both cores free.
+
+    python benchmarks/bench_parallel.py [--sizes 192,288,384,576] [--blocks 2] [--offload svdllm,cospadi]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Results, machine, write_section  # noqa: E402
+
+from factorkit.report import markdown_table  # noqa: E402
+from factorkit.solvers.dictionary import dictionary_budget, sparse_dictionary  # noqa: E402
+
+ITERATIONS = 8  # as bench_eval.py
+RATIO = 0.2
+# Llama-3-70B: 80 blocks of q/o 8192x8192, k/v 1024x8192, gate/up 28672x8192, down 8192x28672
+LLAMA70B = {"q/o": (8192, 8192, 2), "k/v": (1024, 8192, 2), "gate/up": (28672, 8192, 2), "down": (8192, 28672, 1)}
+LLAMA70B_BLOCKS = 80
+
+
+def solve_seconds(out_f: int, in_f: int) -> float:
+    gen = torch.Generator().manual_seed(out_f * 7 + in_f)
+    W = torch.randn(out_f, in_f, generator=gen) / in_f ** 0.5
+    X = torch.randn(4 * in_f, in_f, generator=gen) @ (torch.randn(in_f, in_f, generator=gen) / in_f ** 0.5)
+    gram = (X.T @ X).double()
+    k, s = dictionary_budget(in_f, out_f, RATIO)
+    t = time.perf_counter()
+    sparse_dictionary([W], k, s, gram=gram, iterations=ITERATIONS, refresh="doubling", seed=0)
+    return time.perf_counter() - t
+
+
+def measure_scaling(results: Results, sizes: list[int]) -> None:
+    for n in sizes:
+        key = f"scaling/{n}"
+        if key not in results:
+            results.put(key, {"seconds": solve_seconds(n, n), "load": os.getloadavg()[0]})
+            print(key, results[key], flush=True)
+
+
+def fit(results: Results) -> tuple[float, float, list[int]] | None:
+    """(exponent b, constant a) of seconds = a n^b over the measured square sizes."""
+    points = sorted((int(k.split("/")[1]), v["seconds"]) for k, v in results.items.items() if k.startswith("scaling/"))
+    if len(points) < 2:
+        return None
+    xs, ys = [math.log(n) for n, _ in points], [math.log(t) for _, t in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return b, math.exp(my - b * mx), [n for n, _ in points]
+
+
+def predicted(a: float, b: float, out_f: int, in_f: int) -> float:
+    """A solve of an (out x in) matrix, scaled by its size as the square fit scales with n^2 numbers."""
+    return a * math.sqrt(out_f * in_f) ** b
+
+
+def truncated_model(blocks: int, folder: Path) -> None:
+    from factorkit.models import load
+
+    model, tok = load("smollm2-135m")
+    model.model.layers = model.model.layers[:blocks]
+    model.config.num_hidden_layers = blocks
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:blocks]
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+def measure_processes(results: Results, blocks: int) -> None:
+    key = f"processes/{blocks}"
+    if key in results:
+        return
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        truncated_model(blocks, tmp / "model")
+        args = ["-q", "compress", "--model", str(tmp / "model"), "--method", "cospadi", "--ratio", str(RATIO),
+                "--iterations", str(ITERATIONS), "--calib", "general"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        row = {"load": os.getloadavg()[0]}
+        for label, launcher in (("1 process", [sys.executable, "-m", "factorkit.cli"]),
+                                ("2 processes", [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                                                 "2", "-m", "factorkit.cli"])):
+            out = tmp / label.replace(" ", "-")
+            argv = launcher + args + ["--out", str(out)]
+            t = time.perf_counter()
+            subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL)
+            row[label] = time.perf_counter() - t
+            print(label, f"{row[label]:.1f} s", flush=True)
+        one, two = (load_file(tmp / name / "model.safetensors") for name in ("1-process", "2-processes"))
+        row["identical"] = one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+        results.put(key, row)
+
+
+def peak_rss(argv: list[str]) -> tuple[float, int]:
+    """(wall seconds, peak resident bytes) of a command, from /usr/bin/time -v."""
+    t = time.perf_counter()
+    done = subprocess.run(["/usr/bin/time", "-v", *argv], env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    kib = next(int(line.split(":")[1]) for line in done.stderr.splitlines() if "Maximum resident set size" in line)
+    return time.perf_counter() - t, kib * 1024
+
+
+def measure_offload(results: Results, method: str, iterations: int) -> None:
+    key = f"offload/{method}"
+    if key in results:
+        return
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        args = [sys.executable, "-m", "factorkit.cli", "-q", "compress", "--model", "smollm2-135m", "--method",
+                method, "--ratio", str(RATIO), "--calib", "general"]
+        if method == "cospadi":
+            args += ["--iterations", str(iterations)]
+        row = {"load": os.getloadavg()[0], "iterations": iterations if method == "cospadi" else None}
+        for label, extra in (("in memory", []), ("offload", ["--offload"])):
+            seconds, peak = peak_rss(args + extra + ["--out", str(tmp / label.replace(" ", "-"))])
+            row[label] = {"seconds": seconds, "peak_bytes": peak}
+            print(key, label, row[label], flush=True)
+        one, two = (load_file(tmp / name / "model.safetensors") for name in ("in-memory", "offload"))
+        row["identical"] = one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+        results.put(key, row)
+
+
+def report(results: Results) -> None:
+    parts = []
+    offloads = [(k.split("/")[1], r) for k, r in results.items.items() if k.startswith("offload/")]
+    if offloads:
+        rows = [[method + (f" ({r['iterations']} alternations)" if r.get("iterations") else ""),
+                 f"{r['in memory']['peak_bytes'] / 2**20:.0f}", f"{r['offload']['peak_bytes'] / 2**20:.0f}",
+                 f"{r['offload']['peak_bytes'] / r['in memory']['peak_bytes']:.2f}",
+                 f"{r['in memory']['seconds']:.0f}", f"{r['offload']['seconds']:.0f}",
+                 "yes" if r["identical"] else "NO"] for method, r in offloads]
+        parts.append(f"""**Offloaded compression** (`factorkit compress --model smollm2-135m --method M --ratio {RATIO} --calib
+general`, with and without `--offload`; peak resident memory of the whole process from `/usr/bin/time -v`,
+Python, torch and transformers included):
+
+{markdown_table(["method", "peak MiB in memory", "peak MiB offloaded", "offloaded / in memory",
+                 "wall s in memory", "wall s offloaded", "saved tensors identical"], rows)}""")
+    scaled = fit(results)
+    if scaled:
+        b, a, sizes = scaled
+        rows = [[n, f"{results[f'scaling/{n}']['seconds']:.1f}", f"{a * n ** b:.1f}"] for n in sizes]
+        total = sum(predicted(a, b, o, i) * count for o, i, count in LLAMA70B.values()) * LLAMA70B_BLOCKS
+        shapes = [[name, f"{o}x{i}", f"{predicted(a, b, o, i) / 3600:.1f}"] for name, (o, i, _) in LLAMA70B.items()]
+        parts.append(f"""**Solve time against size** (one whitened CoSpaDi solve of a random n x n matrix, ratio {RATIO},
+rho 2, {ITERATIONS} alternations, doubling refresh, one thread): seconds = {a:.3g} n^{b:.2f} fitted by least
+squares on log-log.
+
+{markdown_table(["n", "measured s", "fit s"], rows)}
+
+Scaled to Llama-3-70B's shapes (by n = sqrt(out x in), one CPU thread): {markdown_table(["matrix", "shape", "hours per solve"], shapes)}
+all {LLAMA70B_BLOCKS} blocks: {total / 3600:.0f} single-thread CPU hours.""")
+    for key, row in results.items.items():
+        if key.startswith("processes/"):
+            parts.append(f"""**One process against two** (`factorkit compress --method cospadi --ratio {RATIO} --iterations
+{ITERATIONS} --calib general` on SmolLM2-135M cut to its first {key.split('/')[1]} blocks; the second run under
+`torchrun --nproc-per-node 2`; one thread per process): {row['1 process']:.0f} s against {row['2 processes']:.0f} s,
+{row['1 process'] / row['2 processes']:.2f}x faster; saved tensors identical: {'yes' if row['identical'] else 'NO'}.""")
+    if parts:
+        load = max(r.get("load") or 0.0 for r in results.items.values())
+        shared = f" The load average was {load:.1f} during these runs." if load > 0.5 else ""
+        write_section("parallel", f"""## CoSpaDi past one process
+
+`python benchmarks/bench_parallel.py` ({results.measured()}; {machine()}).{shared}
+
+""" + "\n\n".join(parts))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="192,288,384,576")
+    ap.add_argument("--blocks", type=int, default=2)
+    ap.add_argument("--report", action="store_true")
+    ap.add_argument("--skip-processes", action="store_true")
+    ap.add_argument("--offload", default="svdllm", help="methods whose offloaded peak memory to measure")
+    ap.add_argument("--offload-iterations", type=int, default=1, help="CoSpaDi's alternations in that run")
+    args = ap.parse_args()
+    results = Results("parallel", {"ratio": RATIO, "iterations": ITERATIONS})
+    if not args.report:
+        measure_scaling(results, [int(n) for n in args.sizes.split(",")])
+        for method in filter(None, args.offload.split(",")):
+            measure_offload(results, method, args.offload_iterations)
+        if not args.skip_processes:
+            measure_processes(results, args.blocks)
+    report(results)
+
+
+if __name__ == "__main__":
+    main()
