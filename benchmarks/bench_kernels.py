@@ -306,6 +306,18 @@ def busy(load: float | None) -> str:
             "each process on one thread)." if load and load > 0.5 else "")
 
 
+def quant_table(results: Results, prefix: str, cells) -> tuple[list[list], list[dict]]:
+    """(table rows: shape, tokens, nn.Linear time, then cells(row); the result rows) of the items under prefix."""
+    rows, found = [], []
+    for label in SHAPES:
+        for tokens in QUANT_TOKENS:
+            r = results.items.get(f"{prefix}/{label}/{tokens}")
+            if r:
+                found.append(r)
+                rows.append([label, tokens, f"{r['dense'] * 1e6:.0f}", *cells(r)])
+    return rows, found
+
+
 def report(results: Results) -> None:
     sections = []
     for dname in DTYPES:
@@ -355,15 +367,9 @@ activations; factorkit's int8 kernel runs up to 8 tokens (decode), torchao's pat
 
 """ + markdown_table(["model", "decode tok/s", "vs dense", "prefill 512 (ms)", "vs dense", "held MiB", "vs dense"],
                      rows))
-    rows, quant_rows = [], []
-    for label in SHAPES:
-        for tokens in QUANT_TOKENS:
-            r = results.items.get(f"quant/{label}/{tokens}")
-            if r:
-                quant_rows.append(r)
-                rows.append([label, tokens, f"{r['dense'] * 1e6:.0f}"]
-                            + [f"{r['dense'] / r[k]:.2f}x" for s in QUANT_SCHEMES for k in (s, f"{s}-torchao")]
-                            + [f"{r['bytes']['dense'] / r['bytes'][s]:.2f}x" for s in QUANT_SCHEMES])
+    rows, quant_rows = quant_table(results, "quant", lambda r: (
+        [f"{r['dense'] / r[k]:.2f}x" for s in QUANT_SCHEMES for k in (s, f"{s}-torchao")]
+        + [f"{r['bytes']['dense'] / r['bytes'][s]:.2f}x" for s in QUANT_SCHEMES]))
     if rows:
         sections.append("""**Quantized weights** (`factorkit.quantize`: int8 with a scale per row, int4 with a scale per 32
 numbers, held one per byte by torchao), float32 activations: factorkit's compiled int8 kernel
@@ -373,16 +379,9 @@ as speed against the float32 nn.Linear; ideal = float32 bytes / bytes the quanti
 
 """ + markdown_table(["shape", "tokens", "nn.Linear (us)", "int8 kernel", "int8 torchao", "int4 kernel",
                       "int4 torchao", "int8 ideal", "int4 ideal"], rows))
-    rows, dict_rows = [], []
-    for label in SHAPES:
-        for tokens in QUANT_TOKENS:
-            r = results.items.get(f"quant-dict/{label}/{tokens}")
-            if r:
-                dict_rows.append(r)
-                b = r["bytes"]
-                rows.append([label, tokens, f"{r['dense'] * 1e6:.0f}"]
-                            + [f"{r['dense'] / r[k]:.2f}x ({b['dense'] / b[k]:.2f}x)"
-                               for k in ("dict", *(f"dict+{s}" for s in QUANT_SCHEMES))])
+    rows, dict_rows = quant_table(results, "quant-dict", lambda r: [
+        f"{r['dense'] / r[k]:.2f}x ({r['bytes']['dense'] / r['bytes'][k]:.2f}x)"
+        for k in ("dict", *(f"dict+{s}" for s in QUANT_SCHEMES))])
     if rows:
         sections.append(f"""**Quantized dictionaries**: DictionaryLinear at ratio {RATIO} with its atoms and values quantized
 by `factorkit.quantize` (int8 per row, int4 per 32 numbers), float32 activations; the atoms through the int8
