@@ -11,7 +11,7 @@
    `torchrun --nproc-per-node 2`, each process on one thread, side by side, and whether the saved tensors are
    identical. Needs both cores free.
 
-    python benchmarks/bench_parallel.py [--sizes 192,288,384,576] [--blocks 2] [--offload svdllm,cospadi]
+    python benchmarks/bench_parallel.py [--sizes 192,288,384,576,768,1152,1536] [--blocks 2] [--offload svdllm,cospadi]
 """
 
 from __future__ import annotations
@@ -62,8 +62,10 @@ def measure_scaling(results: Results, sizes: list[int]) -> None:
 
 
 def fit(results: Results) -> tuple[float, float, list[int]] | None:
-    """(exponent b, constant a) of seconds = a n^b over the measured square sizes."""
+    """(exponent b, constant a, sizes fitted) of seconds = a n^b over the three largest measured square sizes
+    (at small sizes fixed costs flatten the curve)."""
     points = sorted((int(k.split("/")[1]), v["seconds"]) for k, v in results.items.items() if k.startswith("scaling/"))
+    points = points[-3:]
     if len(points) < 2:
         return None
     xs, ys = [math.log(n) for n, _ in points], [math.log(t) for _, t in points]
@@ -165,12 +167,14 @@ Python, torch and transformers included):
     scaled = fit(results)
     if scaled:
         b, a, sizes = scaled
-        rows = [[n, f"{results[f'scaling/{n}']['seconds']:.1f}", f"{a * n ** b:.1f}"] for n in sizes]
+        every = sorted(int(k.split("/")[1]) for k in results.items if k.startswith("scaling/"))
+        rows = [[n, f"{results[f'scaling/{n}']['seconds']:.2f}", f"{a * n ** b:.2f}" if n in sizes else "-"]
+                for n in every]
         total = sum(predicted(a, b, o, i) * count for o, i, count in LLAMA70B.values()) * LLAMA70B_BLOCKS
         shapes = [[name, f"{o}x{i}", f"{predicted(a, b, o, i) / 3600:.1f}"] for name, (o, i, _) in LLAMA70B.items()]
         parts.append(f"""**Solve time against size** (one whitened CoSpaDi solve of a random n x n matrix, ratio {RATIO},
-rho 2, {ITERATIONS} alternations, doubling refresh, one thread): seconds = {a:.3g} n^{b:.2f} fitted by least
-squares on log-log.
+rho 2, {ITERATIONS} alternations, doubling refresh, one thread): seconds = {a:.3g} n^{b:.2f}, fitted by least
+squares on log-log over n = {", ".join(map(str, sizes))}.
 
 {markdown_table(["n", "measured s", "fit s"], rows)}
 
@@ -194,7 +198,7 @@ all {LLAMA70B_BLOCKS} blocks: {total / 3600:.0f} single-thread CPU hours.""")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="192,288,384,576")
+    ap.add_argument("--sizes", default="192,288,384,576,768,1152,1536")
     ap.add_argument("--blocks", type=int, default=2)
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--skip-processes", action="store_true")

@@ -55,7 +55,9 @@ class Results:
         RESULTS.mkdir(parents=True, exist_ok=True)
         self.path = RESULTS / f"{name}.json"
         self.settings = settings
-        data = json.loads(self.path.read_text()) if self.path.exists() and not fresh else {}
+        if fresh and self.path.exists():  # kept beside, out of the way of put's merging
+            os.replace(self.path, self.path.with_suffix(".json.old"))
+        data = json.loads(self.path.read_text()) if self.path.exists() else {}
         self.items: dict = data.get("items", {}) if data.get("settings") == settings else {}
         # the day each item was measured; items stored before dates were kept count as measured on the day
         # BENCHMARKS.md gave them (UNDATED), else on the day the file was last written

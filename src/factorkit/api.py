@@ -154,9 +154,10 @@ def compress(model: nn.Module, config: CompressionConfig, data: torch.Tensor | N
         if not config.heal:
             raise FactorkitError("heal_data is only used with heal > 0; set heal in the config or drop heal_data.")
         _check_data(model, heal_data)
-    targeted = model_targets(model, config.targets)
-    for name, linear in targeted.items():  # (offloaded blocks: checked as each is read)
-        weight = linear_weight(linear)
+    # names only: holding the Linears would keep every dense weight alive while the method replaces them
+    targeted = list(model_targets(model, config.targets))
+    for name in targeted:  # (offloaded blocks: checked as each is read)
+        weight = linear_weight(model.get_submodule(name))
         if not weight.is_meta and not bool(torch.isfinite(weight).all()):
             raise FactorkitError(f"the weight of {name} holds NaN or infinite values; compress a model with finite "
                                  "weights (check how it was loaded or trained).")
