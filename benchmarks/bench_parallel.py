@@ -54,10 +54,10 @@ def solve_seconds(out_f: int, in_f: int) -> float:
 
 
 def measure_scaling(results: Results, sizes: list[int]) -> None:
-    for n in sizes:
-        key = f"scaling/{n}"
+    shapes = [(f"scaling/{n}", n, n) for n in sizes] + [(f"scaling-rect/{o}x{i}", o, i) for o, i in RECTANGLES]
+    for key, out_f, in_f in shapes:
         if key not in results:
-            results.put(key, {"seconds": solve_seconds(n, n), "load": os.getloadavg()[0]})
+            results.put(key, {"seconds": solve_seconds(out_f, in_f), "load": os.getloadavg()[0]})
             print(key, results[key], flush=True)
 
 
@@ -74,9 +74,18 @@ def fit(results: Results) -> tuple[float, float, list[int]] | None:
     return b, math.exp(my - b * mx), [n for n, _ in points]
 
 
+SIGMA = dictionary_budget(1000, 1000, RATIO)[1] / 1000  # nonzeros per row / n of a square matrix
+
+
 def predicted(a: float, b: float, out_f: int, in_f: int) -> float:
-    """A solve of an (out x in) matrix, scaled by its size as the square fit scales with n^2 numbers."""
-    return a * math.sqrt(out_f * in_f) ** b
+    """A solve of an (out x in) matrix from the square fit a n^b read as out rows, each costing as a row of the
+    square matrix with the same nonzeros per row s: a * out * (s / SIGMA)^(b - 1) (sparse coding, whose cost
+    per row grows with s, dominates)."""
+    s = dictionary_budget(in_f, out_f, RATIO)[1]
+    return a * out_f * (s / SIGMA) ** (b - 1)
+
+
+RECTANGLES = ((1536, 384), (384, 1536))  # 4:1 and 1:4, as gate/up and down
 
 
 def truncated_model(blocks: int, folder: Path) -> None:
@@ -171,15 +180,23 @@ Python, torch and transformers included):
         rows = [[n, f"{results[f'scaling/{n}']['seconds']:.2f}", f"{a * n ** b:.2f}" if n in sizes else "-"]
                 for n in every]
         total = sum(predicted(a, b, o, i) * count for o, i, count in LLAMA70B.values()) * LLAMA70B_BLOCKS
-        shapes = [[name, f"{o}x{i}", f"{predicted(a, b, o, i) / 3600:.1f}"] for name, (o, i, _) in LLAMA70B.items()]
+        rect = "; ".join(f"{o}x{i}: measured {r['seconds']:.1f} s, predicted {predicted(a, b, o, i):.1f} s"
+                         for o, i in RECTANGLES if (r := results.items.get(f"scaling-rect/{o}x{i}")))
+        shapes = [[name, f"{o}x{i}", f"{predicted(a, b, o, i) / 3600:.2f}"] for name, (o, i, _) in LLAMA70B.items()]
         parts.append(f"""**Solve time against size** (one whitened CoSpaDi solve of a random n x n matrix, ratio {RATIO},
 rho 2, {ITERATIONS} alternations, doubling refresh, one thread): seconds = {a:.3g} n^{b:.2f}, fitted by least
 squares on log-log over n = {", ".join(map(str, sizes))}.
 
 {markdown_table(["n", "measured s", "fit s"], rows)}
 
-Scaled to Llama-3-70B's shapes (by n = sqrt(out x in), one CPU thread): {markdown_table(["matrix", "shape", "hours per solve"], shapes)}
-all {LLAMA70B_BLOCKS} blocks: {total / 3600:.0f} single-thread CPU hours.""")
+Rectangular matrices, read as out rows each costing as a row of the square matrix with the same nonzeros per
+row s (seconds = a out (s / {SIGMA:.3f})^(b-1), sparse coding dominating): {rect}.
+
+Scaled to Llama-3-70B's shapes that way (one CPU thread):
+
+{markdown_table(["matrix", "shape", "hours per solve"], shapes)}
+
+All {LLAMA70B_BLOCKS} blocks: {total / 3600:,.0f} single-thread CPU hours.""")
     for key, row in results.items.items():
         if key.startswith("processes/"):
             parts.append(f"""**One process against two** (`factorkit compress --method cospadi --ratio {RATIO} --iterations
