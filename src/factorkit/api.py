@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import copy
 import os
-from pathlib import Path
 import time
 import weakref
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
