@@ -28,6 +28,7 @@ from common import Results, machine, write_section  # noqa: E402
 
 from factorkit import kernels  # noqa: E402
 from factorkit.eval.latency import best_time  # noqa: E402
+from factorkit.eval.speed import held_bytes  # noqa: E402
 from factorkit.factors import DictionaryLinear, LowRankLinear  # noqa: E402
 from factorkit.report import markdown_table  # noqa: E402
 from factorkit.solvers.dictionary import dictionary_budget  # noqa: E402
@@ -145,18 +146,6 @@ E2E_MODEL = "smollm2-135m"
 E2E_NEW_TOKENS = 64
 E2E_PROMPT = 16
 E2E_PREFILL = 512
-
-
-def held_bytes(model: nn.Module) -> int:
-    """Bytes the model holds: parameters (quantized ones as torchao holds them), buffers, and the index caches
-    the torch kernels build."""
-    from factorkit.quantization import tensor_bytes
-
-    total = sum(tensor_bytes(t, packed=False) for t in list(model.parameters()) + list(model.buffers()))
-    for module in model.modules():
-        cached = module.__dict__.get("_indices_cache")
-        total += 0 if cached is None else cached[1].numel() * cached[1].element_size()
-    return total
 
 
 def dictionary_model(model: nn.Module, ratio: float = RATIO) -> nn.Module:

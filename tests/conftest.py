@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import torch
 import transformers
@@ -44,6 +46,13 @@ def tiny_qwen2(seed: int = 0, vocab: int = 256) -> transformers.Qwen2ForCausalLM
 
 def tiny_mistral(seed: int = 0, vocab: int = 256) -> transformers.MistralForCausalLM:
     return _tiny_gqa(transformers.MistralConfig, transformers.MistralForCausalLM, seed, vocab, sliding_window=16)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a process group of the test's own processes)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def with_train(cls, **settings):

@@ -2,7 +2,6 @@
 gloo compression that saves the same tensors as one process."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,8 @@ from safetensors.torch import load_file
 
 from factorkit.cli import main
 from factorkit.parallel import Team
+
+from conftest import free_port
 
 
 def test_problems_go_largest_first_to_the_least_loaded_process():
@@ -21,12 +22,6 @@ def test_problems_go_largest_first_to_the_least_loaded_process():
     assert max(loads) - min(loads) <= max(costs)  # never further apart than one problem
     assert Team().owners(costs) == [0] * 5
     assert Team(0, 3).owners([1.0, 1.0, 1.0]) == [0, 1, 2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, argv: list[str], cache: str) -> None:
@@ -45,7 +40,7 @@ def test_two_processes_save_the_tensors_of_one(model_dir, text_file, tmp_path, c
         assert main([*args, "--out", str(tmp_path / "one")]) == 0
     finally:
         torch.set_num_threads(threads)
-    mp.spawn(_worker, args=(2, _free_port(), [*args, "--out", str(tmp_path / "two")],
+    mp.spawn(_worker, args=(2, free_port(), [*args, "--out", str(tmp_path / "two")],
                             os.environ.get("FACTORKIT_CACHE", str(tmp_path / "cache"))), nprocs=2)
     one, two = (load_file(tmp_path / name / "model.safetensors") for name in ("one", "two"))
     assert one.keys() == two.keys() and any(k.endswith(".support") for k in one)

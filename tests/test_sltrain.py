@@ -3,7 +3,6 @@ process, on two (gloo DDP), through the command line and after a resume."""
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from factorkit.training.sltrain import SLTrainConfig, parameterize
 from factorkit.solvers.sparsity import random_support
 from factorkit.workflows.pretrain import PretrainConfig, leave_distributed, pretrain
 
-from conftest import with_train, SAMPLE_TEXT, tiny_llama
+from conftest import with_train, SAMPLE_TEXT, free_port, tiny_llama
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "max_position_embeddings": 64}
@@ -144,12 +143,6 @@ def _config(text, config, **kw) -> PretrainConfig:
     return with_train(PretrainConfig, **settings)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, config: PretrainConfig, out: str, cache: str) -> None:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "FACTORKIT_CACHE": cache})
@@ -163,7 +156,7 @@ def test_two_process_ddp_matches_one_process(tiny_setup, tmp_path):
     text, config = tiny_setup
     cfg = _config(text, config, steps=4, grad_accum=2)
     single = pretrain(cfg, progress=False)
-    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg, str(tmp_path), os.environ["FACTORKIT_CACHE"]), nprocs=2)
+    mp.spawn(_ddp_worker, args=(2, free_port(), cfg, str(tmp_path), os.environ["FACTORKIT_CACHE"]), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for key, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][key]), key  # identical across ranks
@@ -245,7 +238,7 @@ def test_two_process_fsdp_resumes_and_matches_one_process(tiny_setup, tmp_path):
     single = pretrain(_config(text, config, steps=4, grad_accum=2), progress=False)
     ckpt = tmp_path / "ckpt"
     cfg = _config(text, config, steps=4, grad_accum=2, parallel="fsdp", checkpoint_dir=str(ckpt), checkpoint_every=1)
-    mp.spawn(_fsdp_worker, args=(2, _free_port(), cfg, str(tmp_path), os.environ["FACTORKIT_CACHE"]), nprocs=2)
+    mp.spawn(_fsdp_worker, args=(2, free_port(), cfg, str(tmp_path), os.environ["FACTORKIT_CACHE"]), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert not ranks[0]["resumed_from_sharded"]  # the result is a whole, plain model on every process
     assert ranks[0]["first"] == ranks[0]["losses"][:2] and len(ranks[0]["losses"]) == 4

@@ -90,12 +90,7 @@ def held_bytes(model: nn.Module) -> int:
     holds them) and the int32 index copies the torch kernels of DictionaryLinear cache."""
     from ..quantization import tensor_bytes
 
-    seen: set[int] = set()
-    total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += tensor_bytes(t, packed=False)
+    total = sum(tensor_bytes(t, packed=False) for t in [*model.parameters(), *model.buffers()])  # each once
     for module in model.modules():
         cached = module.__dict__.get("_indices_cache")
         total += 0 if cached is None else cached[1].numel() * cached[1].element_size()
@@ -116,9 +111,10 @@ def release_memory() -> None:
     start from what is live."""
     gc.collect()
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): freed pages stay with the process, peaks read higher
+        return
+    libc.malloc_trim(0)
 
 
 class PeakResident:

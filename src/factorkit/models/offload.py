@@ -19,6 +19,7 @@ from typing import Iterable
 
 import torch
 import transformers
+from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -32,17 +33,6 @@ _STORES: "weakref.WeakKeyDictionary[nn.Module, OffloadedBlocks]" = weakref.WeakK
 _CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
           torch.bool: "BOOL"}
-
-
-def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Replace parameter or buffer ``name`` (dotted) of ``module`` by ``value``, keeping its kind."""
-    owner_name, _, attr = name.rpartition(".")
-    owner = module.get_submodule(owner_name) if owner_name else module
-    if attr in owner._parameters:
-        old = owner._parameters[attr]
-        owner._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad if old is not None else False)
-    else:
-        owner._buffers[attr] = value
 
 
 class OffloadedBlocks:
@@ -76,7 +66,7 @@ class OffloadedBlocks:
                             raise FactorkitError(f"the weight {prefix + name} holds NaN or infinite values; compress "
                                                  "a model with finite weights (check how it was saved or trained).")
                         tensor = tensor.to(dtype)
-                    _set(block, name, tensor)
+                    set_module_tensor_to_device(block, name, "cpu", value=tensor)
 
     def release(self, index: int, block: nn.Module) -> None:
         """Keep block ``index`` (compressed) in the work folder and free its memory."""
@@ -88,7 +78,7 @@ class OffloadedBlocks:
             self.done[index] = file
         for name, tensor in block.state_dict(keep_vars=True).items():
             if not tensor.is_meta:
-                _set(block, name, torch.empty_like(tensor, device="meta"))
+                set_module_tensor_to_device(block, name, "meta")
 
     def write_weights(self, file: Path, metadata: dict[str, str] | None = None) -> None:
         """model.safetensors of the whole model, streamed tensor by tensor, as safetensors' save_model writes
@@ -193,7 +183,8 @@ def load_offloaded(folder: Path, dtype: torch.dtype, workdir: Path) -> nn.Module
         if name in files:
             with safe_open(str(files[name]), framework="pt") as f:
                 tensor = f.get_tensor(name)
-            _set(model, name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+            value = tensor.to(dtype) if tensor.is_floating_point() else tensor
+            set_module_tensor_to_device(model, name, "cpu", value=value)
     model.tie_weights()
     still = [n for n, t in model.state_dict(keep_vars=True).items()
              if t.is_meta and not n.startswith(list_name + ".")]
