@@ -40,6 +40,31 @@ RATIO = 0.2
 # Llama-3-70B: 80 blocks of q/o 8192x8192, k/v 1024x8192, gate/up 28672x8192, down 8192x28672
 LLAMA70B = {"q/o": (8192, 8192, 2), "k/v": (1024, 8192, 2), "gate/up": (28672, 8192, 2), "down": (8192, 28672, 1)}
 LLAMA70B_BLOCKS = 80
+LLAMA70B_VOCAB, LLAMA70B_HIDDEN = 128256, 8192
+PLAN_WINDOWS, PLAN_SEQ = 128, 2048  # calibration windows of the plan
+PROCESSES = 8
+
+
+def memory_plan() -> dict[str, float]:
+    """GB that --offload holds for Llama-3-70B: embedding and head (bfloat16), one block in bfloat16 and in
+    float32 while solved, the calibration hidden states in and out of a block (bfloat16), the block's Grams
+    (float64: one per distinct input, q/k/v, o, gate/up of width 8192 and down of width 28672)."""
+    block = sum(o * i * count for o, i, count in LLAMA70B.values())
+    gb = 1e9
+    return {"embedding and head": 2 * LLAMA70B_VOCAB * LLAMA70B_HIDDEN * 2 / gb,
+            "block, float32": block * 4 / gb,
+            "hidden states in and out": 2 * PLAN_WINDOWS * PLAN_SEQ * LLAMA70B_HIDDEN * 2 / gb,
+            "Grams, float64": (3 * 8192 ** 2 + 28672 ** 2) * 8 / gb,
+            "model in memory, bfloat16": (block * LLAMA70B_BLOCKS + 2 * LLAMA70B_VOCAB * LLAMA70B_HIDDEN) * 2 / gb}
+
+
+def processes_plan(hours: dict[str, float]) -> float:
+    """Hours per block when PROCESSES processes share its solves whole (largest first to the least loaded)."""
+    from factorkit.parallel import Team
+
+    costs = [hours[name] for name, (_, _, count) in LLAMA70B.items() for _ in range(count)]
+    owners = Team(0, PROCESSES).owners(costs)
+    return max(sum(c for c, o in zip(costs, owners) if o == r) for r in range(PROCESSES))
 
 
 def solve_seconds(out_f: int, in_f: int) -> float:
@@ -180,6 +205,8 @@ Python, torch and transformers included):
         rows = [[n, f"{results[f'scaling/{n}']['seconds']:.2f}", f"{a * n ** b:.2f}" if n in sizes else "-"]
                 for n in every]
         total = sum(predicted(a, b, o, i) * count for o, i, count in LLAMA70B.values()) * LLAMA70B_BLOCKS
+        per_block = processes_plan({name: predicted(a, b, o, i) / 3600 for name, (o, i, _) in LLAMA70B.items()})
+        memory = memory_plan()
         rect = "; ".join(f"{o}x{i}: measured {r['seconds']:.1f} s, predicted {predicted(a, b, o, i):.1f} s"
                          for o, i in RECTANGLES if (r := results.items.get(f"scaling-rect/{o}x{i}")))
         shapes = [[name, f"{o}x{i}", f"{predicted(a, b, o, i) / 3600:.2f}"] for name, (o, i, _) in LLAMA70B.items()]
@@ -196,7 +223,16 @@ Scaled to Llama-3-70B's shapes that way (one CPU thread):
 
 {markdown_table(["matrix", "shape", "hours per solve"], shapes)}
 
-All {LLAMA70B_BLOCKS} blocks: {total / 3600:,.0f} single-thread CPU hours.""")
+{total / 3600 / LLAMA70B_BLOCKS:,.0f} h per block; all {LLAMA70B_BLOCKS} blocks: {total / 3600:,.0f} single-thread CPU hours. Shared whole among {PROCESSES}
+processes (torchrun; largest first to the least loaded) a block takes {per_block:,.0f} h: {LLAMA70B_BLOCKS} blocks in
+{LLAMA70B_BLOCKS * per_block:,.0f} h, {total / 3600 / (LLAMA70B_BLOCKS * per_block):.1f}x one process. To finish in a
+day on {PROCESSES} GPUs with the rows of each solve split among them, each GPU would need
+{total / 3600 / PROCESSES / 24:,.0f}x the speed of one CPU thread.
+
+Memory that `--offload` holds for Llama-3-70B ({PLAN_WINDOWS} calibration windows of {PLAN_SEQ} tokens), GB:
+{", ".join(f"{k} {v:.1f}" for k, v in memory.items() if not k.startswith("model"))}; together
+{sum(v for k, v in memory.items() if not k.startswith("model")):.1f}, against {memory["model in memory, bfloat16"]:.0f}
+for the model alone in memory.""")
     for key, row in results.items.items():
         if key.startswith("processes/"):
             parts.append(f"""**One process against two** (`factorkit compress --method cospadi --ratio {RATIO} --iterations
