@@ -3,6 +3,9 @@ process, on two (gloo DDP), through the command line and after a resume."""
 
 import json
 import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ from safetensors.torch import load_file
 
 import factorkit as fk
 from factorkit.cli import main
+from factorkit.errors import FactorkitError
 from factorkit.eval import peak_memory
 from factorkit.factors import LowRankLinear, SparseLowRankLinear, factor_modules
 from factorkit.training.sltrain import SLTrainConfig, parameterize
@@ -225,17 +229,28 @@ def _fsdp_worker(rank: int, world: int, port: int, config: PretrainConfig, out: 
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "FACTORKIT_CACHE": cache})
     torch.set_num_threads(1)
-    first = pretrain(config, progress=False, stop_after=2)  # interrupted after step 2 ...
-    result = pretrain(config, progress=False)  # ... and resumed from the gathered checkpoint, sharded again
+    ckpt = Path(config.train.checkpoint_dir)
+    first = pretrain(config, progress=False, stop_after=2)  # interrupted after step 2 (a sharded DCP state) ...
+    if rank == 0:
+        shutil.copytree(ckpt, Path(out) / "dcp-at-2")  # kept for the one-process resume in the test
+    torch.distributed.barrier()
+    result = pretrain(config, progress=False)  # ... and resumed from it, sharded again
+    # a gathered (single-file) state written by one process resumes sharded too
+    gathered = pretrain(replace(config, train=replace(config.train, checkpoint_dir=str(Path(out) / "gathered"))),
+                        progress=False)
     torch.save({"state": result.model.state_dict(), "losses": result.losses, "first": first.losses,
+                "gathered": gathered.model.state_dict(), "gathered_losses": gathered.losses,
                 "resumed_from_sharded": any(type(p).__name__ == "DTensor" for p in first.model.parameters())},
                f"{out}/rank{rank}.pt")
     leave_distributed()
 
 
-def test_two_process_fsdp_resumes_and_matches_one_process(tiny_setup, tmp_path):
+def test_two_process_fsdp_dcp_state_resumes_on_one_process(tiny_setup, tmp_path):
     text, config = tiny_setup
     single = pretrain(_config(text, config, steps=4, grad_accum=2), progress=False)
+    # a one-process state at step 2 in the single-file format, for the sharded run to resume from
+    pretrain(_config(text, config, steps=4, grad_accum=2, checkpoint_dir=str(tmp_path / "gathered"), checkpoint_every=1),
+             progress=False, stop_after=2)
     ckpt = tmp_path / "ckpt"
     cfg = _config(text, config, steps=4, grad_accum=2, parallel="fsdp", checkpoint_dir=str(ckpt), checkpoint_every=1)
     mp.spawn(_fsdp_worker, args=(2, free_port(), cfg, str(tmp_path), os.environ["FACTORKIT_CACHE"]), nprocs=2)
@@ -245,9 +260,37 @@ def test_two_process_fsdp_resumes_and_matches_one_process(tiny_setup, tmp_path):
     for key, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][key]), key
         torch.testing.assert_close(value, single.model.state_dict()[key], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(ranks[0]["gathered"][key], single.model.state_dict()[key], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(single.losses), rtol=1e-5, atol=1e-6)
-    # the gathered checkpoint is whole: one process reads it back (here: a finished run, nothing left to train)
-    again = pretrain(_config(text, config, steps=4, grad_accum=2, checkpoint_dir=str(ckpt)), progress=False)
-    assert again.losses == ranks[0]["losses"]
-    for key, value in ranks[0]["state"].items():
-        assert torch.equal(value, again.model.state_dict()[key]), key
+    torch.testing.assert_close(torch.tensor(ranks[0]["gathered_losses"]), torch.tensor(single.losses),
+                               rtol=1e-5, atol=1e-6)
+    # the sharded state: one safetensors file per process, no pickled DCP .metadata, nothing gathered
+    saved = tmp_path / "dcp-at-2"
+    state = json.loads((saved / "train_state.json").read_text())
+    assert state["format"] == "dcp" and state["step"] == 2
+    files = sorted(p.name for p in (saved / state["tensors"]).iterdir())
+    assert len(files) == 2 and all(f.endswith(".safetensors") for f in files), files
+    assert not list(saved.rglob(".metadata")) and not list(saved.glob("*.safetensors"))
+    # saved on 2 processes, resumed on 1: the same run as the uninterrupted one
+    one = pretrain(_config(text, config, steps=4, grad_accum=2, checkpoint_dir=str(saved), checkpoint_every=1),
+                   progress=False)
+    assert one.summary()["tokens"] == 2 * one.tokens  # it trained steps 3 and 4 only
+    torch.testing.assert_close(torch.tensor(one.losses), torch.tensor(single.losses), rtol=1e-5, atol=1e-6)
+    for key, value in single.model.state_dict().items():
+        torch.testing.assert_close(one.model.state_dict()[key], value, rtol=1e-4, atol=1e-6)
+    # the state it leaves is single-file again, and the DCP folder is gone
+    state = json.loads((saved / "train_state.json").read_text())
+    assert state["step"] == 4 and "format" not in state and not (saved / "train_state-2").exists()
+
+
+def test_damaged_dcp_state_is_refused(tiny_setup, tmp_path):
+    """A state whose JSON names a DCP folder that is not there: one sentence, not a DCP traceback."""
+    text, config = tiny_setup
+    ckpt = tmp_path / "ckpt"
+    cfg = _config(text, config, steps=4, checkpoint_dir=str(ckpt), checkpoint_every=1)
+    pretrain(cfg, progress=False, stop_after=1)
+    state = json.loads((ckpt / "train_state.json").read_text())
+    (ckpt / "train_state-1.safetensors").unlink()
+    (ckpt / "train_state.json").write_text(json.dumps({**state, "format": "dcp", "tensors": "train_state-1"}))
+    with pytest.raises(FactorkitError, match="not a readable training state"):
+        pretrain(cfg, progress=False)

@@ -12,6 +12,14 @@ the caller; a fingerprint of the data, the settings, the starting values and
 the caller's ``run`` description keeps a checkpoint from resuming another
 run. A run stopped anywhere and resumed from its last checkpoint ends where
 the uninterrupted run ends.
+
+A sharded (FSDP2) run saves through ``torch.distributed.checkpoint`` (DCP)
+instead: every process writes its own shards of the parameters and AdamW
+state into one safetensors file of a ``train_state-<step>/`` folder (DCP's
+Hugging Face storage writer: the shard offsets live in each file's JSON
+header, so there is no pickled ``.metadata``), nothing is gathered, and DCP
+reshards on load, so the state resumes on any number of processes, one
+included. The single-file format stays readable by every run.
 """
 
 from __future__ import annotations
@@ -21,7 +29,9 @@ import functools
 import json
 import logging
 import math
+import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -31,6 +41,9 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint import load as dcp_load, save as dcp_save
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor
@@ -43,7 +56,7 @@ from ..models.files import atomic_file
 from ..models.partial import fingerprint
 
 log = logging.getLogger("factorkit")
-STATE = "train_state.json"  # written last: it names the tensors file of its step, so it marks a whole state
+STATE = "train_state.json"  # written last: it names the tensors file (or DCP folder) of its step: a whole state
 OLD_STATE = "train_state.pt"  # the pickled format of earlier versions: refused, never read
 _STATE_KEYS = ("run", "step", "names", "shapes", "tensors", "optimizer", "schedule", "losses", "evals", "seconds",
                "tokens", "sharded")
@@ -192,11 +205,43 @@ def _write_state(folder: Path, meta: dict, params: dict[str, torch.Tensor], opti
     # [key, fields] pairs keep integer keys integers through JSON
     optimizer = {"state": [[key, list(fields)] for key, fields in optim["state"].items()],
                  "param_groups": optim["param_groups"]}
+    _write_meta(folder, {**meta, "tensors": name, "optimizer": optimizer})
+
+
+def _write_meta(folder: Path, meta: dict) -> None:
+    """The JSON that names the step's tensors replaces the last one; then the older tensors go."""
     with atomic_file(folder / STATE) as tmp:
-        tmp.write_text(json.dumps({**meta, "tensors": name, "optimizer": optimizer}, default=float))
-    for stale in folder.glob("train_state-*.safetensors"):
-        if stale.name != name:
-            stale.unlink(missing_ok=True)
+        tmp.write_text(json.dumps(meta, default=float))
+    for stale in folder.glob("train_state-*"):
+        if stale.name != meta["tensors"] and stale.name != STATE:
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer, params: Sequence[tuple[str, torch.Tensor]]
+               ) -> tuple[dict, list]:
+    """This process's part of a training state as DCP saves and loads it: the trained parameters (their
+    local shards when sharded), AdamW's moments and steps keyed by parameter name (torch creates them,
+    zero, before a first step, so a fresh optimizer is a template to load into) and the RNG state;
+    and the optimizer's param_groups (numbers and names: they go to the JSON)."""
+    optim = get_optimizer_state_dict(model, optimizer)
+    return {"param": dict(params), "optim": optim["state"], "rng": torch.get_rng_state()}, optim["param_groups"]
+
+
+def _write_sharded_state(folder: Path, meta: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
+                         params: Sequence[tuple[str, torch.Tensor]], dist: Distributed) -> None:
+    """Every process writes its shards to ``train_state-<step>/`` (DCP, safetensors); rank 0 then names
+    the folder in the JSON. A folder left by an interrupted save of the same step is cleared first, so
+    no shard of another world size is read with this one."""
+    name = f"train_state-{meta['step']}"
+    if dist.rank == 0:
+        shutil.rmtree(folder / name, ignore_errors=True)
+        (folder / name).mkdir(parents=True)
+    torch.distributed.barrier()
+    state, groups = _dcp_state(model, optimizer, params)
+    dcp_save(state, storage_writer=HuggingFaceStorageWriter(str(folder / name), save_distributed=True))
+    torch.distributed.barrier()  # every shard is on disk before the JSON names the folder
+    if dist.rank == 0:
+        _write_meta(folder, {**meta, "format": "dcp", "tensors": name, "optimizer": {"param_groups": groups}})
 
 
 def _damaged(path: Path, err: Exception) -> FactorkitError:
@@ -204,8 +249,8 @@ def _damaged(path: Path, err: Exception) -> FactorkitError:
                           f"{path.parent} or use a fresh one.")
 
 
-def _read_state(folder: Path, digest: str, named: Sequence[tuple[str, torch.Tensor]]) -> tuple[dict, dict]:
-    """The JSON and the tensors of the last state in ``folder``, checked against this run."""
+def _read_meta(folder: Path, digest: str) -> dict:
+    """The JSON of the last state in ``folder``, checked against this run."""
     path = folder / STATE
     try:
         meta = json.loads(path.read_text())
@@ -217,6 +262,11 @@ def _read_state(folder: Path, digest: str, named: Sequence[tuple[str, torch.Tens
     if meta["run"] != digest:
         raise FactorkitError(f"{folder} holds the training state of another run (other data, settings or starting "
                              "weights); use a fresh checkpoint folder or delete it.")
+    return meta
+
+
+def _read_state(folder: Path, meta: dict, named: Sequence[tuple[str, torch.Tensor]]) -> dict:
+    """The tensors of a single-file state."""
     path = folder / Path(str(meta["tensors"])).name
     try:
         saved = load_file(str(path))
@@ -231,7 +281,50 @@ def _read_state(folder: Path, digest: str, named: Sequence[tuple[str, torch.Tens
             raise ValueError("the RNG state is not bytes")
     except (OSError, KeyError, ValueError, TypeError, SafetensorError) as err:
         raise _damaged(path, err) from None
-    return meta, {"params": params, "optimizer": optim, "rng": saved["rng"]}
+    return {"params": params, "optimizer": optim, "rng": saved["rng"]}
+
+
+def _read_sharded_state(folder: Path, meta: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        params: Sequence[tuple[str, torch.Tensor]]) -> None:
+    """A DCP state loaded in place into the parameters and optimizer of this run, whatever the number of
+    processes that saved it and that load it (DCP reads the overlap of each saved shard with each local one)."""
+    path = folder / Path(str(meta["tensors"])).name
+    try:
+        if not path.is_dir():
+            raise FileNotFoundError(f"no folder {path.name}")
+        state, _ = _dcp_state(model, optimizer, params)
+        with warnings.catch_warnings():  # one process reading a sharded state is what is meant: no warning
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp_load(state, storage_reader=HuggingFaceStorageReader(str(path)))
+        set_optimizer_state_dict(model, optimizer, {"state": state["optim"],
+                                                    "param_groups": meta["optimizer"]["param_groups"]})
+        if state["rng"].dtype != torch.uint8:
+            raise ValueError("the RNG state is not bytes")
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError, SafetensorError, CheckpointException) as err:
+        raise _damaged(path, err) from None
+    torch.set_rng_state(state["rng"])
+
+
+def _load_gathered(model: nn.Module, optimizer: torch.optim.Optimizer, params: Sequence[tuple[str, torch.Tensor]],
+                   sharded: bool, meta: dict, state: dict) -> None:
+    """A single-file state into this run, sharded or not."""
+    if sharded:  # names are the model's own: the sharded parameters load through torch's state-dict API
+        set_model_state_dict(model, state["params"], options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        with torch.no_grad():
+            for n, p in params:
+                p.copy_(state["params"][n])
+    optim = state["optimizer"]
+    if sharded and not meta["sharded"]:  # keyed by index, as one process saves it: the same order names them
+        name_of = {id(p): n for n, p in params}
+        order = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+        optim = {"state": {order[int(k)]: v for k, v in optim["state"].items()},
+                 "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in optim["param_groups"]]}
+    if sharded or meta["sharded"]:  # a gathered optimizer state, keyed by parameter name
+        set_optimizer_state_dict(model, optimizer, optim, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(optim)
+    torch.set_rng_state(state["rng"])
 
 
 def _input_tokens(batch: torch.Tensor | Batch) -> int:
@@ -267,9 +360,9 @@ def train(model: nn.Module, data: torch.Tensor | Batch, params: Sequence[tuple[s
     gradients, the logged loss is the mean over processes, and only rank 0
     writes checkpoints. Sharded (FSDP2, ``torch.distributed.fsdp.fully_shard``):
     ``model`` is the sharded model itself and ``params`` its DTensor
-    parameters; a checkpoint gathers the full parameters and optimizer state
-    (every process takes part, rank 0 writes), so it resumes on any number of
-    processes, and loading shards it again. The starting values are
+    parameters; every process writes its shards of the parameters and
+    optimizer state through DCP (nothing is gathered) and DCP reshards them on
+    load, so the state resumes on any number of processes. The starting values are
     fingerprinted whole there too (gathered one parameter at a time), so a
     sharded run and a single-process run of the same settings share checkpoints.
     """
@@ -301,20 +394,12 @@ def train(model: nn.Module, data: torch.Tensor | Batch, params: Sequence[tuple[s
     result = TrainResult()
     start = 0
     if folder is not None and (folder / STATE).exists():
-        meta, state = _read_state(folder, digest, params)
-        if sharded:  # names are the model's own: the sharded parameters load through torch's state-dict API
-            set_model_state_dict(model, state["params"], options=StateDictOptions(full_state_dict=True, strict=False))
+        meta = _read_meta(folder, digest)
+        if meta.get("format") == "dcp":
+            _read_sharded_state(folder, meta, model, optimizer, params)
         else:
-            with torch.no_grad():
-                for n, p in params:
-                    p.copy_(state["params"][n])
-        if sharded or meta["sharded"]:  # a gathered optimizer state, keyed by parameter name
-            set_optimizer_state_dict(model, optimizer, state["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            optimizer.load_state_dict(state["optimizer"])
+            _load_gathered(model, optimizer, params, sharded, meta, _read_state(folder, meta, params))
         schedule.load_state_dict(meta["schedule"])
-        torch.set_rng_state(state["rng"])
         start = result.resumed_from = meta["step"]
         result.losses, result.evals = list(meta["losses"]), list(meta["evals"])
         result.seconds_before, result.tokens_before = meta["seconds"], meta["tokens"]
@@ -323,18 +408,14 @@ def train(model: nn.Module, data: torch.Tensor | Batch, params: Sequence[tuple[s
         torch.manual_seed(config.seed)
 
     def checkpoint(step: int) -> None:
-        saved = {n: _full(p).detach().cpu() for n, p in params}  # sharded: collectives, every process gathers
-        if sharded:
-            optim = get_optimizer_state_dict(model, optimizer,
-                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        meta = {"run": digest, "step": step, "names": names, "shapes": [list(p.shape) for p in tensors],
+                "sharded": sharded, "schedule": schedule.state_dict(), "losses": result.losses,
+                "evals": result.evals, "seconds": result.seconds_before + time.perf_counter() - t0,
+                "tokens": result.tokens_before + result.tokens}
+        if sharded:  # every process writes its own shards
+            _write_sharded_state(folder, meta, model, optimizer, params, dist)
         else:
-            optim = optimizer.state_dict()
-        if dist.rank == 0:
-            _write_state(folder, {"run": digest, "step": step, "names": names,
-                                  "shapes": [list(t.shape) for t in saved.values()], "sharded": sharded,
-                                  "schedule": schedule.state_dict(), "losses": result.losses, "evals": result.evals,
-                                  "seconds": result.seconds_before + time.perf_counter() - t0,
-                                  "tokens": result.tokens_before + result.tokens}, saved, optim)
+            _write_state(folder, meta, {n: p.detach().cpu() for n, p in params}, optimizer.state_dict())
 
     def stop_if_nonfinite(what: str, value: float, at: int) -> None:
         if not math.isfinite(value):
