@@ -35,6 +35,9 @@ from factorkit.report import markdown_table  # noqa: E402
 
 RATIOS = (0.2, 0.4)
 SCHEMES = ("float", "int8", "int4")
+# the LM head (and the embeddings tied to it) quantized too: measured on the dense model, and on the
+# factorizations with --head
+HEAD_SCHEMES = ("int8-head", "int4-head")
 GROUP_SIZE = 32
 METHODS = ("svdllm-global", "fwsvd-white-global", "auto", "cospadi")
 
@@ -44,6 +47,8 @@ def main() -> None:
     add_point_arguments(ap)
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated factorizations (bench_eval names)")
     ap.add_argument("--ratios", default=",".join(map(str, RATIOS)))
+    ap.add_argument("--head", action="store_true", help="also quantize the factorizations' LM heads (the dense "
+                                                        "model's always is)")
     args = ap.parse_args()
     settings = {k: getattr(args, k) for k in SETTINGS}
     settings["group_size"] = GROUP_SIZE
@@ -55,7 +60,7 @@ def main() -> None:
     ratios = tuple(float(r) for r in args.ratios.split(","))
     results = Results(f"quant-{args.model}", settings, fresh=args.fresh)
     if not args.report:
-        measure(results, settings, {m: table[m] for m in chosen}, ratios)
+        measure(results, settings, {m: table[m] for m in chosen}, ratios, args.head)
     report(results, settings)
 
 
@@ -63,7 +68,7 @@ def key(name: str, scheme: str, ratio: float | None = None) -> str:
     return f"{name}{'' if ratio is None else f'@{ratio}'}+{scheme}"
 
 
-def measure(results: Results, settings: dict, chosen: dict, ratios: tuple[float, ...]) -> None:
+def measure(results: Results, settings: dict, chosen: dict, ratios: tuple[float, ...], head: bool = False) -> None:
     results.put("machine", {"text": machine(), "shared": shared_note()})
     base, tok = fk.models.load(settings["model"])
     job = fk.CompressJob(model=settings["model"], calib="general", eval="general", eval_before=False, seed=0,
@@ -77,9 +82,9 @@ def measure(results: Results, settings: dict, chosen: dict, ratios: tuple[float,
         return {"ppl_general": general.perplexity, "ppl_plays": plays.perplexity, "zero_shot": suite.as_dict(),
                 "bytes": fk.stored_bytes(model), "eval_s": time.perf_counter() - t}
 
-    def schemes(name: str, model, ratio: float | None, extra: dict) -> None:
+    def schemes(name: str, model, ratio: float | None, extra: dict, which: tuple[str, ...]) -> None:
         """The float model, then a copy of it quantized with each scheme."""
-        for scheme in SCHEMES:
+        for scheme in which:
             k = key(name, scheme, ratio)
             if k in results:
                 continue
@@ -87,7 +92,7 @@ def measure(results: Results, settings: dict, chosen: dict, ratios: tuple[float,
                 item = evaluate(model)
             else:
                 quantized = copy.deepcopy(model)
-                rep = fk.quantize(quantized, scheme, GROUP_SIZE)
+                rep = fk.quantize(quantized, scheme.removesuffix("-head"), GROUP_SIZE, head=scheme.endswith("-head"))
                 item = {**evaluate(quantized), "quantize_s": rep.seconds, "tensors": len(rep.tensors),
                         "by_columns": len(rep.by_columns), "int8_fallback": len(rep.int8_fallback)}
                 del quantized
@@ -95,15 +100,16 @@ def measure(results: Results, settings: dict, chosen: dict, ratios: tuple[float,
             print(k, f"{item['bytes'] / 2**20:.1f} MiB, general ppl {item['ppl_general']:.4g}, "
                      f"zero-shot {100 * item['zero_shot']['average']:.2f}", flush=True)
 
-    schemes("dense", base, None, {})
+    schemes("dense", base, None, {}, SCHEMES + HEAD_SCHEMES)
+    which = SCHEMES + HEAD_SCHEMES if head else SCHEMES
     for ratio in ratios:
         for name, make in chosen.items():
-            if all(key(name, s, ratio) in results for s in SCHEMES):
+            if all(key(name, s, ratio) in results for s in which):
                 continue
             # the same compression as bench_eval's point (measured below, not by the job)
             model, rep = run_point(base, tok, dataclasses.replace(job, eval=None), make(ratio))
             schemes(name, model, ratio, {"compress_s": rep.compression.seconds,
-                                         "ratio_targeted": rep.compression.summary.ratio_targeted})
+                                         "ratio_targeted": rep.compression.summary.ratio_targeted}, which)
             del model
 
 
@@ -128,7 +134,7 @@ def dominated(item: dict, quant_only: list[tuple[str, dict]]) -> tuple[str, dict
 def verdicts(pts: list[tuple[str, str, dict]]) -> list[str]:
     """One line per factorization point: beaten by quantization alone at no more bytes, or not."""
     quant_only = [(f"dense {s}", item) for label, s, item in pts if label == "dense"]
-    smallest = min((q for _, q in quant_only), key=lambda q: q["bytes"], default=None)
+    smallest_label, smallest = min(quant_only, key=lambda lq: lq[1]["bytes"], default=(None, None))
     lines = []
     for label, scheme, item in sorted(pts, key=lambda p: p[2]["bytes"]):
         if label == "dense":
@@ -143,7 +149,7 @@ def verdicts(pts: list[tuple[str, str, dict]]) -> list[str]:
         elif smallest is not None and item["bytes"] < smallest["bytes"]:
             worse = item["ppl_general"] / smallest["ppl_general"]
             lines.append(f"- {name} ({size}): {1 - item['bytes'] / smallest['bytes']:.0%} fewer bytes than the "
-                         f"smallest quantization alone here (dense int4, {smallest['bytes'] / 2**20:.1f} MiB), at "
+                         f"smallest quantization alone here ({smallest_label}, {smallest['bytes'] / 2**20:.1f} MiB), at "
                          + (f"{worse:.2f}x its perplexity: smaller, not better at equal bytes."
                             if worse > 1 else f"{worse:.2f}x its perplexity: smaller and better."))
         else:
@@ -180,7 +186,8 @@ Weights: `float` as compressed (float32); `int8` and `int4` the same model after
 `factorkit.quantize` (torchao {_torchao_version()}, round to nearest, symmetric: int8 one scale per row, int4 one
 scale per {settings['group_size']} numbers) of every weight matrix in the blocks: the Linears left dense and the
 factors (U, V; dictionary atoms and code values). Embeddings (tied to the LM head), norms and support masks stay
-as they are. "Stored MiB" is what the saved model.safetensors holds for the whole model (int4 packed two per
+as they are, except in `int8-head` and `int4-head` (`quantize(..., head=True)`, `--quantize-head`): the LM head
+and the embeddings tied to it quantized too, one scale per vocabulary row (int4: per 32 numbers). "Stored MiB" is what the saved model.safetensors holds for the whole model (int4 packed two per
 byte, scales and zero points included). Compression as in bench_eval.py: {settings['calib_samples']} windows of
 {settings['calib_seq_len']} tokens of the `general` calibration split. Perplexity: held-out `general` and held-out
 plays, {settings['max_chunks']} chunks of {settings['seq_len']}; zero-shot: lm-eval {zs['lm_eval_version']}, first
@@ -210,10 +217,10 @@ def _torchao_version() -> str:
 
 def plot(pts: list[tuple[str, str, dict]], model: str) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    markers = {"float": "o", "int8": "s", "int4": "^"}
+    markers = {"float": "o", "int8": "s", "int4": "^", "int8-head": "P", "int4-head": "v"}
     labels = sorted({label.split("@")[0] for label, _, _ in pts}, key=lambda n: (n != "dense", n))
     for i, name in enumerate(labels):
-        for scheme in SCHEMES:
+        for scheme in SCHEMES + HEAD_SCHEMES:
             mine = sorted((item for label, s, item in pts if label.split("@")[0] == name and s == scheme),
                           key=lambda item: item["bytes"])
             if mine:

@@ -2,7 +2,8 @@
 
 What `factorkit bench-speed` measures (factorkit.eval.speed), for the dense model, the dense model quantized
 (int8, int4 in groups of 32), and the model with every targeted linear replaced by random low-rank factors and
-by random sparse dictionaries at ratios 0.2 and 0.4, each in float32 and with int8 on top: greedy decode
+by random sparse dictionaries at ratios 0.2 and 0.4, each in float32, with int8 on top, and with int8 on the
+LM head (and the embeddings tied to it) too: greedy decode
 tokens/s at batch 1 and 8 (64 new tokens), prefill of 512 and 2048 tokens, the bytes each model holds and its
 peak resident memory. Random factors of the shapes the methods produce: speed and memory do not depend on the
 values (a real compressed folder is measured the same way with `factorkit bench-speed --compare DIR`). One
@@ -35,12 +36,17 @@ SETTINGS = {"new_tokens": 64, "batch_sizes": [1, 8], "prefill": [512, 2048], "re
 
 
 def variants() -> list[tuple[str, str | None, float | None, str | None]]:
-    """(label, factor kind or None, ratio, quantization or None), the dense model first."""
+    """(label, factor kind or None, ratio, quantization or None), the dense model first; a scheme ending in
+    "+ head" quantizes the LM head (and the embeddings tied to it) too."""
     rows = [("dense", None, None, None), ("dense int8", None, None, "int8"), ("dense int4", None, None, "int4")]
     for ratio in (0.2, 0.4):
         for kind in ("low rank", "dictionaries"):
             for scheme in (None, "int8"):
                 rows.append((f"{kind} {ratio}" + (f" + {scheme}" if scheme else ""), kind, ratio, scheme))
+    rows.append(("dense int8 + head", None, None, "int8 + head"))
+    for ratio in (0.2, 0.4):
+        for kind in ("low rank", "dictionaries"):
+            rows.append((f"{kind} {ratio} + int8 + head", kind, ratio, "int8 + head"))
     return rows
 
 
@@ -52,7 +58,7 @@ def loader(model_name: str, kind: str | None, ratio: float | None, scheme: str |
         elif kind == "dictionaries":
             model = dictionary_model(model, ratio)
         if scheme:
-            fk.quantize(model, scheme, SETTINGS["group_size"])
+            fk.quantize(model, scheme.removesuffix(" + head"), SETTINGS["group_size"], head=scheme.endswith("head"))
         return model
     return make
 
@@ -74,7 +80,8 @@ def report(results: Results, model_name: str) -> None:
 `python benchmarks/bench_speed.py --model {model_name}` ({results.measured()}; {machine()}), what
 `factorkit bench-speed` measures. Random factors at each ratio (low rank at the rank of that parameter count,
 dictionaries at rho = 2 by the paper's count; speed and memory do not depend on the values), float32
-activations, quantization by `factorkit.quantize` (int8 per row, int4 per 32 numbers). {caption}{busy(load)}
+activations, quantization by `factorkit.quantize` (int8 per row, int4 per 32 numbers) of the blocks' matrices;
+`+ head`: the LM head and the embeddings tied to it too (`--quantize-head`). {caption}{busy(load)}
 
 {markdown_table(header, cells)}
 """)

@@ -129,6 +129,44 @@ def test_quantized_compressed_model_reloads_to_identical_logits(llama, calib, tm
         fk.quantize(again, "int8")
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_head_quantizes_with_its_tied_embeddings_and_reloads_tied(llama, calib, tmp_path, scheme):
+    """head=True: the LM head and the input embeddings tied to it become one quantized tensor (stored once,
+    looked up row by row), the rest of the model as without it; the folder reloads tied, to identical logits."""
+    embed = llama.model.embed_tokens.weight.detach().clone()
+    with torch.no_grad():
+        ref = llama(input_ids=calib[:2]).logits
+    body = fk.quantize(fk.load(fk.save(llama, tmp_path / "float")), scheme, group_size=32)
+    report = fk.quantize(llama, scheme, group_size=32, head=True)
+    assert report.tensors == [*body.tensors, "model.embed_tokens.weight"]  # named as the file stores it
+    head = llama.lm_head.weight
+    assert is_quantized(head) and llama.model.embed_tokens.weight is head and isinstance(llama.lm_head, QuantizedLinear)
+    # the tied matrix (vocab x hidden) went from 4 bytes a number to 1 (or 1/2) plus its scales, once
+    numbers = embed.numel()
+    saved = body.bytes_after - report.bytes_after
+    assert numbers * (3 if scheme == "int8" else 3.5) - numbers / 4 <= saved <= numbers * (3 if scheme == "int8" else 3.5)
+    # the lookup reads the quantized rows: each within half a step (per row, or per group of 32) of the float one
+    ids = torch.tensor([0, 5, 17, 255])
+    rows = llama.model.embed_tokens(ids)
+    step = embed[ids].abs().amax(dim=1, keepdim=True) / (127 if scheme == "int8" else 7)
+    assert bool(((rows - embed[ids]).abs() <= step / 2 + 1e-6).all())
+    with torch.no_grad():
+        out = llama(input_ids=calib[:2]).logits
+    assert float((out - ref).norm() / ref.norm()) < (0.03 if scheme == "int8" else 0.3)
+    again = fk.load(fk.save(llama, tmp_path / "q"))
+    assert again.model.embed_tokens.weight is again.lm_head.weight and is_quantized(again.lm_head.weight)
+    assert torch.equal(again(input_ids=calib[:2]).logits, out)
+    assert fk.stored_bytes(again) == report.bytes_after
+
+
+def test_head_option_needs_a_scheme_and_a_linear_head(llama):
+    with pytest.raises(FactorkitError, match="applies only with --quantize"):
+        fk.CompressJob(model="x", quantize_head=True)
+    llama.lm_head = nn.Identity()
+    with pytest.raises(FactorkitError, match="no nn.Linear LM head"):
+        fk.quantize(llama, "int8", head=True)
+
+
 def test_quantized_dense_folder_is_refused_by_plain_transformers_and_reloads(llama, calib, tmp_path):
     fk.quantize(llama, "int4", group_size=32)
     before = llama(input_ids=calib[:2]).logits

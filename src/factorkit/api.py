@@ -274,6 +274,12 @@ def _group_size() -> Any:
     return option(32, "numbers per int4 scale", choices=GROUP_SIZES, when=("quantize", "int4"))
 
 
+def _quantize_head(when: bool = True) -> Any:
+    return option(False, "quantize the LM head too (a scale per vocabulary row), and the input embeddings tied to "
+                         "it: what bounds decoding in small models with large vocabularies",
+                  when=("quantize", SCHEMES) if when else None)
+
+
 OFFLOAD_METHODS = ("svdllm", "asvd", "cospadi")
 
 
@@ -298,6 +304,7 @@ class CompressJob(_EvalSettings):
     max_chunks: int | None = option(16, "evaluate at most this many chunks", check=optional(positive_int))
     quantize: str | None = _scheme(None)
     group_size: int = _group_size()
+    quantize_head: bool = _quantize_head()
     offload: bool = option(False, "keep the blocks' weights on disk and hold one block at a time (a model larger "
                                   "than memory): svdllm, asvd or cospadi with uniform ratios; needs a Hugging Face "
                                   "folder of safetensors or a built-in name")
@@ -317,6 +324,8 @@ class CompressJob(_EvalSettings):
     def check(self) -> None:
         if self.heal_samples is not None and not self.method.heal:
             raise ConfigError("heal_samples", "applies only with --heal above 0; add --heal STEPS or drop it.")
+        if self.quantize_head and not self.quantize:
+            raise ConfigError("quantize_head", "applies only with --quantize; add --quantize int8 (or int4).")
         if self.offload:
             self._check_offload()
 
@@ -352,6 +361,7 @@ class QuantizeJob(_EvalSettings):
     model: str = _model_option()
     quantize: str = _scheme("int8")
     group_size: int = _group_size()
+    quantize_head: bool = _quantize_head(when=False)
     seed: int = option(0, "seed of the shakespeare split", check=whole(0))
     eval: str | None = option(None, "also measure perplexity before and after on this text (its held-out split)")
     max_chunks: int | None = option(16, "evaluate at most this many chunks", check=optional(positive_int))
@@ -383,6 +393,7 @@ class SpeedJob(Config):
     quantize: tuple[str, ...] | None = option(None, "also measure --model quantized in memory, one row per scheme: "
                                                     "int8, int4 (a scale per --group-size numbers)", check=_schemes)
     group_size: int = option(32, "numbers per int4 scale", choices=GROUP_SIZES)
+    quantize_head: bool = _quantize_head(when=False)
     new_tokens: int = option(64, "tokens each sequence decodes", check=positive_int)
     batch_sizes: tuple[int, ...] = option((1, 8), "decode batch sizes, comma separated",
                                           check=_counts("batch sizes", "1,8"))
@@ -394,6 +405,8 @@ class SpeedJob(Config):
     def check(self) -> None:
         if self.quantize and len(set(self.quantize)) != len(self.quantize):
             raise ConfigError("quantize", "names a scheme twice; list each once.")
+        if self.quantize_head and not self.quantize:
+            raise ConfigError("quantize_head", "applies to the --quantize rows; add --quantize int8 (or int4).")
 
 
 @dataclass
@@ -685,7 +698,7 @@ def _compress_loaded(job: CompressJob, progress: bool, loaded: tuple | None, wri
                             nonfinite_hint="try --dtype float32 or check the model's weights")
         times[0] = time.perf_counter() - t
     compression = compress(model, config, data, heal_data=heal_data, progress=progress)
-    quantized = quantize(model, job.quantize, job.group_size) if job.quantize else None
+    quantized = quantize(model, job.quantize, job.group_size, job.quantize_head) if job.quantize else None
     if chunks is not None:  # measured before saving: a broken model is never written
         t = time.perf_counter()
         after = perplexity(model, chunks, progress=progress, desc="perplexity (compressed)",
@@ -716,7 +729,7 @@ def _run_quantize(job: QuantizeJob, progress: bool, loaded: tuple | None) -> Qua
         t = time.perf_counter()
         before = perplexity(model, chunks, progress=progress, desc="perplexity (float)")
         times[0] = time.perf_counter() - t
-    report = quantize(model, job.quantize, job.group_size)
+    report = quantize(model, job.quantize, job.group_size, job.quantize_head)
     if chunks is not None:
         t = time.perf_counter()
         after = perplexity(model, chunks, progress=progress, desc=f"perplexity ({job.quantize})",
@@ -774,12 +787,13 @@ def _run_speed(job: SpeedJob, progress: bool, loaded: tuple | None) -> SpeedRepo
                 if quantization_record(model) is not None:
                     raise FactorkitError(f"{job.model} is quantized already; drop --quantize or measure the float "
                                          "model.")
-                quantize(model, scheme, job.group_size)
+                quantize(model, scheme, job.group_size, job.quantize_head)
             return model
         return make
 
     loaders = [(job.model, reference())]
-    loaders += [(f"{job.model} {scheme}" + (f" (groups of {job.group_size})" if scheme == "int4" else ""),
+    loaders += [(f"{job.model} {scheme}" + (f" (groups of {job.group_size})" if scheme == "int4" else "")
+                 + (" + head" if job.quantize_head else ""),
                  reference(scheme)) for scheme in job.quantize or ()]
     loaders += [(name, lambda name=name: load_model(name, dtype)[0]) for name in job.compare or ()]
     log = logging.getLogger("factorkit.speed")

@@ -7,7 +7,11 @@ form it has: the Linears left dense, and the factors of the factor modules
 (``FactorModule.quantizable``: U and V of low rank, the dictionary and the
 code values of a sparse dictionary). Biases, norms, embeddings and the LM head
 stay at the model's dtype, as GPTQ, AWQ and most weight-only recipes keep
-them; the support masks of sparse codes are bits already.
+them; the support masks of sparse codes are bits already. ``head=True``
+quantizes the LM head too (one scale per vocabulary row, as llama.cpp and
+ExecuTorch do for small models, whose decoding the head's bytes bound), and
+with it the input embeddings when the two are tied: the lookup reads the same
+quantized rows, so the tie and the bytes saved are kept.
 
 Schemes (round to nearest, symmetric, torchao's tensor subclasses):
 
@@ -100,10 +104,34 @@ def _torchao():
     return Int8Tensor, IntxUnpackedToInt8Tensor, MappingType, PerRow
 
 
-def quantizable(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
+def holders(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """id(parameter) -> every (module, attribute) that holds it (tied embeddings, shared dictionaries)."""
+    found: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for attr, tensor in module.named_parameters(recurse=False):
+            found.setdefault(id(tensor), []).append((module, attr))
+    return found
+
+
+def _head(model: nn.Module) -> tuple[str, nn.Module, str] | None:
+    """The LM head's weight as (name, holder, attribute), named as the saved file names it: by its first
+    name in the state dict (the input embeddings' when the two are tied)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear:
+        return None
+    name = next(k for k, t in model.state_dict(keep_vars=True).items() if t is head.weight)
+    module_name, _, attr = name.rpartition(".")
+    return name, model.get_submodule(module_name), attr
+
+
+def quantizable(model: nn.Module, head: bool = False) -> Iterator[tuple[str, nn.Module, str]]:
     """(full parameter name, owner module, attribute) of every weight matrix quantize() changes, each
-    shared tensor once (under its first holder)."""
+    shared tensor once (under its first holder); with ``head``, the LM head last."""
     list_name, blocks = find_blocks(model)
+    if head:
+        found = _head(model)
+        if found is None:
+            raise FactorkitError("this model has no nn.Linear LM head to quantize; drop the head option.")
     seen: set[int] = set()
     for i, block in enumerate(blocks):
         for name, module in block.named_modules():
@@ -122,6 +150,8 @@ def quantizable(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
                 if id(tensor) not in seen:
                     seen.add(id(tensor))
                     yield f"{list_name}.{i}.{name}.{attr}", module, attr
+    if head and id(getattr(found[1], found[2])) not in seen:
+        yield found
 
 
 def quantize_tensor(weight: torch.Tensor, scheme: str, group_size: int | None) -> tuple[torch.Tensor, str]:
@@ -145,13 +175,15 @@ def check_scheme(scheme: str, group_size: int | None) -> None:
                              f"{', '.join(map(str, GROUP_SIZES))}.")
 
 
-def quantize(model: nn.Module, scheme: str = "int8", group_size: int | None = 32) -> QuantizationReport:
-    """Quantize the weight matrices of ``model``'s blocks in place (see the module docstring)."""
+def quantize(model: nn.Module, scheme: str = "int8", group_size: int | None = 32, head: bool = False
+             ) -> QuantizationReport:
+    """Quantize the weight matrices of ``model``'s blocks in place, with ``head`` the LM head too (see the
+    module docstring)."""
     check_scheme(scheme, group_size)
     _torchao()
     if quantization_record(model) is not None or any(is_quantized(p) for p in model.parameters()):
         raise FactorkitError("this model is already quantized; quantize the float model.")
-    targets = list(quantizable(model))
+    targets = list(quantizable(model, head))
     for name, module, attr in targets:
         tensor = getattr(module, attr)
         if tensor.ndim != 2 or not tensor.is_floating_point():
@@ -162,16 +194,11 @@ def quantize(model: nn.Module, scheme: str = "int8", group_size: int | None = 32
     start = time.perf_counter()
     before = stored_bytes(model)
     report = QuantizationReport(scheme, group_size if scheme == "int4" else None, [])
-    holders: dict[int, list[tuple[nn.Module, str]]] = {}
-    for module in model.modules():  # every holder of each tensor (shared dictionaries, tied factors)
-        for attr, tensor in module.named_parameters(recurse=False):
-            holders.setdefault(id(tensor), []).append((module, attr))
+    held = holders(model)
     for name, module, attr in targets:
         tensor = getattr(module, attr)
         q, how = quantize_tensor(tensor, scheme, group_size)
-        param = nn.Parameter(q, requires_grad=False)
-        for owner, owner_attr in holders[id(tensor)]:
-            setattr(owner, owner_attr, param)
+        put(held, tensor, q)
         report.tensors.append(name)
         if how == "int8":
             report.int8_fallback.append(name)
@@ -182,6 +209,13 @@ def quantize(model: nn.Module, scheme: str = "int8", group_size: int | None = 32
     report.seconds = time.perf_counter() - start
     _RECORDS[model] = report.record()
     return report
+
+
+def put(held: dict[int, list[tuple[nn.Module, str]]], tensor: torch.Tensor, quantized: torch.Tensor) -> None:
+    """``quantized`` in place of ``tensor`` in every module that holds it (``held``: from :func:`holders`)."""
+    param = nn.Parameter(quantized, requires_grad=False)
+    for owner, attr in held[id(tensor)]:
+        setattr(owner, attr, param)
 
 
 class QuantizedLinear(nn.Linear):

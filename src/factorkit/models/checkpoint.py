@@ -345,7 +345,7 @@ def load_compressed(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     try:
         tensors = load_file(str(path / WEIGHTS))
         if quant:
-            _load_quantized(model, path / WEIGHTS, tensors, quant, manifest["tied"])
+            _load_quantized(model, path / WEIGHTS, tensors, quant)
         # the post-load hooks check what shapes cannot: a support mask with the wrong number of atoms per row
         model.load_state_dict(tensors, strict=False)
     except (SafetensorError, OSError, ValueError, RuntimeError, AssertionError, KeyError, TypeError) as exc:
@@ -355,8 +355,7 @@ def load_compressed(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     return model
 
 
-def _load_quantized(model: nn.Module, file: Path, tensors: dict[str, torch.Tensor], quant: dict,
-                    tied: dict[str, str]) -> None:
+def _load_quantized(model: nn.Module, file: Path, tensors: dict[str, torch.Tensor], quant: dict) -> None:
     """Rebuild the quantized tensors of ``quant["tensors"]`` through torchao and put them in place (and in
     every module that shares them); their parts are taken out of ``tensors``."""
     with safe_open(str(file), "pt") as f:
@@ -365,10 +364,9 @@ def _load_quantized(model: nn.Module, file: Path, tensors: dict[str, torch.Tenso
     prefixes = tuple(quantization.part_prefix(n) for n in quant["tensors"])
     parts = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefixes)]}
     rebuilt = quantization.unflatten(parts, metadata, int4)
+    held = quantization.holders(model)  # the skeleton's ties: embeddings and head, shared dictionaries
     for name in quant["tensors"]:
         if name not in rebuilt:
             raise ValueError(f"the quantized parts of {name} are incomplete")
-        module_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(module_name), attr, nn.Parameter(rebuilt[name], requires_grad=False))
-    _tie(model, {k: v for k, v in tied.items() if v in rebuilt})
+        quantization.put(held, model.get_parameter(name), rebuilt[name])
     quantization.route(model)
