@@ -187,7 +187,8 @@ def report(results: Results) -> None:
     parts = []
     offloads = [(k.split("/")[1], r) for k, r in results.items.items() if k.startswith("offload/")]
     if offloads:
-        rows = [[method + (f" ({r['iterations']} alternations)" if r.get("iterations") else ""),
+        rows = [[method + (f" ({r['iterations']} alternation{'s' * (r['iterations'] != 1)})"
+                           if r.get("iterations") else ""),
                  f"{r['in memory']['peak_bytes'] / 2**20:.0f}", f"{r['offload']['peak_bytes'] / 2**20:.0f}",
                  f"{r['offload']['peak_bytes'] / r['in memory']['peak_bytes']:.2f}",
                  f"{r['in memory']['seconds']:.0f}", f"{r['offload']['seconds']:.0f}",
