@@ -14,7 +14,8 @@ from factorkit.errors import FactorkitError
 from factorkit.factors import DictionaryLinear, LowRankLinear
 from factorkit import kernels
 from factorkit.factors.base import int8_parts, linear, plain
-from factorkit.quantization import QuantizedLinear, is_quantized, packed_int4, quantize_tensor, unpacked_int4
+from factorkit.quantization import (QuantizedEmbedding, QuantizedLinear, is_quantized, packed_int4, quantize_tensor,
+                                   unpacked_int4)
 
 pytest.importorskip("torchao")
 
@@ -145,10 +146,13 @@ def test_head_quantizes_with_its_tied_embeddings_and_reloads_tied(llama, calib, 
     numbers = embed.numel()
     saved = body.bytes_after - report.bytes_after
     assert numbers * (3 if scheme == "int8" else 3.5) - numbers / 4 <= saved <= numbers * (3 if scheme == "int8" else 3.5)
-    # the lookup reads the quantized rows: each within half a step (per row, or per group of 32) of the float one
-    ids = torch.tensor([0, 5, 17, 255])
+    # the lookup reads just the quantized rows asked for: what torchao's whole-table conversion gives, each
+    # within half a step (per row, or per group of 32) of the float one
+    assert isinstance(llama.model.embed_tokens, QuantizedEmbedding)
+    ids = torch.tensor([[0, 5, 17], [255, 5, 3]])
     rows = llama.model.embed_tokens(ids)
-    step = embed[ids].abs().amax(dim=1, keepdim=True) / (127 if scheme == "int8" else 7)
+    assert torch.equal(rows, torch.nn.functional.embedding(ids, head.dequantize()))
+    step = embed[ids].abs().amax(dim=-1, keepdim=True) / (127 if scheme == "int8" else 7)
     assert bool(((rows - embed[ids]).abs() <= step / 2 + 1e-6).all())
     with torch.no_grad():
         out = llama(input_ids=calib[:2]).logits
@@ -157,6 +161,30 @@ def test_head_quantizes_with_its_tied_embeddings_and_reloads_tied(llama, calib, 
     assert again.model.embed_tokens.weight is again.lm_head.weight and is_quantized(again.lm_head.weight)
     assert torch.equal(again(input_ids=calib[:2]).logits, out)
     assert fk.stored_bytes(again) == report.bytes_after
+
+
+class _ScaledEmbedding(nn.Embedding):  # as Gemma's: the lookup times a constant
+    def forward(self, ids):
+        return super().forward(ids) * 3.0
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_lookup_keeps_a_subclass_forward_and_reads_grouped_columns(scheme):
+    torch.manual_seed(0)
+    module = _ScaledEmbedding(96, 64)
+    q, how = quantize_tensor(module.weight, scheme, 32)
+    module.weight = nn.Parameter(q, requires_grad=False)
+    fk.quantization.route(nn.Sequential(module))
+    assert isinstance(module, (_ScaledEmbedding, QuantizedEmbedding))
+    ids = torch.tensor([1, 95, 40, 1])
+    torch.testing.assert_close(module(ids), 3.0 * q.dequantize()[ids], rtol=0, atol=0)
+    # a table whose rows do not split into groups of 32 is grouped down its columns: looked up the same
+    tall = nn.Embedding(64, 40)
+    q, how = quantize_tensor(tall.weight, scheme, 32)
+    assert how == ("rows" if scheme == "int8" else "columns")
+    tall.weight = nn.Parameter(q, requires_grad=False)
+    fk.quantization.route(nn.Sequential(tall))
+    assert torch.equal(tall(torch.tensor([[0, 63], [31, 32]])), q.dequantize()[torch.tensor([[0, 63], [31, 32]])])
 
 
 def test_head_option_needs_a_scheme_and_a_linear_head(llama):

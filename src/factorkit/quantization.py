@@ -42,7 +42,7 @@ from torch import nn
 
 from .errors import FactorkitError
 from .factors import FactorModule
-from .factors.base import is_quantized, linear
+from .factors.base import embedding, is_quantized, linear
 from .surgery import find_blocks
 
 SCHEMES = ("int8", "int4")
@@ -228,11 +228,36 @@ class QuantizedLinear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+class QuantizedEmbedding(nn.Embedding):
+    """The lookup of an nn.Embedding (or of a subclass, which this class is put under: Gemma's scaled
+    embeddings keep their scaling) whose weight quantize() replaced: ``factors.base.embedding`` reads
+    just the rows asked for."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.max_norm is not None:  # renormalizes the table in place: torch's own path
+            return super().forward(input)
+        return embedding(input, self.weight)
+
+
+_EMBEDDING_CLASSES: dict[type, type] = {nn.Embedding: QuantizedEmbedding}
+
+
+def _quantized_embedding_class(cls: type) -> type:
+    """``cls`` with QuantizedEmbedding's lookup under its own forward (one class per embedding class)."""
+    if cls not in _EMBEDDING_CLASSES:
+        _EMBEDDING_CLASSES[cls] = type(f"Quantized{cls.__name__}", (cls, QuantizedEmbedding), {})
+    return _EMBEDDING_CLASSES[cls]
+
+
 def route(model: nn.Module) -> None:
-    """Make every nn.Linear of ``model`` that holds a quantized weight a QuantizedLinear (in place)."""
+    """Make every nn.Linear of ``model`` that holds a quantized weight a QuantizedLinear, and every
+    embedding a quantized lookup (in place)."""
     for module in model.modules():
         if type(module) is nn.Linear and is_quantized(module.weight):
             module.__class__ = QuantizedLinear
+        elif (isinstance(module, nn.Embedding) and not isinstance(module, QuantizedEmbedding)
+              and is_quantized(module.weight)):
+            module.__class__ = _quantized_embedding_class(type(module))
 
 
 def packed_int4(qdata: torch.Tensor) -> torch.Tensor:

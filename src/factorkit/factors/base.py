@@ -97,6 +97,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y if bias is None else y + bias
 
 
+def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.embedding; a torchao weight stored as int8 numbers (with a scale per row, per group of a row or per
+    group down the columns, symmetric) gives just the rows looked up, each times its scales: torchao's own
+    lookup converts the whole table to float first (a vocabulary of 262k rows on every decoded token)."""
+    parts = int8_parts(weight) if is_quantized(weight) else None
+    if parts is None:
+        return F.embedding(ids, weight)
+    qdata, scale, group, by_columns = parts
+    rows = qdata[ids].to(scale.dtype)
+    if by_columns:  # one scale per `group` rows and column
+        rows = rows * scale[torch.div(ids, group, rounding_mode="floor")]
+    else:  # one scale per `group` numbers of a row
+        rows = (rows.unflatten(-1, (-1, group)) * scale[ids].unsqueeze(-1)).flatten(-2)
+    return rows.to(weight.dtype)
+
+
 def int8_parts(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, bool] | None:
     """(int8 numbers, float32 scales, numbers per scale, grouped down the columns?) of a weight the compiled
     int8 kernel can multiply, else None; worked out once per tensor and kept on it."""
