@@ -27,6 +27,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from ..factors.base import is_quantized
+
 PROMPT_TOKENS = 16
 
 
@@ -192,6 +194,20 @@ def measure(model: nn.Module, label: str, *, new_tokens: int = 64, batch_sizes: 
     return SpeedRow(label, decode, times, held_bytes(model), peak_bytes, time.perf_counter() - start)
 
 
+def own_memory(model: nn.Module) -> None:
+    """Copy every plain parameter and buffer of ``model`` into memory of its own. Models load from memory-mapped
+    safetensors files; one built from such a file (quantized, or its Linears replaced by factors) keeps the
+    whole mapping alive through the tensors it did not replace, and with it the resident pages of the weights
+    it read and dropped: its peak would count the file, not the model."""
+    seen: set[int] = set()
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if id(tensor) in seen or is_quantized(tensor):
+                continue
+            seen.add(id(tensor))
+            tensor.data = tensor.data.clone()
+
+
 def compare(loaders: Iterable[tuple[str, Callable[[], nn.Module]]], *, progress: Callable[[str], None] | None = None,
             **settings) -> list[SpeedRow]:
     """Each (label, loader) measured in turn in this process: loaded after the previous model is freed, so its
@@ -202,6 +218,7 @@ def compare(loaders: Iterable[tuple[str, Callable[[], nn.Module]]], *, progress:
         baseline = resident_bytes()
         model = loader()
         model.requires_grad_(False)
+        own_memory(model)
         release_memory()  # what loading or quantizing freed (a float copy of the weights) is not counted
         rows.append(measure(model, label, baseline=baseline, **settings))
         if progress is not None:
