@@ -199,13 +199,10 @@ def own_memory(model: nn.Module) -> None:
     safetensors files; one built from such a file (quantized, or its Linears replaced by factors) keeps the
     whole mapping alive through the tensors it did not replace, and with it the resident pages of the weights
     it read and dropped: its peak would count the file, not the model."""
-    seen: set[int] = set()
-    with torch.no_grad():
+    with torch.no_grad():  # parameters() and buffers() give each tensor once, tied ones included
         for tensor in [*model.parameters(), *model.buffers()]:
-            if id(tensor) in seen or is_quantized(tensor):
-                continue
-            seen.add(id(tensor))
-            tensor.data = tensor.data.clone()
+            if not is_quantized(tensor):
+                tensor.data = tensor.data.clone()
 
 
 def compare(loaders: Iterable[tuple[str, Callable[[], nn.Module]]], *, progress: Callable[[str], None] | None = None,
