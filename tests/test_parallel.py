@@ -31,9 +31,16 @@ def _worker(rank: int, world: int, port: int, argv: list[str], cache: str) -> No
     assert main(argv) == 0
 
 
-def test_two_processes_save_the_tensors_of_one(model_dir, text_file, tmp_path, capsys):
-    args = ["-q", "compress", "--model", str(model_dir), "--method", "cospadi", "--ratio", "0.3", "--iterations", "3",
-            "--calib", str(text_file), "--calib-samples", "6", "--calib-seq-len", "32"]
+@pytest.mark.parametrize("method", [
+    # dictionaries shared out per projection
+    ["--method", "cospadi", "--ratio", "0.3", "--iterations", "3"],
+    # the Fisher pass's batches shared out (5 batches of 2 over 2 processes: the last round has one), then the
+    # chosen dictionaries and ranks; tiny menus so that both types are picked
+    ["--method", "auto", "--ratio", "0.3", "--iterations", "2", "--rank-options", "4", "--batch-size", "2"],
+])
+def test_two_processes_save_the_tensors_of_one(model_dir, text_file, tmp_path, method):
+    args = ["-q", "compress", "--model", str(model_dir), *method,
+            "--calib", str(text_file), "--calib-samples", "9" if "auto" in method else "6", "--calib-seq-len", "32"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each of the two processes: the same arithmetic
     try:
@@ -44,5 +51,52 @@ def test_two_processes_save_the_tensors_of_one(model_dir, text_file, tmp_path, c
                             os.environ.get("FACTORKIT_CACHE", str(tmp_path / "cache"))), nprocs=2)
     one, two = (load_file(tmp_path / name / "model.safetensors") for name in ("one", "two"))
     assert one.keys() == two.keys() and any(k.endswith(".support") for k in one)
+    if "auto" in method:  # a mixed model: some matrices low rank, some dictionaries
+        assert any(k.endswith(".U") or k.endswith(".V") for k in one), sorted(one)
     for key in one:
         assert torch.equal(one[key], two[key]), key
+
+
+def _fisher_worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from factorkit import parallel
+    from factorkit.calibration import collect_fisher
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    data = torch.randint(0, model.config.vocab_size, (7, 16), generator=torch.Generator().manual_seed(0))
+    stats = collect_fisher(model, data, batch_size=2, progress=False)
+    if rank == world - 1:  # a process that received most batches' sums from the others
+        save_file(_flat(stats), out)
+    parallel.leave()
+
+
+def _flat(stats: dict) -> dict:
+    return {key: tensor for name, s in stats.items() for key, tensor in (
+        (f"{name}.rows", s.rows), (f"{name}.cols", s.cols), (f"{name}.deletion", torch.tensor([s.deletion])),
+        (f"{name}.samples", torch.tensor([s.samples])))}
+
+
+def test_fisher_batches_shared_by_processes_give_the_one_process_sums(model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from factorkit.calibration import collect_fisher
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        data = torch.randint(0, model.config.vocab_size, (7, 16), generator=torch.Generator().manual_seed(0))
+        one = _flat(collect_fisher(model, data, batch_size=2, progress=False))
+    finally:
+        torch.set_num_threads(threads)
+    # 4 batches (the last of one sequence) over 3 processes: rounds of 3 and of 1
+    mp.spawn(_fisher_worker, args=(3, free_port(), str(model_dir), str(tmp_path / "three.safetensors")), nprocs=3)
+    three = load_file(tmp_path / "three.safetensors")
+    assert one.keys() == three.keys() and float(one[next(k for k in one if k.endswith(".deletion"))]) > 0
+    for key in one:
+        assert torch.equal(one[key], three[key]), key

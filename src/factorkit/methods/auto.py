@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import parallel
 from ..calibration import LinearStats, calibrate_blockwise
 from ..calibration.fisher import FisherStats, collect_fisher
 from ..config import ConfigError, at_least, option, optional, positive, positive_int, whole
@@ -263,34 +264,56 @@ def allocate(model: nn.Module, config: Any, data: Any, types: tuple[str, ...], p
     return chosen, report
 
 
+def _solve_cost(option_: Option, shape: torch.Size) -> float:
+    """Roughly the multiply-adds of a chosen option's solve: a dictionary's OMP (k s^2 per output) and K-SVD
+    sweeps, one SVD of the (out x in) matrix for a rank."""
+    m, n = shape
+    if option_.kind == "dictionary":
+        k, s = option_.size
+        return float(k * s * (s * m + n + m))
+    return float(m * n * min(m, n))
+
+
 def allocate_and_solve(model: nn.Module, config: Any, data: Any, types: tuple[str, ...], progress: bool,
                        iterations: int, refresh: str | int = "doubling", power_iterations: int = 2) -> dict:
     """Profile, choose within the byte budget, then factorize each matrix as chosen. Returns the fit report."""
     chosen, report = allocate(model, config, data, types, progress)
     t = time.perf_counter()
+    team = parallel.current()
 
     def on_block(index: int, block_name: str, block: nn.Module, stats: dict[str, LinearStats]) -> None:
-        for name in list(target_linears(block, config.targets)):
-            full = f"{block_name}.{name}"
-            option_ = chosen[full]
-            if option_.kind == "dense":
-                continue
-            linear = block.get_submodule(name)
-            weight = linear_weight(linear).detach()
-            bias = linear.bias.detach() if getattr(linear, "bias", None) is not None else None
+        names = [name for name in target_linears(block, config.targets)
+                 if chosen[f"{block_name}.{name}"].kind != "dense"]
+
+        def solve(name: str) -> list[torch.Tensor]:
+            option_ = chosen[f"{block_name}.{name}"]
+            weight = linear_weight(block.get_submodule(name)).detach()
             gram = stats[name].gram
             if option_.kind == "lowrank":
                 factors = whitened_svd(weight, gram, option_.size[0], config.eps)
-                shift = factors.shift
-                module = LowRankLinear.from_factors(factors.U, factors.V, bias, dtype=weight.dtype)
+                return [factors.U, factors.V, torch.tensor([factors.shift], dtype=torch.float64)]
+            fit = sparse_dictionary([weight], *option_.size, gram=gram, eps=config.eps, iterations=iterations,
+                                    refresh=refresh, power_iterations=power_iterations, seed=config.seed,
+                                    start=config.start)[0]
+            return [fit.atoms, fit.indices, fit.values, torch.tensor([fit.shift], dtype=torch.float64)]
+
+        # under torchrun the processes divide the block's matrices and share the solutions (parallel.Team),
+        # each problem priced as its solve costs: OMP and K-SVD for a dictionary, one SVD for a rank
+        solved = team.solve(names, [_solve_cost(chosen[f"{block_name}.{name}"],
+                                                linear_weight(block.get_submodule(name)).shape) for name in names],
+                            solve)
+        for name, tensors in zip(names, solved):
+            full = f"{block_name}.{name}"
+            linear = block.get_submodule(name)
+            weight = linear_weight(linear)
+            bias = linear.bias.detach() if getattr(linear, "bias", None) is not None else None
+            if chosen[full].kind == "lowrank":
+                module = LowRankLinear.from_factors(tensors[0], tensors[1], bias, dtype=weight.dtype)
             else:
-                fit = sparse_dictionary([weight], *option_.size, gram=gram, eps=config.eps, iterations=iterations,
-                                        refresh=refresh, power_iterations=power_iterations, seed=config.seed,
-                                        start=config.start)[0]
-                shift = fit.shift
-                module = DictionaryLinear.from_codes(fit.atoms, fit.indices, fit.values, bias, dtype=weight.dtype)
+                module = DictionaryLinear.from_codes(*tensors[:3], bias, dtype=weight.dtype)
+            shift = float(tensors[-1])
             if shift:
-                warn_shift(full, shift, gram)
+                warn_shift(full, shift, stats[name].gram)
             replace_module(block, name, module)
 
     calibrate_blockwise(model, data, on_block, targets=config.targets, stats=("gram",), sequential=config.sequential,
