@@ -34,9 +34,9 @@ def _worker(rank: int, world: int, port: int, argv: list[str], cache: str) -> No
 @pytest.mark.parametrize("method", [
     # dictionaries shared out per projection
     ["--method", "cospadi", "--ratio", "0.3", "--iterations", "3"],
-    # the Fisher pass's batches shared out (5 batches of 2 over 2 processes: the last round has one), then the
-    # chosen dictionaries and ranks; tiny menus so that both types are picked
-    ["--method", "auto", "--ratio", "0.3", "--iterations", "2", "--rank-options", "4", "--batch-size", "2"],
+    # the Fisher pass's sequences shared out (9 over 2 processes: the last round has one), then the chosen
+    # dictionaries and ranks; tiny menus so that both types are picked
+    ["--method", "auto", "--ratio", "0.3", "--iterations", "2", "--rank-options", "4"],
 ])
 def test_two_processes_save_the_tensors_of_one(model_dir, text_file, tmp_path, method):
     args = ["-q", "compress", "--model", str(model_dir), *method,
@@ -57,46 +57,56 @@ def test_two_processes_save_the_tensors_of_one(model_dir, text_file, tmp_path, m
         assert torch.equal(one[key], two[key]), key
 
 
-def _fisher_worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
-    from safetensors.torch import save_file
+def _statistics(model_dir: str) -> dict:
+    """The Fisher sums and the calibration statistics (Grams, |x| sums, tokens) of every Linear of the tiny
+    model on 7 sequences in batches of 2 (4 batches, the last of one sequence)."""
     from transformers import AutoModelForCausalLM
 
+    from factorkit.calibration import calibrate_blockwise, collect_fisher
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    data = torch.randint(0, model.config.vocab_size, (7, 16), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for name, s in collect_fisher(model, data, batch_size=2, progress=False).items():
+        out.update({f"{name}.rows": s.rows, f"{name}.cols": s.cols, f"{name}.deletion": torch.tensor([s.deletion]),
+                    f"{name}.samples": torch.tensor([s.samples])})
+
+    def on_block(index, block_name, block, stats):
+        for name, s in stats.items():
+            out.update({f"{block_name}.{name}.gram": s.gram, f"{block_name}.{name}.abs_sum": s.abs_sum,
+                        f"{block_name}.{name}.tokens": torch.tensor([s.tokens])})
+
+    calibrate_blockwise(model, data, on_block, batch_size=2, progress=False)
+    return out
+
+
+def _statistics_worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
+    from safetensors.torch import save_file
+
     from factorkit import parallel
-    from factorkit.calibration import collect_fisher
 
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
     torch.set_num_threads(1)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    data = torch.randint(0, model.config.vocab_size, (7, 16), generator=torch.Generator().manual_seed(0))
-    stats = collect_fisher(model, data, batch_size=2, progress=False)
+    stats = _statistics(model_dir)
     if rank == world - 1:  # a process that received most batches' sums from the others
-        save_file(_flat(stats), out)
+        save_file(stats, out)
     parallel.leave()
 
 
-def _flat(stats: dict) -> dict:
-    return {key: tensor for name, s in stats.items() for key, tensor in (
-        (f"{name}.rows", s.rows), (f"{name}.cols", s.cols), (f"{name}.deletion", torch.tensor([s.deletion])),
-        (f"{name}.samples", torch.tensor([s.samples])))}
-
-
-def test_fisher_batches_shared_by_processes_give_the_one_process_sums(model_dir, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    from factorkit.calibration import collect_fisher
-
+def test_batches_shared_by_processes_give_the_one_process_statistics(model_dir, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
-        data = torch.randint(0, model.config.vocab_size, (7, 16), generator=torch.Generator().manual_seed(0))
-        one = _flat(collect_fisher(model, data, batch_size=2, progress=False))
+        one = _statistics(str(model_dir))
     finally:
         torch.set_num_threads(threads)
-    # 4 batches (the last of one sequence) over 3 processes: rounds of 3 and of 1
-    mp.spawn(_fisher_worker, args=(3, free_port(), str(model_dir), str(tmp_path / "three.safetensors")), nprocs=3)
+    # 4 batches over 3 processes: rounds of 3 and of 1
+    mp.spawn(_statistics_worker, args=(3, free_port(), str(model_dir), str(tmp_path / "three.safetensors")),
+             nprocs=3)
     three = load_file(tmp_path / "three.safetensors")
-    assert one.keys() == three.keys() and float(one[next(k for k in one if k.endswith(".deletion"))]) > 0
+    assert one.keys() == three.keys() and any(k.endswith(".gram") for k in one)
+    assert float(one[next(k for k in one if k.endswith(".deletion"))]) > 0
+    assert all(int(one[k]) == 7 * 16 for k in one if k.endswith(".tokens"))  # every batch counted once
     for key in one:
         assert torch.equal(one[key], three[key]), key

@@ -10,7 +10,11 @@ then for each block i
    the inputs of block i+1, so later blocks are calibrated on the
    activations they will really see.
 
-Only one block's inputs are held in memory at a time.
+Only one block's inputs are held in memory at a time. Under ``torchrun`` the
+processes divide the batches: each runs its share through every block, and
+each batch's statistics are shared and added in batch order in every process,
+so every process holds the one-process statistics, bit for bit, with a share
+of the forward passes and of the hidden states.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import parallel
 from ..models import offload
 from ..surgery import find_blocks, linear_weight, target_linears
 
@@ -98,12 +103,14 @@ def _batches(data: "torch.Tensor | Iterable[Mapping]", batch_size: int) -> list[
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, data: torch.Tensor, batch_size: int = 4):
+def capture_block_inputs(model: nn.Module, data: torch.Tensor, batch_size: int = 4,
+                         only: Sequence[int] | None = None):
     """Inputs of the first block and every block's extra arguments, per batch.
 
     Returns (block_list_name, blocks, hidden, extras) where hidden[b] is the
     input of block 0 for batch b and extras[i][b] = (args, kwargs) that block i
-    receives besides its hidden states.
+    receives besides its hidden states. ``only``: the indices of the batches
+    to run (default: all), in the order given.
     """
     name, blocks = find_blocks(model)
     originals = list(blocks)
@@ -112,7 +119,8 @@ def capture_block_inputs(model: nn.Module, data: torch.Tensor, batch_size: int =
     try:
         for i, rec in enumerate(recorders):
             blocks[i] = rec
-        for batch in _batches(data, batch_size):
+        batches = _batches(data, batch_size)
+        for batch in batches if only is None else [batches[b] for b in only]:
             kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             if isinstance(data, torch.Tensor):
                 kwargs["use_cache"] = False
@@ -137,13 +145,21 @@ GroupCallback = Callable[[list[int], list[str], list[nn.Module], list[dict[str, 
 
 
 def _collect_stats(block: nn.Module, hidden: list, extras: list, targets, kinds: tuple[str, ...],
-                   keep_outputs: bool = True):
+                   keep_outputs: bool = True, team: parallel.Team = parallel.Team(), batches: int | None = None):
     """Run every batch through ``block`` with hooks on its targeted Linears.
-    Returns (statistics by Linear name, the block's outputs per batch, or [] when not kept)."""
+    Returns (statistics by Linear name, the block's outputs per batch, or [] when not kept).
+
+    Under torchrun (``team.world`` > 1) this process holds batches rank, rank + world, ... of ``batches`` in
+    all: the processes run a round of ``world`` batches at a time and every batch's increments are shared
+    and added in batch order in every process, so each holds the statistics of all the batches, the same,
+    bit for bit, as one process running them all."""
     linears = target_linears(block, targets)
+    names = list(linears)
     layer_stats = {n: LinearStats(linear_weight(m).shape[1]) for n, m in linears.items()}
+    batches = len(hidden) if batches is None else batches
     # Linears fed the same tensor (q/k/v, gate/up) share one computation per batch.
     shared: dict[int, tuple[torch.Tensor, _Increment]] = {}
+    recorded: dict[str, list[_Increment]] = {n: [] for n in names}  # this batch's increments, in call order
 
     def hook_for(layer_name: str):
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
@@ -152,22 +168,68 @@ def _collect_stats(block: nn.Module, hidden: list, extras: list, targets, kinds:
             if hit is None or hit[0] is not x:
                 hit = (x, _increment(x, kinds))
                 shared[id(x)] = hit
-            layer_stats[layer_name].add(hit[1])
+            recorded[layer_name].append(hit[1])
         return hook
 
     handles = [m.register_forward_hook(hook_for(n)) for n, m in linears.items()]
     outputs = []
+    device = hidden[0].device if hidden else torch.device("cpu")
     try:
-        for b, h in enumerate(hidden):
+        for round_ in range(-(-batches // team.world)):
             shared.clear()
-            out = run_block(block, h, extras[b])
-            if keep_outputs:
-                outputs.append(out)
+            for increments in recorded.values():
+                increments.clear()
+            if round_ < len(hidden):
+                out = run_block(block, hidden[round_], extras[round_])
+                if keep_outputs:
+                    outputs.append(out)
+            for src in range(min(team.world, batches - round_ * team.world)):
+                increments = recorded if team.world == 1 else _share_increments(
+                    recorded if src == team.rank else None, names, kinds, src, device)
+                for name in names:
+                    for increment in increments[name]:
+                        layer_stats[name].add(increment)
     finally:
         for handle in handles:
             handle.remove()
         shared.clear()
     return layer_stats, outputs
+
+
+def _share_increments(recorded: dict[str, list[_Increment]] | None, names: list[str], kinds: tuple[str, ...],
+                      src: int, device: torch.device) -> dict[str, list[_Increment]]:
+    """One batch's increments, from the process ``src`` that ran it (``recorded``, None elsewhere), in every
+    process: a layout (per Linear, how many increments and which distinct one each is), the token counts,
+    then each distinct increment's tensors once (q/k/v share theirs)."""
+    if recorded is not None:
+        distinct: list[_Increment] = []
+        layout: list[int] = []
+        for name in names:
+            layout.append(len(recorded[name]))
+            for increment in recorded[name]:
+                pos = next((i for i, d in enumerate(distinct) if d is increment), None)
+                if pos is None:
+                    distinct.append(increment)
+                    pos = len(distinct) - 1
+                layout.append(pos)
+        tensors = [torch.tensor(layout, dtype=torch.int64), torch.tensor([d.tokens for d in distinct])]
+        tensors += [t for d in distinct for t in (d.gram, d.abs_sum) if t is not None]
+        parallel.broadcast_tensors(tensors, src)
+        return recorded
+    tensors = parallel.broadcast_tensors(None, src)
+    layout, tokens = tensors[0].tolist(), tensors[1].tolist()
+    per = ("gram" in kinds) + ("abs_mean" in kinds)
+    distinct = []
+    for i, count in enumerate(tokens):
+        parts = [t.to(device) for t in tensors[2 + per * i: 2 + per * (i + 1)]]
+        gram = parts.pop(0) if "gram" in kinds else None
+        distinct.append(_Increment(count, gram, parts.pop(0) if "abs_mean" in kinds else None))
+    out, pos = {}, 0
+    for name in names:
+        count = layout[pos]
+        out[name] = [distinct[j] for j in layout[pos + 1: pos + 1 + count]]
+        pos += 1 + count
+    return out
 
 
 @torch.no_grad()
@@ -202,7 +264,13 @@ def calibrate_groupwise(
     model.eval()
     offloaded = offload.store(model)  # blocks kept on disk: each read before its turn, written back after
     try:
-        list_name, blocks, hidden, extras = capture_block_inputs(model, data, batch_size)
+        # under torchrun each process runs every world-th batch (parallel.Team) and the statistics are shared
+        team = parallel.current()
+        data = data if isinstance(data, torch.Tensor) else list(data)  # an iterator is read once
+        batches = len(_batches(data, batch_size))
+        mine = list(range(team.rank, batches, team.world))
+        list_name, blocks, hidden, extras = capture_block_inputs(model, data, batch_size,
+                                                                 None if team.world == 1 else mine)
         bar = tqdm(total=len(blocks), desc=desc, unit="block", disable=not progress)
         for first in range(0, len(blocks), group_size):
             group = list(range(first, min(first + group_size, len(blocks))))
@@ -212,7 +280,7 @@ def calibrate_groupwise(
                     offloaded.materialize(i, blocks[i])
                 # the last block's uncompressed outputs are only needed when nothing reruns it
                 keep = i != group[-1] or not sequential
-                layer_stats, h = _collect_stats(blocks[i], h, extras[i], targets, kinds, keep)
+                layer_stats, h = _collect_stats(blocks[i], h, extras[i], targets, kinds, keep, team, batches)
                 group_stats.append(layer_stats)
             on_group(group, [f"{list_name}.{i}" for i in group], [blocks[i] for i in group], group_stats)
             if sequential:

@@ -118,13 +118,17 @@ def _backward(model: nn.Module, kwargs: dict, device: torch.device, tokens: bool
         (loss * n).backward()
 
 
-def collect_fisher(model: nn.Module, data: Any, *, targets: Iterable[str] | None = None, batch_size: int = 4,
+def collect_fisher(model: nn.Module, data: Any, *, targets: Iterable[str] | None = None, batch_size: int = 1,
                    progress: bool = True, desc: str = "Fisher information") -> dict[str, FisherStats]:
     """Per-sample empirical Fisher of every targeted Linear, keyed by full module name.
 
     ``data``: token ids (samples x seq_len; loss = next-token cross-entropy,
     one sample per sequence) or an iterable of labelled batches (dicts passed to
     the model, whose returned ``.loss`` must be the batch mean).
+    ``batch_size``: token sequences per forward and backward pass. One (the
+    default) holds the least: what backward keeps grows with the batch, logits
+    over the vocabulary included (SmolLM2-135M, 512 tokens: peak 2.1 GB at 1,
+    4.9 GB at 4), and on a CPU one is no slower.
     """
     linears = model_targets(model, targets)
     batches = _loss_batches(data, batch_size)

@@ -188,7 +188,7 @@ def _fisher(model: nn.Module, config: Any, data: Any, progress: bool) -> dict[st
     limit = getattr(config, "fisher_samples", None)
     if limit is not None:
         data = data[:limit] if isinstance(data, torch.Tensor) else list(data)[:limit]
-    return collect_fisher(model, data, targets=config.targets, batch_size=config.batch_size, progress=progress)
+    return collect_fisher(model, data, targets=config.targets, progress=progress)
 
 
 def profile_menus(model: nn.Module, config: Any, data: Any, types: tuple[str, ...], progress: bool = True,

@@ -254,8 +254,7 @@ def _for_each_block(model, config: LowRankConfig, data, recipe: _Recipe, progres
 
 def fisher_information(model: nn.Module, config: LowRankConfig, data: Any, progress: bool = True):
     """The Fisher statistics a low-rank config would compute (reusable through ``config.fisher``)."""
-    return collect_fisher(model, _fisher_data(config, data), targets=config.targets,
-                          batch_size=config.batch_size, progress=progress)
+    return collect_fisher(model, _fisher_data(config, data), targets=config.targets, progress=progress)
 
 
 def rank_profile(model: nn.Module, config: LowRankConfig, data: Any, progress: bool = True) -> RankProfile:
