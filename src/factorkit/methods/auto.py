@@ -191,29 +191,59 @@ def _fisher(model: nn.Module, config: Any, data: Any, progress: bool) -> dict[st
     return collect_fisher(model, data, targets=config.targets, progress=progress)
 
 
+_KINDS = ("dense", "lowrank", "dictionary")
+
+
+def _menu_tensor(menu: list[Option]) -> torch.Tensor:
+    """A menu as rows (kind, size..., bytes, loss) of float64, which holds every integer here exactly."""
+    return torch.tensor([[_KINDS.index(o.kind), *(list(o.size) + [0, 0])[:2], o.bytes, o.loss] for o in menu],
+                        dtype=torch.float64)
+
+
+def _menu_options(table: torch.Tensor) -> list[Option]:
+    out = []
+    for kind, a, b, size, loss in table.tolist():
+        kind = _KINDS[int(kind)]
+        dims = {"dense": (), "lowrank": (int(a),), "dictionary": (int(a), int(b))}[kind]
+        out.append(Option(kind, dims, int(size), loss))
+    return out
+
+
 def profile_menus(model: nn.Module, config: Any, data: Any, types: tuple[str, ...], progress: bool = True,
                   fisher: dict[str, FisherStats] | None = None) -> dict[str, list[Option]]:
     """Every targeted matrix's menu (dense first), measured on the dense model."""
     fisher = fisher if fisher is not None else _fisher(model, config, data, progress)
     menus: dict[str, list[Option]] = {}
 
+    team = parallel.current()
+
+    def menu_of(block: nn.Module, full: str, name: str, stats: LinearStats) -> list[Option]:
+        weight = linear_weight(block.get_submodule(name)).detach()
+        m, n = weight.shape
+        chol = cholesky_factor(stats.gram, getattr(config, "eps", 1e-6))
+        u, sv, _ = torch.linalg.svd(weight.double() @ chol.factor, full_matrices=False)
+        spectrum = sv.square()
+        energy = float(spectrum.sum())
+        sensitivity = fisher[full].deletion / energy if energy > 0 else 0.0
+        menu = [Option("dense", (), m * n * _value_bytes(weight), 0.0)]
+        if "lowrank" in types:
+            menu += lowrank_options(m, n, spectrum, sensitivity, getattr(config, "rank_options", 48),
+                                    _value_bytes(weight))
+        if "dictionary" in types:
+            menu += dictionary_options(weight, stats.gram, sensitivity, energy, config, u * sv)
+        return menu
+
     def on_block(index: int, block_name: str, block: nn.Module, stats: dict[str, LinearStats]) -> None:
-        for name in list(target_linears(block, config.targets)):
-            full = f"{block_name}.{name}"
-            weight = linear_weight(block.get_submodule(name)).detach()
-            m, n = weight.shape
-            chol = cholesky_factor(stats[name].gram, getattr(config, "eps", 1e-6))
-            u, sv, _ = torch.linalg.svd(weight.double() @ chol.factor, full_matrices=False)
-            spectrum = sv.square()
-            energy = float(spectrum.sum())
-            sensitivity = fisher[full].deletion / energy if energy > 0 else 0.0
-            menu = [Option("dense", (), m * n * _value_bytes(weight), 0.0)]
-            if "lowrank" in types:
-                menu += lowrank_options(m, n, spectrum, sensitivity, getattr(config, "rank_options", 48),
-                                        _value_bytes(weight))
-            if "dictionary" in types:
-                menu += dictionary_options(weight, stats[name].gram, sensitivity, energy, config, u * sv)
-            menus[full] = menu
+        names = list(target_linears(block, config.targets))
+
+        def solve(name: str) -> list[torch.Tensor]:
+            return [_menu_tensor(menu_of(block, f"{block_name}.{name}", name, stats[name]))]
+
+        # under torchrun the processes divide the block's SVDs and share the menus (parallel.Team)
+        costs = [float(m * n * min(m, n)) for m, n in (linear_weight(block.get_submodule(name)).shape
+                                                       for name in names)]
+        for name, (table,) in zip(names, team.solve(names, costs, solve)):
+            menus[f"{block_name}.{name}"] = _menu_options(table)
 
     calibrate_blockwise(model, data, on_block, targets=config.targets, stats=("gram",), sequential=False,
                         batch_size=config.batch_size, progress=progress, desc=f"profile {config.method}")
