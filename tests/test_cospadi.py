@@ -50,6 +50,18 @@ def test_omp_recovers_a_planted_sparse_code_exactly(dtype):
     assert torch.allclose(got, codes_to_dense(support, coef, k), atol=tol)
 
 
+def test_batch_omp_codes_every_signal_on_its_own_whatever_the_chunk():
+    # the CPU default picks the chunk from the problem's size (to stay in cache): it must not change a code
+    gen = torch.Generator().manual_seed(2)
+    k, s, B = 96, 40, 77  # B not a multiple of any chunk
+    D = _unit_rows(torch.randn(k, 64, generator=gen))
+    Y = torch.randn(B, 64, generator=gen)
+    idx, val = batch_omp(D @ D.T, Y @ D.T, s)
+    for chunk in (1, 8, 13, 64, 200):
+        other = batch_omp(D @ D.T, Y @ D.T, s, chunk=chunk)
+        assert torch.equal(other[0], idx) and torch.equal(other[1], val), chunk
+
+
 def test_batch_omp_matches_scikit_learn():
     sklearn = pytest.importorskip("sklearn.linear_model")
     gen = torch.Generator().manual_seed(1)
