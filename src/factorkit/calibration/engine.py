@@ -202,32 +202,32 @@ def _share_increments(recorded: dict[str, list[_Increment]] | None, names: list[
     process: a layout (per Linear, how many increments and which distinct one each is), the token counts,
     then each distinct increment's tensors once (q/k/v share theirs)."""
     if recorded is not None:
-        distinct: list[_Increment] = []
+        distinct: dict[int, int] = {}  # id of an increment -> its position among the distinct ones
+        order: list[_Increment] = []
         layout: list[int] = []
         for name in names:
             layout.append(len(recorded[name]))
             for increment in recorded[name]:
-                pos = next((i for i, d in enumerate(distinct) if d is increment), None)
-                if pos is None:
-                    distinct.append(increment)
-                    pos = len(distinct) - 1
-                layout.append(pos)
-        tensors = [torch.tensor(layout, dtype=torch.int64), torch.tensor([d.tokens for d in distinct])]
-        tensors += [t for d in distinct for t in (d.gram, d.abs_sum) if t is not None]
+                if id(increment) not in distinct:
+                    distinct[id(increment)] = len(order)
+                    order.append(increment)
+                layout.append(distinct[id(increment)])
+        tensors = [torch.tensor(layout, dtype=torch.int64), torch.tensor([d.tokens for d in order])]
+        tensors += [t for d in order for t in (d.gram, d.abs_sum) if t is not None]
         parallel.broadcast_tensors(tensors, src)
         return recorded
     tensors = parallel.broadcast_tensors(None, src)
     layout, tokens = tensors[0].tolist(), tensors[1].tolist()
     per = ("gram" in kinds) + ("abs_mean" in kinds)
-    distinct = []
+    received = []
     for i, count in enumerate(tokens):
         parts = [t.to(device) for t in tensors[2 + per * i: 2 + per * (i + 1)]]
         gram = parts.pop(0) if "gram" in kinds else None
-        distinct.append(_Increment(count, gram, parts.pop(0) if "abs_mean" in kinds else None))
+        received.append(_Increment(count, gram, parts.pop(0) if "abs_mean" in kinds else None))
     out, pos = {}, 0
     for name in names:
         count = layout[pos]
-        out[name] = [distinct[j] for j in layout[pos + 1: pos + 1 + count]]
+        out[name] = [received[j] for j in layout[pos + 1: pos + 1 + count]]
         pos += 1 + count
     return out
 

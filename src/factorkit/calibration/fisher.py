@@ -156,6 +156,7 @@ def collect_fisher(model: nn.Module, data: Any, *, targets: Iterable[str] | None
     # then added in batch order in every process, so each holds what one process would compute.
     team = parallel.current()
     names = list(acc)
+    sizes = [acc[name].batch.numel() for name in names]
     try:
         for p in frozen:
             p.requires_grad_(False)
@@ -168,7 +169,6 @@ def collect_fisher(model: nn.Module, data: Any, *, targets: Iterable[str] | None
                 kwargs, n = batches[mine]
                 _backward(model, kwargs, device, _is_token_tensor(data), n)
                 part = torch.cat([acc[name].take_batch() for name in names])
-            sizes = [acc[name].batch.numel() for name in names]
             for src in range(min(team.world, len(batches) - first)):
                 shared = part if team.world == 1 else parallel.broadcast_tensors(
                     [part] if src == team.rank else None, src)[0].to(device)

@@ -48,7 +48,7 @@ from ..config import ConfigError, at_least, option, optional, positive, positive
 from ..errors import FactorkitError
 from ..factors import DictionaryLinear, LowRankLinear
 from ..solvers import whitened_svd
-from ..solvers.dictionary import START_HELP, STARTS, dictionary_budget, sparse_dictionary
+from ..solvers.dictionary import START_HELP, STARTS, dictionary_budget, solve_cost, sparse_dictionary
 from ..solvers.knapsack import Menu, choose
 from ..solvers.whitening import cholesky_factor
 from ..surgery import linear_weight, replace_module, target_linears
@@ -240,8 +240,7 @@ def profile_menus(model: nn.Module, config: Any, data: Any, types: tuple[str, ..
             return [_menu_tensor(menu_of(block, f"{block_name}.{name}", name, stats[name]))]
 
         # under torchrun the processes divide the block's SVDs and share the menus (parallel.Team)
-        costs = [float(m * n * min(m, n)) for m, n in (linear_weight(block.get_submodule(name)).shape
-                                                       for name in names)]
+        costs = [_svd_cost(linear_weight(block.get_submodule(name)).shape) for name in names]
         for name, (table,) in zip(names, team.solve(names, costs, solve)):
             menus[f"{block_name}.{name}"] = _menu_options(table)
 
@@ -294,14 +293,17 @@ def allocate(model: nn.Module, config: Any, data: Any, types: tuple[str, ...], p
     return chosen, report
 
 
-def _solve_cost(option_: Option, shape: torch.Size) -> float:
-    """Roughly the multiply-adds of a chosen option's solve: a dictionary's OMP (k s^2 per output) and K-SVD
-    sweeps, one SVD of the (out x in) matrix for a rank."""
+def _svd_cost(shape: torch.Size) -> float:
+    """Roughly the multiply-adds of one SVD of an (out x in) matrix."""
     m, n = shape
-    if option_.kind == "dictionary":
-        k, s = option_.size
-        return float(k * s * (s * m + n + m))
     return float(m * n * min(m, n))
+
+
+def _solve_cost(option_: Option, shape: torch.Size) -> float:
+    """Roughly what a chosen option's solve costs: a dictionary fit, or one SVD for a rank."""
+    if option_.kind == "dictionary":
+        return solve_cost(shape[1], shape[0], *option_.size)
+    return _svd_cost(shape)
 
 
 def allocate_and_solve(model: nn.Module, config: Any, data: Any, types: tuple[str, ...], progress: bool,

@@ -54,7 +54,8 @@ from ..surgery import find_blocks, linear_weight, replace_module
 from ..errors import FactorkitError
 from ..factors import DictionaryLinear
 from ..models.partial import FinishedGroups, fingerprint
-from ..solvers.dictionary import START_HELP, STARTS, dictionary_budget, refresh_schedule, sparse_dictionary
+from ..solvers.dictionary import (START_HELP, STARTS, dictionary_budget, refresh_schedule, solve_cost,
+                                  sparse_dictionary)
 from ..config import ConfigError, at_least, option, positive, positive_int, whole
 from .base import CompressionConfig, check_targets, log, register, warn_shift
 
@@ -167,8 +168,7 @@ def _compress_cospadi(model: nn.Module, config: CoSpaDiConfig, data: Any, progre
             if s < 1:
                 raise FactorkitError(f"ratio {config.ratio} leaves {name} ({out_f}x{in_f}) fewer than one nonzero "
                                      f"per output at rho {config.rho}; lower the ratio or rho.")
-            # OMP (k s^2 per output) and K-SVD (k sweeps over outputs and inputs): what a solve costs, roughly
-            budgets[name] = (k, s, k * s * (s * out_f * len(group) + in_f + out_f * len(group)))
+            budgets[name] = (k, s, solve_cost(in_f, out_f, k, s, layers=len(group)))
 
         def solve(name: str) -> list[torch.Tensor]:
             start = time.perf_counter()

@@ -391,6 +391,13 @@ def dictionary_budget(in_features: int, out_features: int, ratio: float, rho: fl
     return k, math.floor(k / rho)
 
 
+def solve_cost(in_features: int, out_features: int, atoms: int, sparsity: int, *, layers: int = 1) -> float:
+    """Roughly the multiply-adds of fitting a dictionary shared by ``layers`` (out x in) matrices: OMP (k s^2
+    per output) and the K-SVD sweeps; what ``parallel.Team`` balances the solves by."""
+    rows = out_features * layers
+    return float(atoms * sparsity * (sparsity * rows + in_features + rows))
+
+
 def dictionary_cost(in_features: int, out_features: int, atoms: int, sparsity: int, *, layers: int = 1,
                     value_bits: int = 16) -> tuple[int, int]:
     """(numbers stored, bits stored) by a dictionary shared by ``layers`` matrices and their codes."""
