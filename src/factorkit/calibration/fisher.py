@@ -127,8 +127,7 @@ def collect_fisher(model: nn.Module, data: Any, *, targets: Iterable[str] | None
     the model, whose returned ``.loss`` must be the batch mean).
     ``batch_size``: token sequences per forward and backward pass. One (the
     default) holds the least: what backward keeps grows with the batch, logits
-    over the vocabulary included (SmolLM2-135M, 512 tokens: peak 2.1 GB at 1,
-    4.9 GB at 4), and on a CPU one is no slower.
+    over the vocabulary included, and on a CPU one is no slower.
     """
     linears = model_targets(model, targets)
     batches = _loss_batches(data, batch_size)
