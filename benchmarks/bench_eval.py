@@ -79,11 +79,17 @@ def methods(cospadi_iterations: int) -> dict:
         "auto (signals start)": lambda r: fk.AutoConfig(ratio=r, iterations=cospadi_iterations, start="signals"),
         f"auto (signals start)+heal{HEAL_STEPS}": lambda r: fk.AutoConfig(ratio=r, iterations=cospadi_iterations,
                                                                          start="signals", heal=HEAL_STEPS),
+        # dictionary options priced by the refined estimate (a short alternation from the eigenbasis code)
+        "auto (refined estimate)": lambda r: fk.AutoConfig(ratio=r, iterations=cospadi_iterations,
+                                                           estimate="refined"),
+        "cospadi-global (refined estimate)": lambda r: fk.CoSpaDiConfig(ratio=r, iterations=cospadi_iterations,
+                                                                        allocation="global", estimate="refined"),
     }
 
 
 # Methods measured at some ratios only (comparisons, not grid lines).
-ONLY_AT = {"auto (signals start)": (0.2,), f"auto (signals start)+heal{HEAL_STEPS}": (0.2,)}
+ONLY_AT = {"auto (signals start)": (0.2,), f"auto (signals start)+heal{HEAL_STEPS}": (0.2,),
+           "auto (refined estimate)": (0.2,), "cospadi-global (refined estimate)": (0.2,)}
 # Healing points that train on the method's own calibration windows instead of HEAL_SAMPLES (as measured first).
 HEAL_ON_CALIB = (f"auto (signals start)+heal{HEAL_STEPS}",)
 

@@ -11,6 +11,10 @@ both. Reported: Spearman's rank correlation of probe and full error over all
 overstates the error.
 
     python benchmarks/bench_probe.py --model smollm2-135m [--block 15] [--full-iterations 8]
+    python benchmarks/bench_probe.py --model smollm2-135m --block 5 --solves full_svd
+
+The refined estimate (``--estimate refined``) is measured beside the eigenbasis one; another block than the
+middle one keeps its own results file and section (``probe-MODEL-blockN``).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from common import Results, machine, write_section  # noqa: E402
 import factorkit as fk  # noqa: E402
 from factorkit.calibration import calibrate_blockwise  # noqa: E402
 from factorkit.data import calibration_tokens  # noqa: E402
-from factorkit.methods.auto import PROBE_RATIOS, eigenbasis_errors  # noqa: E402
+from factorkit.methods.auto import PROBE_RATIOS, eigenbasis_errors, refined_errors  # noqa: E402
 from factorkit.report import markdown_table  # noqa: E402
 from factorkit.solvers.dictionary import dictionary_budget, sparse_dictionary  # noqa: E402
 from factorkit.solvers.whitening import cholesky_factor  # noqa: E402
@@ -37,6 +41,9 @@ from factorkit.surgery import find_blocks, linear_weight, target_linears  # noqa
 
 class _Done(Exception):
     """Raised once the chosen block is measured: nothing after it is needed."""
+
+
+SOLVES = ("probe", "full", "full_svd")
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -53,14 +60,22 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=None, help="block index (default: the middle one)")
     ap.add_argument("--probe-iterations", type=int, default=fk.AutoConfig().probe_iterations)
     ap.add_argument("--full-iterations", type=int, default=8, help="the benchmarks' CoSpaDi alternations")
+    ap.add_argument("--solves", default=",".join(SOLVES),
+                    help=f"the reference fits to run, comma separated among {', '.join(SOLVES)}")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
+    args.solves = [w for w in args.solves.split(",") if w]
+    if any(w not in SOLVES for w in args.solves):
+        ap.error(f"--solves takes {', '.join(SOLVES)}, comma separated")
     base, tok = fk.models.load(args.model)
     blocks = find_blocks(base)[1]
-    block = len(blocks) // 2 if args.block is None else args.block
+    middle = len(blocks) // 2
+    block = middle if args.block is None else args.block
     settings = {"model": args.model, "block": block, "probe_iterations": args.probe_iterations,
                 "full_iterations": args.full_iterations}
-    results = Results(f"probe-{args.model}", settings)
+    name = f"probe-{args.model}" if block == middle else f"probe-{args.model}-block{block}"
+    settings["name"] = name
+    results = Results(name, {k: v for k, v in settings.items() if k != "name"})
     if not args.report:
         measure(results, base, tok, block, args)
     report(results, settings)
@@ -78,21 +93,26 @@ def measure(results: Results, base, tok, block: int, args) -> None:
             weight = linear_weight(module.get_submodule(name)).detach()
             m, n = weight.shape
             gram = stats[name].gram
-            u, sv, _ = torch.linalg.svd(weight.double() @ cholesky_factor(gram).factor, full_matrices=False)
+            whitened = weight.double() @ cholesky_factor(gram).factor
+            u, sv, vh = torch.linalg.svd(whitened, full_matrices=False)
             for q in PROBE_RATIOS:
                 key = f"{name}@{q}"
                 k, s = dictionary_budget(n, m, q, 2.0, count="storage", value_bits=bits)
                 t = time.perf_counter()
                 eigen = eigenbasis_errors(u * sv, float(sv.square().sum()), [(k, s)])[0]
                 eigen_s = time.perf_counter() - t
+                t = time.perf_counter()
+                refined = refined_errors(whitened, u, sv, vh, [(k, s)])[0]
+                refined_s = time.perf_counter() - t
                 row = {**results[key]} if key in results else {}
-                row.update(eigen=eigen, eigen_s=eigen_s)
+                row.update(eigen=eigen, eigen_s=eigen_s, refined=refined, refined_s=refined_s)
+                results.put(key, row)
                 # the probe and the full solve from random signals (as measured first), the full solve from
                 # the SVD start (what auto and cospadi now do by default)
                 for what, iters, refresh, start in (("probe", args.probe_iterations, "every", "signals"),
                                                    ("full", args.full_iterations, "doubling", "signals"),
                                                    ("full_svd", args.full_iterations, "doubling", "svd")):
-                    if what in row:
+                    if what in row or what not in args.solves:
                         continue
                     t = time.perf_counter()
                     fit = sparse_dictionary([weight], k, s, gram=gram, iterations=iters, refresh=refresh,
@@ -110,24 +130,25 @@ def measure(results: Results, base, tok, block: int, args) -> None:
 
 
 def report(results: Results, settings: dict) -> None:
-    items = {k: v for k, v in results.items.items() if "@" in k and "full" in v}
+    items = {k: v for k, v in results.items.items() if "@" in k and ("full" in v or "full_svd" in v)}
     if not items:
         print("no results yet")
         return
     names = list(dict.fromkeys(k.split("@")[0] for k in items))
-    full = [items[k]["full"] for k in items]
     rows = []
     for name in names:
         keys = [k for k in items if k.split("@")[0] == name]
         rows.append([name, *(" / ".join(f"{items[k][w]:.4f}" if w in items[k] else "-"
-                                        for w in ("eigen", "probe", "full", "full_svd")) for k in keys)])
+                                        for w in ("eigen", "refined", "probe", "full", "full_svd"))
+                                 for k in keys)])
     lines = []
-    svd = all("full_svd" in v for v in items.values())
+    svd = all("full_svd" in v and "full" in v for v in items.values())
     for what, label, against, against_label in (
             ("eigen", "eigenbasis estimate", "full", "full solve from random signals"),
             ("probe", f"probe ({settings['probe_iterations']} alternations)", "full",
              "full solve from random signals"),
-            ("eigen", "eigenbasis estimate", "full_svd", "full solve from the SVD start")):
+            ("eigen", "eigenbasis estimate", "full_svd", "full solve from the SVD start"),
+            ("refined", "refined estimate", "full_svd", "full solve from the SVD start")):
         if not all(what in v and against in v for v in items.values()):
             continue
         est = [items[k][what] for k in items]
@@ -148,18 +169,25 @@ def report(results: Results, settings: dict) -> None:
                      f"options), {secs[1]:.0f} s against {secs[0]:.0f} s in all (two runs: the seconds are rough).")
     ran = results.items.get("machine", {}).get("text", machine())
     ratios = sorted({float(k.split("@")[1]) for k in items})
-    table = markdown_table(["matrix", *(f"ratio {q}: eigen / probe / full / full (svd start)" for q in ratios)],
+    table = markdown_table(["matrix", *(f"ratio {q}: eigen / refined / probe / full / full (svd start)"
+                                        for q in ratios)],
                            rows)
     partial = "" if len(items) == 7 * len(PROBE_RATIOS) else (
         f" ({len(items)} of the block's options measured so far; the run resumes where it stopped)")
-    write_section(f"probe-{settings['model']}", f"""
-## {settings['model']}: pricing dictionary options cheaply, against the full solve
+    name = settings["name"]
+    command = f"python benchmarks/bench_probe.py --model {settings['model']}"
+    if name != f"probe-{settings['model']}":
+        command += f" --block {settings['block']} --solves full_svd"
+    write_section(name, f"""
+## {settings['model']}, block {settings['block']}: pricing dictionary options cheaply, against the full solve
 
-`python benchmarks/bench_probe.py --model {settings['model']}`, {results.measured()}, {ran}.
+`{command}`, {results.measured()}, {ran}.
 
 Block {settings['block']}, calibrated on 32 x 512 tokens of the `general` corpus (the dense model's activations,
 as `auto`'s profile sees them). Relative whitened error of a sparse dictionary (rho 2, bytes counted with the
-support) at each ratio the profile probes: the eigenbasis estimate `auto` uses by default, a CoSpaDi fit of
+support) at each ratio the profile probes: the eigenbasis estimate `auto` uses by default, the refined
+estimate (`--estimate refined`: from the eigenbasis code, least-squares atoms, then twice the codes
+re-supported and improved and the atoms re-fitted; `methods.auto.refined_errors`), a CoSpaDi fit of
 {settings['probe_iterations']} alternations from random weight rows (`--estimate probe`, as first measured), and the full solve of {settings['full_iterations']}
 alternations the benchmarks run, started from random weight rows (`start="signals"`, as first measured) and
 from the SVD start (`start="svd"`, the default since: the eigenbasis estimate's own dictionary and codes, which

@@ -165,6 +165,63 @@ def test_the_eigenbasis_estimate_is_the_error_of_the_best_sparse_code_in_the_sin
     assert got[2] >= got[1]  # fewer atoms at the same sparsity: never better
 
 
+def _sparse_coded(m=96, n=48, atoms=40, nonzeros=6, seed=0):
+    """Rows that are sparse combinations of a few non-orthogonal atoms, plus a little noise: a dictionary of
+    that size fits them well, the singular basis with few nonzeros does not."""
+    gen = torch.Generator().manual_seed(seed)
+    D = torch.randn(atoms, n, generator=gen, dtype=torch.float64)
+    C = torch.zeros(m, atoms, dtype=torch.float64)
+    C.scatter_(1, torch.rand(m, atoms, generator=gen).argsort(1)[:, :nonzeros],
+               torch.randn(m, nonzeros, generator=gen, dtype=torch.float64))
+    return C @ D + 0.01 * torch.randn(m, n, generator=gen, dtype=torch.float64)
+
+
+def test_the_refined_estimate_lies_between_the_rank_bound_and_the_eigenbasis_estimate_and_nears_the_solve():
+    from factorkit.methods.auto import eigenbasis_errors, refined_errors
+    from factorkit.solvers.dictionary import sparse_dictionary
+
+    Y = _sparse_coded()
+    u, sv, vh = torch.linalg.svd(Y, full_matrices=False)
+    energy = float(Y.square().sum())
+    sizes = [(40, 6), (30, 8), (20, 4), (48, 48), (60, 10)]
+    eigen = eigenbasis_errors(u * sv, energy, sizes)
+    refined = refined_errors(Y, u, sv, vh, sizes)
+    for (k, s), e, r in zip(sizes, eigen, refined):
+        # no k atoms do better than the best rank-k approximation; the refinement starts from the eigenbasis code
+        rank_bound = (float(sv[min(k, 48):].square().sum()) / energy) ** 0.5
+        assert rank_bound - 1e-9 <= r <= e + 1e-12
+    assert refined[3] == pytest.approx(0.0, abs=1e-7)  # s = k = n: every row exactly
+    # where the eigenbasis estimate is far above what a fit reaches, the refined one is closer
+    fit = sparse_dictionary([Y], 40, 6, iterations=8, start="svd")[0].errors[-1]
+    assert refined[0] < eigen[0] and abs(refined[0] - fit) < 0.75 * abs(eigen[0] - fit)
+
+
+def test_refined_menus_scale_the_eigenbasis_prices_by_the_correction_found_at_the_probe_ratios():
+    from factorkit.methods.auto import PROBE_RATIOS, DICTIONARY_RATIOS, dictionary_options, refined_errors
+    from factorkit.solvers.dictionary import dictionary_budget
+    from factorkit.solvers.whitening import cholesky_factor
+
+    gen = torch.Generator().manual_seed(1)
+    weight = _sparse_coded(m=96, n=48, seed=1).float()
+    X = torch.randn(400, 48, generator=gen, dtype=torch.float64)
+    gram = X.T @ X
+    whitened = weight.double() @ cholesky_factor(gram).factor
+    u, sv, vh = torch.linalg.svd(whitened, full_matrices=False)
+    energy = float(sv.square().sum())
+    args = (weight, gram, 2.0, energy)
+    eigen = dictionary_options(*args, fk.AutoConfig(estimate="eigenbasis"), u * sv)
+    refined = dictionary_options(*args, fk.AutoConfig(estimate="refined"), u * sv, (whitened, u, sv, vh))
+    assert [o.size for o in eigen] == [o.size for o in refined] and [o.bytes for o in eigen] == [o.bytes for o in refined]
+    assert all(r.loss <= e.loss * (1 + 1e-12) for e, r in zip(eigen, refined))
+    assert sum(r.loss for r in refined) < 0.9 * sum(e.loss for e in eigen)
+    # at the probe ratios the price is the refined error itself (loss = sensitivity x error^2 x energy)
+    ratios = [q for q in DICTIONARY_RATIOS if min(dictionary_budget(48, 96, q, 2.0, count="storage", value_bits=32)) >= 1]
+    for q in PROBE_RATIOS:
+        option_ = refined[ratios.index(q)]
+        err = refined_errors(whitened, u, sv, vh, [option_.size])[0]
+        assert option_.loss == pytest.approx(2.0 * err * err * energy, rel=1e-9)
+
+
 def test_the_compress_table_lists_each_factor_type_and_its_bytes(capsys, model_dir, text_file, tmp_path,
                                                                 monkeypatch):
     """A user of --method auto sees, without reading the JSON, how many matrices took each type, the bytes

@@ -13,7 +13,13 @@
      largest coefficients among the first k right singular vectors (an
      orthonormal dictionary, where the best s-sparse code is exactly that):
      one sparse-coding step of a dictionary fit, before K-SVD improves it.
-     Seconds for a whole model. ``estimate="probe"`` fits each option with
+     Seconds for a whole model. ``estimate="refined"`` corrects it at the
+     ratios PROBE_RATIOS by a short alternation from that start (least-squares
+     atoms for the codes; codes re-supported on the largest least-squares
+     coefficients, their values by projected gradient; ``refined_errors``),
+     log-linearly in between: the eigenbasis estimate overstates the full
+     solve's error most at small ratios, against low rank's exact price.
+     ``estimate="probe"`` fits each option with
      CoSpaDi itself for ``probe_iterations`` alternations at a few ratios,
      interpolating between them: closer to the full solve, but hours on a
      CPU. ``benchmarks/bench_probe.py`` measures how each ranks the options
@@ -55,7 +61,7 @@ from ..surgery import linear_weight, replace_module, target_linears
 from .base import CompressionConfig, check_targets, log, register, warn_shift
 
 TYPES = ("lowrank", "dictionary")
-ESTIMATES = ("eigenbasis", "probe")
+ESTIMATES = ("eigenbasis", "refined", "probe")
 PROBE_RATIOS = (0.1, 0.3, 0.5, 0.7)  # per-matrix ratios a dictionary is fitted at cheaply
 DICTIONARY_RATIOS = tuple(round(0.1 + 0.05 * i, 2) for i in range(13))  # 0.1 .. 0.7: the menu's dictionaries
 
@@ -77,8 +83,9 @@ class AutoConfig(CompressionConfig):
                                check=whole(2))
     rho: float = option(2.0, "dictionary options: atoms per nonzero, k/s", check=at_least(1.0))
     estimate: str = option("eigenbasis", "how dictionary options are priced: eigenbasis (s largest coefficients "
-                                         "in the first k whitened singular directions; seconds) or probe (short "
-                                         "CoSpaDi fits; hours on a CPU)", choices=ESTIMATES)
+                                         "in the first k whitened singular directions; seconds), refined (that, "
+                                         "corrected by a short alternation at a few ratios; minutes) or probe "
+                                         "(short CoSpaDi fits; hours on a CPU)", choices=ESTIMATES)
     probe_iterations: int = option(2, "alternations of the probe fits that price the dictionary options",
                                    check=positive_int, when=("estimate", "probe"))
     iterations: int = option(8, "alternations of each chosen dictionary's fit (CoSpaDi's T; 60 in its paper)",
@@ -141,17 +148,93 @@ def eigenbasis_errors(coefficients: torch.Tensor, energy: float, sizes: list[tup
     return out
 
 
+def refined_errors(whitened: torch.Tensor, u: torch.Tensor, sv: torch.Tensor, vh: torch.Tensor,
+                   sizes: list[tuple[int, int]], rounds: int = 2, steps: int = 5) -> list[float]:
+    """Relative errors of (k, s) dictionaries for the rows of ``whitened`` (its SVD: u, sv, vh), each
+    the best of a short alternation from the eigenbasis code (``eigenbasis_errors``): least-squares atoms
+    for the codes (MOD), then ``rounds`` times: each row's support re-chosen as its s largest least-squares
+    coefficients on the atoms, the values on it improved by ``steps`` projected-gradient steps, the atoms
+    re-fitted. Every error is that of a factorization with k atoms and s nonzeros per row, so it bounds from
+    above what a fit of that size can reach, and is never above the eigenbasis estimate."""
+    Y = whitened.double()
+    energy = float(Y.square().sum())
+    if energy == 0.0:
+        return [0.0 for _ in sizes]
+
+    def residual(codes: torch.Tensor, atoms: torch.Tensor) -> float:
+        return float((Y - codes @ atoms).square().sum())
+
+    def ridge(gram: torch.Tensor) -> torch.Tensor:  # unused atoms leave gram singular
+        scale = max(float(gram.diagonal().mean()), 1e-300)
+        return gram + 1e-10 * scale * torch.eye(gram.shape[0], dtype=gram.dtype)
+
+    def fit_atoms(codes: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.solve(ridge(codes.T @ codes), codes.T @ Y)
+
+    def largest(codes: torch.Tensor, s: int) -> torch.Tensor:
+        return torch.zeros_like(codes).scatter_(1, codes.abs().topk(s, dim=1).indices, 1.0)
+
+    out = []
+    for k, s in sizes:
+        k = min(k, sv.numel())  # atoms beyond the dimension add nothing to the basis the start is coded in
+        s = min(s, k)
+        codes = u[:, :k].double() * sv[:k].double()
+        codes = codes * largest(codes, s)
+        atoms = vh[:k].double()
+        best = residual(codes, atoms)
+        atoms = fit_atoms(codes)
+        best = min(best, residual(codes, atoms))
+        for _ in range(rounds):
+            gram = atoms @ atoms.T
+            target = Y @ atoms.T
+            codes = torch.linalg.solve(ridge(gram), target.T).T
+            support = largest(codes, s)
+            codes = codes * support
+            step = 1.0 / max(float(torch.linalg.eigvalsh(gram)[-1]), 1e-300)
+            for _ in range(steps):
+                codes = (codes - step * (codes @ gram - target)) * support
+            best = min(best, residual(codes, atoms))
+            atoms = fit_atoms(codes)
+            best = min(best, residual(codes, atoms))
+        out.append(math.sqrt(max(best, 0.0) / energy))
+    return out
+
+
+def _log_interpolate(points: dict[float, float], q: float) -> float:
+    """Log-linear interpolation of positive values at sorted keys; constant beyond the ends."""
+    qs = sorted(points)
+    if q <= qs[0]:
+        return points[qs[0]]
+    if q >= qs[-1]:
+        return points[qs[-1]]
+    hi = next(i for i, p in enumerate(qs) if p >= q)
+    a, b = qs[hi - 1], qs[hi]
+    t = (q - a) / (b - a)
+    return math.exp((1 - t) * math.log(points[a]) + t * math.log(points[b]))
+
+
 def dictionary_options(weight: torch.Tensor, gram: torch.Tensor, sensitivity: float, energy: float,
-                       config: Any, coefficients: torch.Tensor) -> list[Option]:
-    """Dictionaries at DICTIONARY_RATIOS, priced by the eigenbasis estimate, or with ``config.estimate ==
-    "probe"`` by fits of ``config.probe_iterations`` alternations at PROBE_RATIOS (log-linear in between,
-    nothing outside)."""
+                       config: Any, coefficients: torch.Tensor,
+                       svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> list[Option]:
+    """Dictionaries at DICTIONARY_RATIOS, priced by the eigenbasis estimate; with ``config.estimate ==
+    "refined"`` that estimate scaled by what ``refined_errors`` finds at PROBE_RATIOS (``svd``: the
+    whitened weight, u, sv, vh), log-linearly in between; with ``"probe"`` by fits of
+    ``config.probe_iterations`` alternations at PROBE_RATIOS (log-linear in between, nothing outside)."""
     m, n = weight.shape
     bits = 8 * _value_bytes(weight)
     sizes = {q: dictionary_budget(n, m, q, config.rho, count="storage", value_bits=bits) for q in DICTIONARY_RATIOS}
     sizes = {q: (k, s) for q, (k, s) in sizes.items() if k >= 1 and s >= 1}
-    if getattr(config, "estimate", "eigenbasis") == "eigenbasis":
+    estimate = getattr(config, "estimate", "eigenbasis")
+    if estimate in ("eigenbasis", "refined"):
         errors = eigenbasis_errors(coefficients, energy, list(sizes.values()))
+        if estimate == "refined" and svd is not None:
+            at = [q for q in PROBE_RATIOS if q in sizes]
+            eigen = dict(zip(sizes, errors))
+            found = refined_errors(*svd, [sizes[q] for q in at])
+            # the correction (refined / eigenbasis, at most 1) where both are positive
+            scale = {q: f / eigen[q] for q, f in zip(at, found) if eigen[q] > 0 and f > 0}
+            if scale:
+                errors = [e * _log_interpolate(scale, q) for q, e in zip(sizes, errors)]
         return [Option("dictionary", (k, s), dictionary_bytes(m, n, k, s, bits // 8), sensitivity * e * e * energy)
                 for (k, s), e in zip(sizes.values(), errors)]
     probed: dict[float, float] = {}
@@ -166,13 +249,7 @@ def dictionary_options(weight: torch.Tensor, gram: torch.Tensor, sensitivity: fl
     for q, (k, s) in sizes.items():
         if not qs or q < qs[0] or q > qs[-1]:
             continue
-        hi = next(i for i, p in enumerate(qs) if p >= q)
-        if qs[hi] == q:
-            err = probed[q]
-        else:
-            a, b = qs[hi - 1], qs[hi]
-            t = (q - a) / (b - a)
-            err = math.exp((1 - t) * math.log(probed[a]) + t * math.log(probed[b]))
+        err = _log_interpolate(probed, q)
         out.append(Option("dictionary", (k, s), dictionary_bytes(m, n, k, s, bits // 8),
                           sensitivity * err * err * energy))
     return out
@@ -221,7 +298,8 @@ def profile_menus(model: nn.Module, config: Any, data: Any, types: tuple[str, ..
         weight = linear_weight(block.get_submodule(name)).detach()
         m, n = weight.shape
         chol = cholesky_factor(stats.gram, getattr(config, "eps", 1e-6))
-        u, sv, _ = torch.linalg.svd(weight.double() @ chol.factor, full_matrices=False)
+        whitened = weight.double() @ chol.factor
+        u, sv, vh = torch.linalg.svd(whitened, full_matrices=False)
         spectrum = sv.square()
         energy = float(spectrum.sum())
         sensitivity = fisher[full].deletion / energy if energy > 0 else 0.0
@@ -230,7 +308,8 @@ def profile_menus(model: nn.Module, config: Any, data: Any, types: tuple[str, ..
             menu += lowrank_options(m, n, spectrum, sensitivity, getattr(config, "rank_options", 48),
                                     _value_bytes(weight))
         if "dictionary" in types:
-            menu += dictionary_options(weight, stats.gram, sensitivity, energy, config, u * sv)
+            menu += dictionary_options(weight, stats.gram, sensitivity, energy, config, u * sv,
+                                       (whitened, u, sv, vh))
         return menu
 
     def on_block(index: int, block_name: str, block: nn.Module, stats: dict[str, LinearStats]) -> None:

@@ -97,8 +97,9 @@ class CoSpaDiConfig(CompressionConfig):
                                         "loss (needs a Fisher gradient pass)",
                              choices=("uniform", "global"))
     estimate: str = option("eigenbasis", "global allocation: how each matrix's dictionary sizes are priced: "
-                                         "eigenbasis (seconds) or probe (short fits; hours on a CPU)",
-                           choices=("eigenbasis", "probe"), when=("allocation", "global"))
+                                         "eigenbasis (seconds), refined (corrected by short alternations; "
+                                         "minutes) or probe (short fits; hours on a CPU)",
+                           choices=("eigenbasis", "refined", "probe"), when=("allocation", "global"))
     probe_iterations: int = option(2, "alternations of the probe fits that price the dictionary options",
                                    check=positive_int, when=("estimate", "probe"))
 
