@@ -110,3 +110,57 @@ def test_batches_shared_by_processes_give_the_one_process_statistics(model_dir, 
     assert all(int(one[k]) == 7 * 16 for k in one if k.endswith(".tokens"))  # every batch counted once
     for key in one:
         assert torch.equal(one[key], three[key]), key
+
+
+def _failing_worker(rank: int, world: int, port: int, out: str, user: bool) -> None:
+    """Rank 1 fails in its share of the solves; every rank records how its call ended."""
+    import datetime
+    import json
+    import time
+
+    import torch.distributed as tdist
+
+    from factorkit import parallel
+    from factorkit.errors import FactorkitError
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    # a short timeout: without the relay the other ranks would wait in a broadcast until it ran out
+    tdist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    team = parallel.current()
+
+    def solve(problem: int) -> list[torch.Tensor]:
+        if team.rank == 1:
+            if user:
+                raise FactorkitError("the calibration loss is not finite; lower the learning rate.")
+            raise MemoryError("cannot allocate 12 GiB")
+        return [torch.full((2,), float(problem))]
+
+    outcome = "returned"
+    start = time.monotonic()
+    try:
+        team.solve([0, 1, 2, 3], [1.0, 1.0, 1.0, 1.0], solve)
+    except Exception as error:  # noqa: BLE001 - recorded for the test to check
+        outcome = f"{type(error).__name__}: {error}"
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump([outcome, time.monotonic() - start], f)
+    parallel.leave(failed=outcome != "returned")
+
+
+@pytest.mark.parametrize("user", [False, True])
+def test_a_failure_in_one_process_stops_every_process_with_its_message(tmp_path, user):
+    import json
+
+    mp.spawn(_failing_worker, args=(3, free_port(), str(tmp_path / "outcome"), user), nprocs=3)
+    outcomes, seconds = zip(*(json.loads((tmp_path / f"outcome.{r}").read_text()) for r in range(3)))
+    assert max(seconds) < 30  # at once, not after the 120 s timeout the others would wait for without the relay
+    if user:  # the user's error stays one: every process raises the same sentence, exit status 2 on the CLI
+        assert outcomes[1] == "FactorkitError: the calibration loss is not finite; lower the learning rate."
+        for r in (0, 2):
+            assert outcomes[r] == ("FactorkitError: process 1 of 3: the calibration loss is not finite; "
+                                   "lower the learning rate."), outcomes[r]
+    else:
+        assert outcomes[1] == "MemoryError: cannot allocate 12 GiB"
+        for r in (0, 2):
+            assert outcomes[r].startswith("PeerFailed: process 1 of 3 failed") and \
+                outcomes[r].endswith("MemoryError: cannot allocate 12 GiB"), outcomes[r]

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 from . import api
 from .config import Above, Config, ConfigError, config_type, is_tuple
-from .errors import FactorkitError
+from .errors import FactorkitError, PeerFailed
 from .methods import DEFAULT_METHOD, METHODS
 from .models.files import atomic_file, check_writable_file
 from .report import print_table
@@ -216,6 +216,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FactorkitError as exc:
         print(f"factorkit: error: {exc}", file=sys.stderr)
         return 2
+    except PeerFailed as exc:  # the failing process of a torchrun job prints its own traceback
+        print(f"factorkit: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         resume = api.resume_folder(job) if job is not None else None
         print("factorkit: interrupted; " + (f"rerun the same command to resume from the last checkpoint in {resume}."

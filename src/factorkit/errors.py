@@ -11,3 +11,8 @@ class FactorkitError(ValueError):
 
 class NonFiniteLossError(FactorkitError):
     """The model produced a NaN or infinite loss (or gradient) while being evaluated or trained."""
+
+
+class PeerFailed(RuntimeError):
+    """Another process of a torchrun job failed in a step every process runs; its error is in the message.
+    Not the user's input (the command line exits with status 1): the failing process reports its own error."""

@@ -10,16 +10,25 @@ The problems are assigned by their estimated cost, largest first, each to the le
 the lowest rank), the same assignment in every process. The tensors travel through ``torch.distributed``
 broadcasts (gloo on CPUs, NCCL when the process has a GPU): a header of shapes and dtypes, then the tensors;
 nothing is pickled.
+
+A step that one process runs on its own (its share of the solves, its calibration batches) runs inside
+``Team.together()``: when it raises in any process, every process learns it at the end of the step and
+raises too (the failing process its own error, the others ``PeerFailed`` naming the process and its error,
+or a ``FactorkitError`` when that error was the user's), instead of waiting in a broadcast the failed
+process never reaches until the backend's timeout.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as tdist
+
+from .errors import FactorkitError, PeerFailed
 
 T = TypeVar("T")
 
@@ -51,8 +60,45 @@ class Team:
         if self.world == 1:
             return [solve(p) for p in problems]
         owners = self.owners(costs)
-        mine = {i: solve(p) for i, p in enumerate(problems) if owners[i] == self.rank}
+        with self.together():
+            mine = {i: solve(p) for i, p in enumerate(problems) if owners[i] == self.rank}
         return [broadcast_tensors(mine.get(i), owners[i]) for i in range(len(problems))]
+
+    @contextmanager
+    def together(self) -> Iterator[None]:
+        """Run a step of this process's own; at its end every process learns whether any raised, and if one
+        did, every process raises (see the module's docstring). Every process must enter it the same number
+        of times, raising or not."""
+        if self.world == 1:
+            yield
+            return
+        try:
+            yield
+        except Exception as error:
+            self._agree(error)
+            raise
+        self._agree(None)
+
+    def _agree(self, error: BaseException | None) -> None:
+        """The lowest rank that failed (if any) sends its error's text to all; the others raise with it."""
+        device = _wire_device()
+        first = torch.tensor([self.rank if error is not None else self.world], dtype=torch.int64, device=device)
+        tdist.all_reduce(first, tdist.ReduceOp.MIN)
+        src = int(first)
+        if src == self.world:
+            return
+        sent = None
+        if self.rank == src:
+            text = f"{type(error).__name__}: {error}" if not isinstance(error, FactorkitError) else str(error)
+            sent = [torch.tensor([isinstance(error, FactorkitError)], dtype=torch.uint8),
+                    torch.tensor(list(text.encode()), dtype=torch.uint8)]
+        user, text = broadcast_tensors(sent, src)
+        if error is not None:  # this process failed too: its own error is raised by the caller
+            return
+        message = bytes(text.tolist()).decode(errors="replace")
+        if int(user[0]):
+            raise FactorkitError(f"process {src} of {self.world}: {message}")
+        raise PeerFailed(f"process {src} of {self.world} failed, so this one stops too: {message}")
 
 
 def current() -> Team:

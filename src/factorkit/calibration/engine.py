@@ -179,10 +179,11 @@ def _collect_stats(block: nn.Module, hidden: list, extras: list, targets, kinds:
             shared.clear()
             for increments in recorded.values():
                 increments.clear()
-            if round_ < len(hidden):
-                out = run_block(block, hidden[round_], extras[round_])
-                if keep_outputs:
-                    outputs.append(out)
+            with team.together():  # a failure here (out of memory, say) stops every process, not only this one
+                if round_ < len(hidden):
+                    out = run_block(block, hidden[round_], extras[round_])
+                    if keep_outputs:
+                        outputs.append(out)
             for src in range(min(team.world, batches - round_ * team.world)):
                 increments = recorded if team.world == 1 else _share_increments(
                     recorded if src == team.rank else None, names, kinds, src, device)

@@ -164,10 +164,11 @@ def collect_fisher(model: nn.Module, data: Any, *, targets: Iterable[str] | None
         for first in tqdm(rounds, desc=desc, unit="batch" if team.world == 1 else "round", disable=not progress):
             mine = first + team.rank
             part = None
-            if mine < len(batches):
-                kwargs, n = batches[mine]
-                _backward(model, kwargs, device, _is_token_tensor(data), n)
-                part = torch.cat([acc[name].take_batch() for name in names])
+            with team.together():  # a non-finite loss or out of memory here stops every process
+                if mine < len(batches):
+                    kwargs, n = batches[mine]
+                    _backward(model, kwargs, device, _is_token_tensor(data), n)
+                    part = torch.cat([acc[name].take_batch() for name in names])
             for src in range(min(team.world, len(batches) - first)):
                 shared = part if team.world == 1 else parallel.broadcast_tensors(
                     [part] if src == team.rank else None, src)[0].to(device)
