@@ -11,7 +11,7 @@ both. Reported: Spearman's rank correlation of probe and full error over all
 overstates the error.
 
     python benchmarks/bench_probe.py --model smollm2-135m [--block 15] [--full-iterations 8]
-    python benchmarks/bench_probe.py --model smollm2-135m --block 5 --solves full_svd
+    python benchmarks/bench_probe.py --model smollm2-135m --block 5 --solves full_svd,full_refined
 
 The refined estimate (``--estimate refined``) is measured beside the eigenbasis one; another block than the
 middle one keeps its own results file and section (``probe-MODEL-blockN``).
@@ -43,7 +43,7 @@ class _Done(Exception):
     """Raised once the chosen block is measured: nothing after it is needed."""
 
 
-SOLVES = ("probe", "full", "full_svd")
+SOLVES = ("probe", "full", "full_svd", "full_refined")
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -111,7 +111,8 @@ def measure(results: Results, base, tok, block: int, args) -> None:
                 # the SVD start (what auto and cospadi now do by default)
                 for what, iters, refresh, start in (("probe", args.probe_iterations, "every", "signals"),
                                                    ("full", args.full_iterations, "doubling", "signals"),
-                                                   ("full_svd", args.full_iterations, "doubling", "svd")):
+                                                   ("full_svd", args.full_iterations, "doubling", "svd"),
+                                                   ("full_refined", args.full_iterations, "doubling", "refined")):
                     if what in row or what not in args.solves:
                         continue
                     t = time.perf_counter()
@@ -139,7 +140,7 @@ def report(results: Results, settings: dict) -> None:
     for name in names:
         keys = [k for k in items if k.split("@")[0] == name]
         rows.append([name, *(" / ".join(f"{items[k][w]:.4f}" if w in items[k] else "-"
-                                        for w in ("eigen", "refined", "probe", "full", "full_svd"))
+                                        for w in ("eigen", "refined", "probe", "full", "full_svd", "full_refined"))
                                  for k in keys)])
     lines = []
     svd = all("full_svd" in v and "full" in v for v in items.values())
@@ -167,9 +168,17 @@ def report(results: Results, settings: dict) -> None:
                      f"both {settings['full_iterations']} alternations: error x{min(gain):.3f} to x{max(gain):.3f} "
                      f"(mean x{sum(gain) / len(gain):.3f}; lower in {sum(g < 1 for g in gain)} of {len(gain)} "
                      f"options), {secs[1]:.0f} s against {secs[0]:.0f} s in all (two runs: the seconds are rough).")
+    if all("full_refined" in v and "full_svd" in v for v in items.values()):
+        gain = [items[k]["full_refined"] / items[k]["full_svd"] for k in items]
+        secs = [sum(items[k][w] for k in items) for w in ("full_svd_s", "full_refined_s")]
+        lines.append(f"- The refined start (`start=\"refined\"`) against the SVD start, both "
+                     f"{settings['full_iterations']} alternations: error x{min(gain):.3f} to x{max(gain):.3f} "
+                     f"(mean x{sum(gain) / len(gain):.3f}; lower in {sum(g < 1 for g in gain)} of {len(gain)} "
+                     f"options), {secs[1]:.0f} s against {secs[0]:.0f} s in all (two runs: the seconds are rough).")
     ran = results.items.get("machine", {}).get("text", machine())
     ratios = sorted({float(k.split("@")[1]) for k in items})
-    table = markdown_table(["matrix", *(f"ratio {q}: eigen / refined / probe / full / full (svd start)"
+    table = markdown_table(["matrix", *(f"ratio {q}: eigen / refined / probe / full / full (svd start) / "
+                                        "full (refined start)"
                                         for q in ratios)],
                            rows)
     partial = "" if len(items) == 7 * len(PROBE_RATIOS) else (
@@ -177,7 +186,7 @@ def report(results: Results, settings: dict) -> None:
     name = settings["name"]
     command = f"python benchmarks/bench_probe.py --model {settings['model']}"
     if name != f"probe-{settings['model']}":
-        command += f" --block {settings['block']} --solves full_svd"
+        command += f" --block {settings['block']} --solves full_svd,full_refined"
     write_section(name, f"""
 ## {settings['model']}, block {settings['block']}: pricing dictionary options cheaply, against the full solve
 
@@ -191,7 +200,8 @@ re-supported and improved and the atoms re-fitted; `methods.auto.refined_errors`
 {settings['probe_iterations']} alternations from random weight rows (`--estimate probe`, as first measured), and the full solve of {settings['full_iterations']}
 alternations the benchmarks run, started from random weight rows (`start="signals"`, as first measured) and
 from the SVD start (`start="svd"`, the default since: the eigenbasis estimate's own dictionary and codes, which
-the alternations only improve on, so that estimate bounds the full solve's error from above){partial}.
+the alternations only improve on, so that estimate bounds the full solve's error from above) and from the
+refined start (`start="refined"`: the refined estimate's dictionary and codes){partial}.
 
 {table}
 

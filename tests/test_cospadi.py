@@ -112,6 +112,32 @@ def test_alternations_never_increase_the_objective(refresh):
 
 
 @pytest.mark.parametrize("shape,atoms,sparsity", [((30, 80), 24, 6), ((80, 30), 24, 6), ((20, 50), 30, 12)])
+def test_the_refined_start_is_the_refined_estimate_and_the_fit_only_improves_on_it(shape, atoms, sparsity):
+    """start="refined" starts at exactly the error --estimate refined prices an option by, never above the
+    svd start's, and the alternations only improve on it."""
+    from factorkit.methods.auto import refined_errors
+    from factorkit.solvers.dictionary import refined_start
+
+    gen = torch.Generator().manual_seed(6)
+    n, B = shape
+    Y = torch.randn(n, n, generator=gen, dtype=torch.float64) @ (
+        torch.randn(n, B, generator=gen, dtype=torch.float64) * torch.logspace(0, -2, B, dtype=torch.float64))
+    Yt = (Y / Y.norm()).T
+    u, sv, vh = torch.linalg.svd(Yt, full_matrices=False)
+    estimate = refined_errors(Yt, u, sv, vh, [(atoms, sparsity)])[0]
+    assert estimate <= eigenbasis_errors(u * sv, 1.0, [(atoms, sparsity)])[0] * (1 + 1e-9)
+    top, idx, val = refined_start(Yt, atoms, sparsity)
+    assert torch.allclose(top.norm(dim=1), torch.ones(top.shape[0], dtype=torch.float64))
+    start = Yt - codes_to_dense(idx, val, top.shape[0]).T @ top
+    assert math.isclose(float(start.norm()), estimate, rel_tol=1e-9)
+    fit = learn_dictionary(Y, atoms, sparsity, iterations=6, refresh="doubling", dtype=torch.float64, start="refined")
+    assert fit.errors[0] <= estimate * (1 + 1e-9)
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(fit.errors, fit.errors[1:])), fit.errors
+    approx = fit.dictionary @ codes_to_dense(fit.indices, fit.values, atoms)
+    assert math.isclose(float((Y - approx).norm() / Y.norm()), fit.errors[-1], rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("shape,atoms,sparsity", [((30, 80), 24, 6), ((80, 30), 24, 6), ((20, 50), 30, 12)])
 def test_the_svd_start_is_the_eigenbasis_estimate_and_the_fit_only_improves_on_it(shape, atoms, sparsity):
     """start="svd" starts at exactly the error methods.auto prices a dictionary option by (s largest
     coefficients in the first k singular directions), and no alternation goes above it; with more atoms

@@ -54,7 +54,8 @@ from ..config import ConfigError, at_least, option, optional, positive, positive
 from ..errors import FactorkitError
 from ..factors import DictionaryLinear, LowRankLinear
 from ..solvers import whitened_svd
-from ..solvers.dictionary import START_HELP, STARTS, dictionary_budget, solve_cost, sparse_dictionary
+from ..solvers.dictionary import (START_HELP, STARTS, dictionary_budget, improve_code, solve_cost,
+                                  sparse_dictionary)
 from ..solvers.knapsack import Menu, choose
 from ..solvers.whitening import cholesky_factor
 from ..surgery import linear_weight, replace_module, target_linears
@@ -150,52 +151,19 @@ def eigenbasis_errors(coefficients: torch.Tensor, energy: float, sizes: list[tup
 
 def refined_errors(whitened: torch.Tensor, u: torch.Tensor, sv: torch.Tensor, vh: torch.Tensor,
                    sizes: list[tuple[int, int]], rounds: int = 2, steps: int = 5) -> list[float]:
-    """Relative errors of (k, s) dictionaries for the rows of ``whitened`` (its SVD: u, sv, vh), each
-    the best of a short alternation from the eigenbasis code (``eigenbasis_errors``): least-squares atoms
-    for the codes (MOD), then ``rounds`` times: each row's support re-chosen as its s largest least-squares
-    coefficients on the atoms, the values on it improved by ``steps`` projected-gradient steps, the atoms
-    re-fitted. Every error is that of a factorization with k atoms and s nonzeros per row, so it bounds from
-    above what a fit of that size can reach, and is never above the eigenbasis estimate."""
-    Y = whitened.double()
-    energy = float(Y.square().sum())
+    """Relative errors of (k, s) dictionaries for the rows of ``whitened`` (its SVD: u, sv, vh), each the
+    best that ``solvers.dictionary.improve_code`` finds from the eigenbasis code (``eigenbasis_errors``).
+    Every error is that of a factorization with k atoms and s nonzeros per row, so it bounds from above what
+    a fit of that size can reach, and is never above the eigenbasis estimate."""
+    energy = float(whitened.double().square().sum())
     if energy == 0.0:
         return [0.0 for _ in sizes]
-
-    def residual(codes: torch.Tensor, atoms: torch.Tensor) -> float:
-        return float((Y - codes @ atoms).square().sum())
-
-    def ridge(gram: torch.Tensor) -> torch.Tensor:  # unused atoms leave gram singular
-        scale = max(float(gram.diagonal().mean()), 1e-300)
-        return gram + 1e-10 * scale * torch.eye(gram.shape[0], dtype=gram.dtype)
-
-    def fit_atoms(codes: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.solve(ridge(codes.T @ codes), codes.T @ Y)
-
-    def largest(codes: torch.Tensor, s: int) -> torch.Tensor:
-        return torch.zeros_like(codes).scatter_(1, codes.abs().topk(s, dim=1).indices, 1.0)
-
     out = []
     for k, s in sizes:
         k = min(k, sv.numel())  # atoms beyond the dimension add nothing to the basis the start is coded in
-        s = min(s, k)
         codes = u[:, :k].double() * sv[:k].double()
-        codes = codes * largest(codes, s)
-        atoms = vh[:k].double()
-        best = residual(codes, atoms)
-        atoms = fit_atoms(codes)
-        best = min(best, residual(codes, atoms))
-        for _ in range(rounds):
-            gram = atoms @ atoms.T
-            target = Y @ atoms.T
-            codes = torch.linalg.solve(ridge(gram), target.T).T
-            support = largest(codes, s)
-            codes = codes * support
-            step = 1.0 / max(float(torch.linalg.eigvalsh(gram)[-1]), 1e-300)
-            for _ in range(steps):
-                codes = (codes - step * (codes @ gram - target)) * support
-            best = min(best, residual(codes, atoms))
-            atoms = fit_atoms(codes)
-            best = min(best, residual(codes, atoms))
+        codes = torch.zeros_like(codes).scatter_(1, codes.abs().topk(min(s, k), dim=1).indices, 1.0) * codes
+        best = improve_code(whitened, codes, vh[:k], s, rounds, steps)[0]
         out.append(math.sqrt(max(best, 0.0) / energy))
     return out
 
