@@ -143,7 +143,6 @@ def report(results: Results, settings: dict) -> None:
                                         for w in ("eigen", "refined", "probe", "full", "full_svd", "full_refined"))
                                  for k in keys)])
     lines = []
-    svd = all("full_svd" in v and "full" in v for v in items.values())
     for what, label, against, against_label in (
             ("eigen", "eigenbasis estimate", "full", "full solve from random signals"),
             ("probe", f"probe ({settings['probe_iterations']} alternations)", "full",
@@ -161,20 +160,18 @@ def report(results: Results, settings: dict) -> None:
                      f"{len(items)} options; it overstates that error by {min(over):.2f}x to {max(over):.2f}x "
                      f"(mean {sum(over) / len(over):.2f}x); {sum(items[k][what + '_s'] for k in items):.1f} s "
                      "in all.")
-    if svd:
-        gain = [items[k]["full_svd"] / items[k]["full"] for k in items]
-        secs = [sum(items[k][w] for k in items) for w in ("full_s", "full_svd_s")]
-        lines.append(f"- The SVD start (`start=\"svd\"`, the default) against random signals (`start=\"signals\"`), "
-                     f"both {settings['full_iterations']} alternations: error x{min(gain):.3f} to x{max(gain):.3f} "
-                     f"(mean x{sum(gain) / len(gain):.3f}; lower in {sum(g < 1 for g in gain)} of {len(gain)} "
-                     f"options), {secs[1]:.0f} s against {secs[0]:.0f} s in all (two runs: the seconds are rough).")
-    if all("full_refined" in v and "full_svd" in v for v in items.values()):
-        gain = [items[k]["full_refined"] / items[k]["full_svd"] for k in items]
-        secs = [sum(items[k][w] for k in items) for w in ("full_svd_s", "full_refined_s")]
-        lines.append(f"- The refined start (`start=\"refined\"`) against the SVD start, both "
-                     f"{settings['full_iterations']} alternations: error x{min(gain):.3f} to x{max(gain):.3f} "
-                     f"(mean x{sum(gain) / len(gain):.3f}; lower in {sum(g < 1 for g in gain)} of {len(gain)} "
-                     f"options), {secs[1]:.0f} s against {secs[0]:.0f} s in all (two runs: the seconds are rough).")
+    for new, old, label in (("full_svd", "full", "The SVD start (`start=\"svd\"`, the default) against random "
+                                                  "signals (`start=\"signals\"`)"),
+                            ("full_refined", "full_svd", "The refined start (`start=\"refined\"`) against the SVD "
+                                                         "start")):
+        if not all(new in v and old in v for v in items.values()):
+            continue
+        gain = [items[k][new] / items[k][old] for k in items]
+        secs = [sum(items[k][w] for k in items) for w in (f"{old}_s", f"{new}_s")]
+        lines.append(f"- {label}, both {settings['full_iterations']} alternations: error x{min(gain):.3f} to "
+                     f"x{max(gain):.3f} (mean x{sum(gain) / len(gain):.3f}; lower in {sum(g < 1 for g in gain)} "
+                     f"of {len(gain)} options), {secs[1]:.0f} s against {secs[0]:.0f} s in all (two runs: the "
+                     "seconds are rough).")
     ran = results.items.get("machine", {}).get("text", machine())
     ratios = sorted({float(k.split("@")[1]) for k in items})
     table = markdown_table(["matrix", *(f"ratio {q}: eigen / refined / probe / full / full (svd start) / "
