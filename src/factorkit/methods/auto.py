@@ -63,6 +63,9 @@ from .base import CompressionConfig, check_targets, log, register, warn_shift
 
 TYPES = ("lowrank", "dictionary")
 ESTIMATES = ("eigenbasis", "refined", "probe")
+ESTIMATE_HELP = ("eigenbasis (s largest coefficients in the first k whitened singular directions; seconds), refined "
+                 "(that, corrected by a short alternation at a few ratios; minutes) or probe (short CoSpaDi fits; "
+                 "hours on a CPU)")
 PROBE_RATIOS = (0.1, 0.3, 0.5, 0.7)  # per-matrix ratios a dictionary is fitted at cheaply
 DICTIONARY_RATIOS = tuple(round(0.1 + 0.05 * i, 2) for i in range(13))  # 0.1 .. 0.7: the menu's dictionaries
 
@@ -83,10 +86,8 @@ class AutoConfig(CompressionConfig):
     rank_options: int = option(48, "ranks per matrix on the menu, evenly spaced up to the dense size",
                                check=whole(2))
     rho: float = option(2.0, "dictionary options: atoms per nonzero, k/s", check=at_least(1.0))
-    estimate: str = option("eigenbasis", "how dictionary options are priced: eigenbasis (s largest coefficients "
-                                         "in the first k whitened singular directions; seconds), refined (that, "
-                                         "corrected by a short alternation at a few ratios; minutes) or probe "
-                                         "(short CoSpaDi fits; hours on a CPU)", choices=ESTIMATES)
+    estimate: str = option("eigenbasis", f"how dictionary options are priced: {ESTIMATE_HELP}",
+                           choices=ESTIMATES)
     probe_iterations: int = option(2, "alternations of the probe fits that price the dictionary options",
                                    check=positive_int, when=("estimate", "probe"))
     iterations: int = option(8, "alternations of each chosen dictionary's fit (CoSpaDi's T; 60 in its paper)",

@@ -57,6 +57,7 @@ from ..models.partial import FinishedGroups, fingerprint
 from ..solvers.dictionary import (START_HELP, STARTS, dictionary_budget, refresh_schedule, solve_cost,
                                   sparse_dictionary)
 from ..config import ConfigError, at_least, option, positive, positive_int, whole
+from .auto import ESTIMATE_HELP, ESTIMATES, allocate_and_solve
 from .base import CompressionConfig, check_targets, log, register, warn_shift
 
 COUNTS = ("params", "storage")
@@ -96,10 +97,8 @@ class CoSpaDiConfig(CompressionConfig):
                                         "each matrix's dictionary size (or keeping it dense) chosen by predicted "
                                         "loss (needs a Fisher gradient pass)",
                              choices=("uniform", "global"))
-    estimate: str = option("eigenbasis", "global allocation: how each matrix's dictionary sizes are priced: "
-                                         "eigenbasis (seconds), refined (corrected by short alternations; "
-                                         "minutes) or probe (short fits; hours on a CPU)",
-                           choices=("eigenbasis", "refined", "probe"), when=("allocation", "global"))
+    estimate: str = option("eigenbasis", f"global allocation: how each matrix's dictionary sizes are priced: "
+                                         f"{ESTIMATE_HELP}", choices=ESTIMATES, when=("allocation", "global"))
     probe_iterations: int = option(2, "alternations of the probe fits that price the dictionary options",
                                    check=positive_int, when=("estimate", "probe"))
 
@@ -130,8 +129,6 @@ def _averaged_gram(stats: list[LinearStats]) -> torch.Tensor:
 
 def _compress_cospadi(model: nn.Module, config: CoSpaDiConfig, data: Any, progress: bool) -> dict:
     if config.allocation == "global":
-        from .auto import allocate_and_solve
-
         return allocate_and_solve(model, config, data, ("dictionary",), progress, config.iterations,
                                   config.refresh, config.power_iterations)
     names = check_targets(model, config)
