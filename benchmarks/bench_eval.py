@@ -75,23 +75,26 @@ def methods(cospadi_iterations: int) -> dict:
         "auto": lambda r: fk.AutoConfig(ratio=r, iterations=cospadi_iterations),
         f"svdllm-global+heal{HEAL_STEPS}": lambda r: fk.SVDLLMConfig(ratio=r, allocation="global", heal=HEAL_STEPS),
         f"auto+heal{HEAL_STEPS}": lambda r: fk.AutoConfig(ratio=r, iterations=cospadi_iterations, heal=HEAL_STEPS),
-        # dictionaries fitted from random weight rows, as auto did before the SVD start became its default
-        "auto (signals start)": lambda r: fk.AutoConfig(ratio=r, iterations=cospadi_iterations, start="signals"),
-        f"auto (signals start)+heal{HEAL_STEPS}": lambda r: fk.AutoConfig(ratio=r, iterations=cospadi_iterations,
-                                                                         start="signals", heal=HEAL_STEPS),
-        # dictionary options priced by the refined estimate (a short alternation from the eigenbasis code)
-        "auto (refined estimate)": lambda r: fk.AutoConfig(ratio=r, iterations=cospadi_iterations,
-                                                           estimate="refined"),
-        "cospadi-global (refined estimate)": lambda r: fk.CoSpaDiConfig(ratio=r, iterations=cospadi_iterations,
-                                                                        allocation="global", estimate="refined"),
+        # dictionary options priced by the eigenbasis estimate alone, the default before the refined one
+        "auto (eigenbasis estimate)": lambda r: fk.AutoConfig(ratio=r, iterations=cospadi_iterations,
+                                                              estimate="eigenbasis"),
+        f"auto (eigenbasis estimate)+heal{HEAL_STEPS}": lambda r: fk.AutoConfig(
+            ratio=r, iterations=cospadi_iterations, estimate="eigenbasis", heal=HEAL_STEPS),
+        "cospadi-global (eigenbasis estimate)": lambda r: fk.CoSpaDiConfig(
+            ratio=r, iterations=cospadi_iterations, allocation="global", estimate="eigenbasis"),
+        # and dictionaries fitted from random weight rows, as auto did before the SVD start became its default
+        "auto (eigenbasis estimate, signals start)": lambda r: fk.AutoConfig(
+            ratio=r, iterations=cospadi_iterations, estimate="eigenbasis", start="signals"),
+        f"auto (eigenbasis estimate, signals start)+heal{HEAL_STEPS}": lambda r: fk.AutoConfig(
+            ratio=r, iterations=cospadi_iterations, estimate="eigenbasis", start="signals", heal=HEAL_STEPS),
     }
 
 
 # Methods measured at some ratios only (comparisons, not grid lines).
-ONLY_AT = {"auto (signals start)": (0.2,), f"auto (signals start)+heal{HEAL_STEPS}": (0.2,),
-           "auto (refined estimate)": (0.2,), "cospadi-global (refined estimate)": (0.2,)}
+ONLY_AT = {"auto (eigenbasis estimate, signals start)": (0.2,),
+           f"auto (eigenbasis estimate, signals start)+heal{HEAL_STEPS}": (0.2,)}
 # Healing points that train on the method's own calibration windows instead of HEAL_SAMPLES (as measured first).
-HEAL_ON_CALIB = (f"auto (signals start)+heal{HEAL_STEPS}",)
+HEAL_ON_CALIB = (f"auto (eigenbasis estimate, signals start)+heal{HEAL_STEPS}",)
 
 
 # The options that fix how a point is compressed and measured; a results file is kept per value of them.

@@ -13,7 +13,7 @@ overstates the error.
     python benchmarks/bench_probe.py --model smollm2-135m [--block 15] [--full-iterations 8]
     python benchmarks/bench_probe.py --model smollm2-135m --block 5 --solves full_svd,full_refined
 
-The refined estimate (``--estimate refined``) is measured beside the eigenbasis one; another block than the
+The refined estimate (``--estimate refined``, the default) is measured beside the eigenbasis one; another block than the
 middle one keeps its own results file and section (``probe-MODEL-blockN``).
 """
 
@@ -191,8 +191,8 @@ def report(results: Results, settings: dict) -> None:
 
 Block {settings['block']}, calibrated on 32 x 512 tokens of the `general` corpus (the dense model's activations,
 as `auto`'s profile sees them). Relative whitened error of a sparse dictionary (rho 2, bytes counted with the
-support) at each ratio the profile probes: the eigenbasis estimate `auto` uses by default, the refined
-estimate (`--estimate refined`: from the eigenbasis code, least-squares atoms, then twice the codes
+support) at each ratio the profile probes: the eigenbasis estimate (`--estimate eigenbasis`), the refined
+estimate (`--estimate refined`, `auto`'s default since these runs: from the eigenbasis code, least-squares atoms, then twice the codes
 re-supported and improved and the atoms re-fitted; `methods.auto.refined_errors`), a CoSpaDi fit of
 {settings['probe_iterations']} alternations from random weight rows (`--estimate probe`, as first measured), and the full solve of {settings['full_iterations']}
 alternations the benchmarks run, started from random weight rows (`start="signals"`, as first measured) and

@@ -8,17 +8,18 @@
      of ``methods.lowrank`` do);
    - low rank: the singular values of W L price every rank at once (SVD-LLM's
      whitened error at rank r is exactly the energy it drops);
-   - dictionary (k atoms, s per row), ``estimate="eigenbasis"`` (default):
-     from the same SVD, the error of coding every row of W L with its s
-     largest coefficients among the first k right singular vectors (an
-     orthonormal dictionary, where the best s-sparse code is exactly that):
-     one sparse-coding step of a dictionary fit, before K-SVD improves it.
-     Seconds for a whole model. ``estimate="refined"`` corrects it at the
-     ratios PROBE_RATIOS by a short alternation from that start (least-squares
-     atoms for the codes; codes re-supported on the largest least-squares
-     coefficients, their values by projected gradient; ``refined_errors``),
-     log-linearly in between: the eigenbasis estimate overstates the full
-     solve's error most at small ratios, against low rank's exact price.
+   - dictionary (k atoms, s per row), ``estimate="eigenbasis"``: from the
+     same SVD, the error of coding every row of W L with its s largest
+     coefficients among the first k right singular vectors (an orthonormal
+     dictionary, where the best s-sparse code is exactly that): one
+     sparse-coding step of a dictionary fit, before K-SVD improves it.
+     Seconds for a whole model, but it overstates the full solve's error most
+     at small ratios, against low rank's exact price, so it leans to low rank.
+     ``estimate="refined"`` (default) corrects it at the ratios PROBE_RATIOS
+     by a short alternation from that start (least-squares atoms for the
+     codes; codes re-supported on the largest least-squares coefficients,
+     their values by projected gradient; ``refined_errors``), log-linearly in
+     between; minutes for a whole model.
      ``estimate="probe"`` fits each option with
      CoSpaDi itself for ``probe_iterations`` alternations at a few ratios,
      interpolating between them: closer to the full solve, but hours on a
@@ -86,7 +87,7 @@ class AutoConfig(CompressionConfig):
     rank_options: int = option(48, "ranks per matrix on the menu, evenly spaced up to the dense size",
                                check=whole(2))
     rho: float = option(2.0, "dictionary options: atoms per nonzero, k/s", check=at_least(1.0))
-    estimate: str = option("eigenbasis", f"how dictionary options are priced: {ESTIMATE_HELP}",
+    estimate: str = option("refined", f"how dictionary options are priced: {ESTIMATE_HELP}",
                            choices=ESTIMATES)
     probe_iterations: int = option(2, "alternations of the probe fits that price the dictionary options",
                                    check=positive_int, when=("estimate", "probe"))
@@ -193,7 +194,7 @@ def dictionary_options(weight: torch.Tensor, gram: torch.Tensor, sensitivity: fl
     bits = 8 * _value_bytes(weight)
     sizes = {q: dictionary_budget(n, m, q, config.rho, count="storage", value_bits=bits) for q in DICTIONARY_RATIOS}
     sizes = {q: (k, s) for q, (k, s) in sizes.items() if k >= 1 and s >= 1}
-    estimate = getattr(config, "estimate", "eigenbasis")
+    estimate = getattr(config, "estimate", "refined")
     if estimate in ("eigenbasis", "refined"):
         errors = eigenbasis_errors(coefficients, energy, list(sizes.values()))
         if estimate == "refined" and svd is not None:

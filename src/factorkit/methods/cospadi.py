@@ -97,7 +97,7 @@ class CoSpaDiConfig(CompressionConfig):
                                         "each matrix's dictionary size (or keeping it dense) chosen by predicted "
                                         "loss (needs a Fisher gradient pass)",
                              choices=("uniform", "global"))
-    estimate: str = option("eigenbasis", f"global allocation: how each matrix's dictionary sizes are priced: "
+    estimate: str = option("refined", f"global allocation: how each matrix's dictionary sizes are priced: "
                                          f"{ESTIMATE_HELP}", choices=ESTIMATES, when=("allocation", "global"))
     probe_iterations: int = option(2, "alternations of the probe fits that price the dictionary options",
                                    check=positive_int, when=("estimate", "probe"))

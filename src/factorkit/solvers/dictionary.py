@@ -228,27 +228,35 @@ def improve_code(Y: torch.Tensor, codes: torch.Tensor, atoms: torch.Tensor, spar
     residual, codes, atoms) met, the start included: never worse than the start. Float64."""
     Y, codes, atoms = Y.double(), codes.double(), atoms.double()
     s = min(sparsity, atoms.shape[0])
+    energy = float(Y.square().sum())
+    # Residuals from the products at hand (k x k and m x k or k x n), never a second m x k x n product:
+    # ||Y - C A||^2 = ||Y||^2 - 2 <C, Y A^T> + <C A A^T, C> = ||Y||^2 - 2 <C^T Y, A> + <C^T C, A A^T>.
 
-    def residual(c: torch.Tensor, a: torch.Tensor) -> float:
-        return float((Y - c @ a).square().sum())
+    def with_codes(c: torch.Tensor, gram: torch.Tensor, target: torch.Tensor) -> float:
+        return max(energy - 2.0 * float((c * target).sum()) + float(((c @ gram) * c).sum()), 0.0)
+
+    def with_atoms(ctc: torch.Tensor, cty: torch.Tensor, a: torch.Tensor) -> float:
+        return max(energy - 2.0 * float((cty * a).sum()) + float((ctc * (a @ a.T)).sum()), 0.0)
 
     def ridge(gram: torch.Tensor) -> torch.Tensor:  # unused atoms leave the Gram singular
         scale = max(float(gram.diagonal().mean()), 1e-300)
         return gram + 1e-10 * scale * torch.eye(gram.shape[0], dtype=gram.dtype)
 
-    def fit_atoms(c: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.solve(ridge(c.T @ c), c.T @ Y)
+    def fit_atoms(c: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Least-squares atoms for the codes ``c`` and their residual."""
+        ctc, cty = c.T @ c, c.T @ Y
+        a = torch.linalg.solve(ridge(ctc), cty)
+        return a, with_atoms(ctc, cty, a)
 
-    best = (residual(codes, atoms), codes, atoms)
+    best = (with_codes(codes, atoms @ atoms.T, Y @ atoms.T), codes, atoms)
 
-    def consider(c: torch.Tensor, a: torch.Tensor) -> None:
+    def consider(r: float, c: torch.Tensor, a: torch.Tensor) -> None:
         nonlocal best
-        r = residual(c, a)
         if r < best[0]:
             best = (r, c, a)
 
-    atoms = fit_atoms(codes)
-    consider(codes, atoms)
+    atoms, r = fit_atoms(codes)
+    consider(r, codes, atoms)
     for _ in range(rounds):
         gram = atoms @ atoms.T
         target = Y @ atoms.T
@@ -258,9 +266,9 @@ def improve_code(Y: torch.Tensor, codes: torch.Tensor, atoms: torch.Tensor, spar
         step = 1.0 / max(float(torch.linalg.eigvalsh(gram)[-1]), 1e-300)
         for _ in range(steps):
             codes = (codes - step * (codes @ gram - target)) * support
-        consider(codes, atoms)
-        atoms = fit_atoms(codes)
-        consider(codes, atoms)
+        consider(with_codes(codes, gram, target), codes, atoms)
+        atoms, r = fit_atoms(codes)
+        consider(r, codes, atoms)
     return best
 
 
