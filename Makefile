@@ -39,6 +39,7 @@ bench: install
 	$(PY) benchmarks/bench_dsformer.py
 	$(PY) benchmarks/bench_sltrain.py
 	$(PY) benchmarks/bench_wara.py
+	$(PY) benchmarks/bench_heal_memory.py --model gemma3-270m
 
 clean:
 	rm -rf out $(VENV) .pytest_cache

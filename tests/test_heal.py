@@ -141,3 +141,32 @@ def test_heal_from_the_command_line_records_its_settings(capsys, model_dir, text
     record = fk.load(out_dir)
     config = fk.CompressionConfig.from_dict(fk.compression_record(record)["config"])
     assert config.heal == 3 and config.heal_train.lr == 1e-3
+
+
+def test_a_large_vocabulary_trains_in_pieces_to_the_same_weights(calib):
+    """With fewer logits allowed per pass than a micro-batch holds, each micro-batch runs in pieces of rows,
+    weighted by their share: the losses and the trained weights are those of one pass (to float rounding),
+    and no pass holds more logits than allowed."""
+    dense = tiny_llama(seed=3)
+    start = copy.deepcopy(dense)
+    fk.compress(start, fk.SVDLLMConfig(ratio=0.6), calib, progress=False)
+    config = dataclasses.replace(FAST, steps=6, grad_accum=2)
+    seq, vocab = calib.shape[1], dense.config.vocab_size
+    runs, passes = {}, []
+
+    def loss_fn(m, batch):
+        passes.append(batch.shape[0])
+        return model_loss(m, batch, dense, config.distill, config.temperature)
+
+    for max_logits in (None, seq * vocab):  # the whole micro-batch of 4 rows, then one row a pass
+        model = copy.deepcopy(start)
+        passes.clear()
+        result = train(model, calib, factor_parameters(model), config, loss_fn, progress=False, max_logits=max_logits)
+        runs[max_logits] = (result.losses, dict(factor_parameters(model)), list(passes))
+    (one, w_one, p_one), (pieces, w_pieces, p_pieces) = runs[None], runs[seq * vocab]
+    assert p_one == [4] * 12 and p_pieces == [1] * 48
+    assert torch.allclose(torch.tensor(one), torch.tensor(pieces), rtol=1e-5)
+    before = dict(factor_parameters(start))
+    assert all(not torch.equal(p, before[name]) for name, p in w_one.items())  # it trained
+    for name, p in w_one.items():
+        torch.testing.assert_close(p, w_pieces[name], rtol=1e-4, atol=1e-6)

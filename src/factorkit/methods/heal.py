@@ -8,7 +8,10 @@ U and V, dictionary atoms and code values, their biases); everything the
 method left as it was, and every matrix it kept dense, stays frozen. The
 supports of sparse codes stay fixed (a dictionary's code values train where
 they are). With ``heal_train.checkpoint_dir`` the run is resumable, as every
-run of the training loop: a rerun continues to the same weights.
+run of the training loop: a rerun continues to the same weights. The loop
+runs each micro-batch of token ids in pieces of rows whose logits fit
+``training.loop.MAX_LOGITS`` (the same gradient): a 262k vocabulary at
+4 x 512 tokens would otherwise hold about 19 GiB in one pass.
 """
 
 from __future__ import annotations

@@ -327,6 +327,31 @@ def _load_gathered(model: nn.Module, optimizer: torch.optim.Optimizer, params: S
     torch.set_rng_state(state["rng"])
 
 
+MAX_LOGITS = 2**27  # logits one backward pass holds at most when training on token ids: 512 MiB at float32
+
+
+def rows_per_piece(model: nn.Module, data: torch.Tensor | Batch, max_logits: int | None) -> int | None:
+    """How many rows of token ids one forward/backward pass takes so that its logits (rows x length x
+    vocabulary) stay within ``max_logits``; None: the whole micro-batch (labelled batches, whose losses
+    average over a varying number of tokens, and models without ``config.vocab_size``). The loss and its
+    intermediates hold several copies of the logits, so a 262k vocabulary at 4 x 512 tokens needs about 18 GiB
+    in one pass and 5 GiB in four."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if max_logits is None or not isinstance(data, torch.Tensor) or not isinstance(vocab, int) or data.dim() != 2:
+        return None
+    return max(1, max_logits // (int(data.shape[1]) * vocab))
+
+
+def split_rows(batch: torch.Tensor | Batch, rows: int | None) -> list[torch.Tensor | Batch]:
+    """``batch`` in consecutive pieces of at most ``rows`` rows (None: whole)."""
+    if rows is None or rows_of(batch) <= rows:
+        return [batch]
+    if isinstance(batch, torch.Tensor):
+        return list(batch.split(rows))
+    parts = {k: v.split(rows) for k, v in batch.items()}
+    return [{k: v[i] for k, v in parts.items()} for i in range(len(next(iter(parts.values()))))]
+
+
 def _input_tokens(batch: torch.Tensor | Batch) -> int:
     return (batch if isinstance(batch, torch.Tensor) else batch.get("input_ids", next(iter(batch.values())))).numel()
 
@@ -336,7 +361,8 @@ def train(model: nn.Module, data: torch.Tensor | Batch, params: Sequence[tuple[s
           progress: bool = True, stop_after: int | None = None, desc: str = "train",
           on_step: Callable[[int, float], dict | None] | None = None,
           dist: Distributed = Distributed(), run: Mapping[str, Any] | None = None,
-          nonfinite_hint: str = "lower the learning rate or train in float32") -> TrainResult:
+          nonfinite_hint: str = "lower the learning rate or train in float32",
+          max_logits: int | None = MAX_LOGITS) -> TrainResult:
     """Train ``params`` (named, so a checkpoint can be matched to them) of
     ``model`` on the rows of ``data`` (token ids (N, T), or a dict of tensors
     with N rows each, such as input_ids and labels) with ``loss_fn(model, batch)``.
@@ -365,6 +391,12 @@ def train(model: nn.Module, data: torch.Tensor | Batch, params: Sequence[tuple[s
     load, so the state resumes on any number of processes. The starting values are
     fingerprinted whole there too (gathered one parameter at a time), so a
     sharded run and a single-process run of the same settings share checkpoints.
+
+    Memory: on token ids each micro-batch runs in pieces whose logits stay within ``max_logits``
+    (:func:`rows_per_piece`; None: in one pass), each piece's loss weighted by its share of the rows, so the
+    gradient is the micro-batch's (``loss_fn`` must average over rows of equal length, as ``model_loss``
+    does) and the peak memory of a large vocabulary a fraction of it. The settings, and with them the
+    checkpoints, do not change.
     """
     config.validate()
     if config.batch_size % dist.world:
@@ -422,6 +454,7 @@ def train(model: nn.Module, data: torch.Tensor | Batch, params: Sequence[tuple[s
             raise NonFiniteLossError(f"the training {what} became {value} at step {at}; "
                                      f"{nonfinite_hint.rstrip('.')}.")
 
+    piece_rows = rows_per_piece(getattr(model, "module", model), data, max_logits)
     was_training = model.training
     model.train()
     device = tensors[0].device
@@ -437,15 +470,18 @@ def train(model: nn.Module, data: torch.Tensor | Batch, params: Sequence[tuple[s
                 rows = batch_rows(step, micro, config, rows_of(data))[dist.rank::dist.world]
                 batch = to_device(take(data, rows), device)
                 result.tokens += _input_tokens(batch) * dist.world
-                # gradients are averaged across processes on the last micro-batch only
-                last = micro == config.grad_accum - 1
-                if sharded:
-                    model.set_requires_gradient_sync(last)
-                sync = contextlib.nullcontext() if last or dist.world == 1 or sharded else model.no_sync()
-                with sync:
-                    loss = loss_fn(model, batch) / config.grad_accum
-                    loss.backward()
-                total += loss.detach()
+                pieces = split_rows(batch, piece_rows)
+                for j, piece in enumerate(pieces):
+                    # gradients are averaged across processes on the last piece of the last micro-batch only
+                    last = micro == config.grad_accum - 1 and j == len(pieces) - 1
+                    if sharded:
+                        model.set_requires_gradient_sync(last)
+                    sync = contextlib.nullcontext() if last or dist.world == 1 or sharded else model.no_sync()
+                    with sync:
+                        share = rows_of(piece) / rows_of(batch)
+                        loss = loss_fn(model, piece) * (share / config.grad_accum)
+                        loss.backward()
+                    total += loss.detach()
             if dist.world > 1:
                 torch.distributed.all_reduce(total)
                 total /= dist.world
