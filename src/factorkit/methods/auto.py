@@ -194,7 +194,8 @@ def dictionary_options(weight: torch.Tensor, gram: torch.Tensor, sensitivity: fl
     bits = 8 * _value_bytes(weight)
     sizes = {q: dictionary_budget(n, m, q, config.rho, count="storage", value_bits=bits) for q in DICTIONARY_RATIOS}
     sizes = {q: (k, s) for q, (k, s) in sizes.items() if k >= 1 and s >= 1}
-    estimate = getattr(config, "estimate", "refined")
+    # configs without the option (DSFormer's global allocation) are priced by what their SVD start does
+    estimate = getattr(config, "estimate", "eigenbasis")
     if estimate in ("eigenbasis", "refined"):
         errors = eigenbasis_errors(coefficients, energy, list(sizes.values()))
         if estimate == "refined" and svd is not None:
