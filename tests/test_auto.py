@@ -44,6 +44,7 @@ def test_auto_stays_within_the_byte_budget_and_mixes_types(ratio, data):
     assert stored_bytes(model, names) == fit["bytes"] <= fit["budget_bytes"] <= (1 - ratio) * dense
     assert sum(t["matrices"] for t in fit["types"].values()) == len(names)
     assert sum(t["bytes"] for t in fit["types"].values()) == fit["bytes"]
+    assert fit["types"]["lowrank"]["matrices"] > 0 and fit["types"]["dictionary"]["matrices"] > 0  # mixed
     assert fit["optimality_gap"] >= 0 and all(k in fit for k in ("fisher_s", "profile_s", "knapsack_s", "solve_s"))
     kinds = {n: type(model.get_submodule(n)) for n in names}
     for name, choice in fit["choice"].items():
