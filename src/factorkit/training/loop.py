@@ -334,8 +334,8 @@ def rows_per_piece(model: nn.Module, data: torch.Tensor | Batch, max_logits: int
     """How many rows of token ids one forward/backward pass takes so that its logits (rows x length x
     vocabulary) stay within ``max_logits``; None: the whole micro-batch (labelled batches, whose losses
     average over a varying number of tokens, and models without ``config.vocab_size``). The loss and its
-    intermediates hold several copies of the logits, so a 262k vocabulary at 4 x 512 tokens needs about 18 GiB
-    in one pass and 5 GiB in four."""
+    intermediates hold several copies of the logits: a distillation step of Gemma-3-270M (262k vocabulary) at
+    4 x 512 tokens peaked at 19 GiB in one pass and 7 GiB in four (benchmarks/bench_heal_memory.py)."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if max_logits is None or not isinstance(data, torch.Tensor) or not isinstance(vocab, int) or data.dim() != 2:
         return None
@@ -343,13 +343,10 @@ def rows_per_piece(model: nn.Module, data: torch.Tensor | Batch, max_logits: int
 
 
 def split_rows(batch: torch.Tensor | Batch, rows: int | None) -> list[torch.Tensor | Batch]:
-    """``batch`` in consecutive pieces of at most ``rows`` rows (None: whole)."""
+    """Token ids ``batch`` in consecutive pieces of at most ``rows`` rows; anything else (None) whole."""
     if rows is None or rows_of(batch) <= rows:
         return [batch]
-    if isinstance(batch, torch.Tensor):
-        return list(batch.split(rows))
-    parts = {k: v.split(rows) for k, v in batch.items()}
-    return [{k: v[i] for k, v in parts.items()} for i in range(len(next(iter(parts.values()))))]
+    return list(batch.split(rows))
 
 
 def _input_tokens(batch: torch.Tensor | Batch) -> int:
