@@ -57,7 +57,7 @@ def child(model_name: str, max_logits: int | None, steps: int) -> dict:
                    max_logits=max_logits)
     return {"seconds_per_step": (time.perf_counter() - t0) / steps, "losses": result.losses,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "rows_per_pass": rows_per_piece(model, rows, max_logits) or 4,
+            "rows_per_pass": rows_per_piece(model, rows, max_logits) or config.batch_size,
             "vocab": model.config.vocab_size}
 
 
