@@ -46,9 +46,10 @@ PROCESSES = 8
 
 
 def memory_plan() -> dict[str, float]:
-    """GB that --offload holds for Llama-3-70B: embedding and head (bfloat16), one block in bfloat16 and in
-    float32 while solved, the calibration hidden states in and out of a block (bfloat16), the block's Grams
-    (float64: one per distinct input, q/k/v, o, gate/up of width 8192 and down of width 28672)."""
+    """GB that --offload holds for Llama-3-70B: embedding and head (bfloat16; only while the calibration windows
+    are embedded, before the first block), one block in bfloat16 and in float32 while solved, the calibration
+    hidden states in and out of a block (bfloat16), the block's Grams (float64: one per distinct input, q/k/v,
+    o, gate/up of width 8192 and down of width 28672)."""
     block = sum(o * i * count for o, i, count in LLAMA70B.values())
     gb = 1e9
     return {"embedding and head": 2 * LLAMA70B_VOCAB * LLAMA70B_HIDDEN * 2 / gb,
@@ -161,12 +162,32 @@ def peak_rss(argv: list[str]) -> tuple[float, int]:
     return time.perf_counter() - t, kib * 1024
 
 
+def measure_floor(results: Results) -> None:
+    """Peak resident bytes of importing what every compress run imports (Python, torch, transformers with the
+    model classes, torchao, factorkit): the part of each peak that no model or option changes."""
+    if "offload-floor" in results:
+        return
+    code = "import factorkit.cli, transformers.models.llama.modeling_llama"
+    results.put("offload-floor", {"peak_bytes": peak_rss([sys.executable, "-c", code])[1]})
+
+
+def warm_caches() -> None:
+    """Make the one-time caches (the model converted to safetensors, the corpus and its token ids) before the
+    measured runs, so that no measured peak holds their making."""
+    from factorkit.data import calibration_tokens
+    from factorkit.models import load
+
+    calibration_tokens(load("smollm2-135m")[1], "general")
+
+
 def measure_offload(results: Results, method: str, iterations: int) -> None:
     key = f"offload/{method}"
     if key in results:
         return
     from safetensors.torch import load_file
 
+    warm_caches()
+    measure_floor(results)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         args = [sys.executable, "-m", "factorkit.cli", "-q", "compress", "--model", "smollm2-135m", "--method",
@@ -187,18 +208,25 @@ def report(results: Results) -> None:
     parts = []
     offloads = [(k.split("/")[1], r) for k, r in results.items.items() if k.startswith("offload/")]
     if offloads:
+        floor = results.items.get("offload-floor", {}).get("peak_bytes", 0)
         rows = [[method + (f" ({r['iterations']} alternation{'s' * (r['iterations'] != 1)})"
                            if r.get("iterations") else ""),
                  f"{r['in memory']['peak_bytes'] / 2**20:.0f}", f"{r['offload']['peak_bytes'] / 2**20:.0f}",
                  f"{r['offload']['peak_bytes'] / r['in memory']['peak_bytes']:.2f}",
+                 f"{(r['offload']['peak_bytes'] - floor) / (r['in memory']['peak_bytes'] - floor):.2f}"
+                 if floor else "-",
                  f"{r['in memory']['seconds']:.0f}", f"{r['offload']['seconds']:.0f}",
                  "yes" if r["identical"] else "NO"] for method, r in offloads]
+        floor_text = (f" The imports alone (`python -c \"import factorkit.cli, "
+                      f"transformers.models.llama.modeling_llama\"`) peak at {floor / 2**20:.0f} MiB, whatever the model: "
+                      "\"above imports\" compares what is left, the part that grows with the model." if floor else "")
         parts.append(f"""**Offloaded compression** (`factorkit compress --model smollm2-135m --method M --ratio {RATIO} --calib
-general`, with and without `--offload`; peak resident memory of the whole process from `/usr/bin/time -v`,
-Python, torch and transformers included):
+general`, with and without `--offload`, the model and token caches made beforehand; peak resident memory of the
+whole process from `/usr/bin/time -v`, Python, torch and transformers included).{floor_text}
 
 {markdown_table(["method", "peak MiB in memory", "peak MiB offloaded", "offloaded / in memory",
-                 "wall s in memory", "wall s offloaded", "saved tensors identical"], rows)}""")
+                 "offloaded / in memory, above imports", "wall s in memory", "wall s offloaded",
+                 "saved tensors identical"], rows)}""")
     scaled = fit(results)
     if scaled:
         b, a, sizes = scaled
@@ -208,6 +236,7 @@ Python, torch and transformers included):
         total = sum(predicted(a, b, o, i) * count for o, i, count in LLAMA70B.values()) * LLAMA70B_BLOCKS
         per_block = processes_plan({name: predicted(a, b, o, i) / 3600 for name, (o, i, _) in LLAMA70B.items()})
         memory = memory_plan()
+        solving = {k: v for k, v in memory.items() if not k.startswith(("model", "embedding"))}
         rect = "; ".join(f"{o}x{i}: measured {r['seconds']:.1f} s, predicted {predicted(a, b, o, i):.1f} s"
                          for o, i in RECTANGLES if (r := results.items.get(f"scaling-rect/{o}x{i}")))
         shapes = [[name, f"{o}x{i}", f"{predicted(a, b, o, i) / 3600:.2f}"] for name, (o, i, _) in LLAMA70B.items()]
@@ -230,10 +259,11 @@ processes (torchrun; largest first to the least loaded) a block takes {per_block
 day on {PROCESSES} GPUs with the rows of each solve split among them, each GPU would need
 {total / 3600 / PROCESSES / 24:,.0f}x the speed of one CPU thread.
 
-Memory that `--offload` holds for Llama-3-70B ({PLAN_WINDOWS} calibration windows of {PLAN_SEQ} tokens), GB:
-{", ".join(f"{k} {v:.1f}" for k, v in memory.items() if not k.startswith("model"))}; together
-{sum(v for k, v in memory.items() if not k.startswith("model")):.1f}, against {memory["model in memory, bfloat16"]:.0f}
-for the model alone in memory.""")
+Memory that `--offload` holds for Llama-3-70B ({PLAN_WINDOWS} calibration windows of {PLAN_SEQ} tokens) while a
+block is solved, GB: {", ".join(f"{k} {v:.1f}" for k, v in solving.items())}; together {sum(solving.values()):.1f},
+against {memory["model in memory, bfloat16"]:.0f} for the model alone in memory. The embedding and head
+({memory["embedding and head"]:.1f}) are in memory only while the calibration windows are embedded, before the
+first block is read.""")
     for key, row in results.items.items():
         if key.startswith("processes/"):
             parts.append(f"""**One process against two** (`factorkit compress --method cospadi --ratio {RATIO} --iterations
@@ -245,7 +275,7 @@ for the model alone in memory.""")
         shared = f" The load average was {load:.1f} during these runs." if load > 0.5 else ""
         write_section("parallel", f"""## CoSpaDi past one process
 
-`python benchmarks/bench_parallel.py` ({results.measured()}; {machine()}).{shared}
+`python benchmarks/bench_parallel.py` ({results.measured()}; {results.machine()}).{shared}
 
 """ + "\n\n".join(parts))
 

@@ -38,6 +38,21 @@ def machine() -> str:
             f"{threads} thread{'' if threads == 1 else 's'}, Python {platform.python_version()}")
 
 
+def cpu_name() -> str:
+    return machine().split(", ")[0]
+
+
+def _with_cpu(text: str, cpu: str) -> str:
+    """A ``machine()`` text with its processor named ``cpu`` instead."""
+    head, sep, rest = text.partition(" cores, ")
+    return f"{cpu}, {head.rsplit(', ', 1)[-1]}{sep}{rest}" if sep else text
+
+
+# Results stored before items carried their processor were all measured on the 2-core AMD EPYC machines that
+# their reports named; from 2026-12-04 each item records its own (the machines lent differ from day to day).
+UNRECORDED_CPU = "AMD EPYC"
+
+
 def today() -> str:
     return _dt.date.today().isoformat()
 
@@ -65,6 +80,8 @@ class Results:
                    if self.items else today())
         dates = data.get("dates", {}) if self.items else {}
         self.dates: dict = {key: dates.get(key, undated) for key in self.items}
+        cpus = data.get("cpus", {}) if self.items else {}
+        self.cpus: dict = {key: cpus.get(key, UNRECORDED_CPU) for key in self.items}
 
     def __contains__(self, key: str) -> bool:
         return key in self.items
@@ -80,17 +97,38 @@ class Results:
                 if other not in self.items:
                     self.items[other] = item
                     self.dates[other] = data.get("dates", {}).get(other, today())
+                    self.cpus[other] = data.get("cpus", {}).get(other, UNRECORDED_CPU)
         self.items[key] = value
         self.dates[key] = today()
+        self.cpus[key] = cpu_name()
         tmp = self.path.with_suffix(f".json.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"settings": self.settings, "items": self.items, "dates": self.dates}, indent=2))
+        tmp.write_text(json.dumps({"settings": self.settings, "items": self.items, "dates": self.dates,
+                                   "cpus": self.cpus}, indent=2))
         os.replace(tmp, self.path)
 
     def measured(self) -> str:
         """The day (or first and last day) the stored items were measured, for the report's header; a report
         rewritten later from stored results keeps the dates of the measurements."""
-        days = sorted(set(self.dates.values())) or [today()]
-        return days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
+        return _days(self.dates.values())
+
+    def machine(self, text: str | None = None) -> str:
+        """``text`` (a ``machine()`` text stored when measured; default: this machine's) naming the processor(s)
+        the stored items were measured on, with the days of each where there are several: a report rewritten
+        later, or on another machine, keeps where its figures come from."""
+        by_cpu: dict[str, list[str]] = {}
+        for key, cpu in self.cpus.items():
+            if key != "machine":  # the record of the last run's settings, not a measurement
+                by_cpu.setdefault(cpu, []).append(self.dates[key])
+        text = text or machine()
+        if len(by_cpu) < 2:
+            return _with_cpu(text, next(iter(by_cpu), cpu_name()))
+        return _with_cpu(text, " and ".join(f"{cpu} ({_days(days)})" for cpu, days in
+                                            sorted(by_cpu.items(), key=lambda item: min(item[1]))))
+
+
+def _days(dates) -> str:
+    days = sorted(set(dates)) or [today()]
+    return days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
 
 
 # Calibration and held-out text of the method benchmarks: the general corpus by default, as users calibrate;

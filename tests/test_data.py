@@ -129,3 +129,30 @@ def test_hub_corpora_offline_say_they_need_network(name, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # no cached copy
     with pytest.raises(FactorkitError, match="needs network access"):
         load_text(name, "eval")
+
+
+def test_a_long_text_is_tokenized_once_per_tokenizer_and_read_back_identical(tokenizer, monkeypatch, tmp_path):
+    import factorkit.data.tokens as tokens
+
+    monkeypatch.setenv("FACTORKIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(tokens, "CACHE_MIN_CHARS", 1000)
+    text = load_text("shakespeare", "eval")[:20_000]
+    first = tokens.tokenize(tokenizer, text)
+    files = list((tmp_path / "tokens").glob("*.safetensors"))
+    assert len(files) == 1 and first.dtype == torch.long
+
+    calls = []
+    real_call = type(tokenizer).__call__
+    monkeypatch.setattr(type(tokenizer), "__call__", lambda self, *a, **k: calls.append(1) or real_call(self, *a, **k))
+    again = tokens.tokenize(tokenizer, text)
+    assert not calls and again.dtype == torch.long and torch.equal(again, first)  # read, not tokenized
+
+    tokens.tokenize(tokenizer, text[:-1])  # another text: its own entry
+    assert len(calls) == 1 and len(list((tmp_path / "tokens").glob("*.safetensors"))) == 2
+
+    files[0].write_bytes(b"damaged")  # a damaged entry is tokenized again, the same, and rewritten
+    assert torch.equal(tokens.tokenize(tokenizer, text), first) and len(calls) == 2
+    assert torch.equal(tokens.tokenize(tokenizer, text), first) and len(calls) == 2
+
+    tokens.tokenize(tokenizer, "short text")  # below the threshold: never cached
+    assert len(list((tmp_path / "tokens").glob("*.safetensors"))) == 2

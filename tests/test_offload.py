@@ -18,19 +18,27 @@ def _compress(model_dir, text_file, out, method, *extra):
     return main(args)
 
 
-@pytest.mark.parametrize("method", ["svdllm", "cospadi"])
+@pytest.mark.parametrize("method,tied", [("svdllm", True), ("cospadi", True), ("svdllm", False)])
 def test_offloaded_compression_saves_the_in_memory_tensors_holding_one_block(model_dir, text_file, tmp_path,
-                                                                             monkeypatch, method):
+                                                                             monkeypatch, method, tied):
+    if not tied:  # a head of its own, stored in the checkpoint beside the embedding
+        model = fk.models.load(model_dir)[0]
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() * 1.5)
+        model.save_pretrained(model_dir)
+        assert "lm_head.weight" in load_file(model_dir / "model.safetensors")
     held = []
     materialize = offload.OffloadedBlocks.materialize
 
     def watched(self, index, block):
-        held.append((index, list(offload.blocks_in_memory(self.model))))  # blocks in memory before this one
+        outside = [n for n, t in self.model.state_dict().items()
+                   if not n.startswith(self.list_name + ".") and not t.is_meta]
+        held.append((index, list(offload.blocks_in_memory(self.model)), outside))  # in memory before this block
         materialize(self, index, block)
     monkeypatch.setattr(offload.OffloadedBlocks, "materialize", watched)
     assert _compress(model_dir, text_file, tmp_path / "memory", method) == 0
     assert _compress(model_dir, text_file, tmp_path / "offload", method, "--offload") == 0
-    assert held == [(0, []), (1, [])]  # each block read in its turn, none other in memory then
+    assert held == [(0, [], []), (1, [], [])]  # each block read in its turn, no other weights in memory then
     one, two = (load_file(tmp_path / name / "model.safetensors") for name in ("memory", "offload"))
     assert one.keys() == two.keys()
     for key in one:

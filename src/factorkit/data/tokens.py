@@ -11,11 +11,77 @@ from ..errors import FactorkitError
 from .text import load_text
 
 
+CACHE_MIN_CHARS = 1 << 20  # token ids of texts this long are kept in the cache, per tokenizer
+
+
 def tokenize(tokenizer, text: str) -> torch.Tensor:
-    """All token ids of ``text`` as one 1-D LongTensor (no special tokens)."""
+    """All token ids of ``text`` as one 1-D LongTensor (no special tokens).
+
+    A long text (the built-in corpora's splits) is tokenized once per tokenizer: its ids are kept under
+    ``cache_dir()/tokens`` (safetensors, named by the tokenizer's and the text's sha256) and read from there
+    afterwards. Tokenizing it again would cost seconds and, briefly, ~0.5 KiB per token (the 3.5 MB
+    calibration split of ``general``: +450 MiB), more than the rest of an offloaded compression holds."""
+    key = _cache_key(tokenizer, text) if len(text) >= CACHE_MIN_CHARS else None
+    cached = _read_ids(key) if key else None
+    if cached is not None:
+        return cached
     # A long text in one call is fine for fast tokenizers; silence the length warning.
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    ids = torch.tensor(ids, dtype=torch.long)
+    if key:
+        from ..eval.memory import release_memory
+
+        release_memory(collect=False)  # what the encoding held goes back to the system now, not at exit
+        _write_ids(key, ids)
+    return ids
+
+
+def _cache_key(tokenizer, text: str) -> str | None:
+    """sha256 of everything that decides the ids: the tokenizer's class, its whole definition (fast
+    tokenizers; a slow one is not cached) and the text."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    import hashlib
+
+    import transformers
+
+    h = hashlib.sha256(f"{type(tokenizer).__name__}\0{transformers.__version__}\0".encode())
+    h.update(backend.to_str().encode())
+    h.update(b"\0")
+    h.update(text.encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+def _ids_file(key: str):
+    from ..models.hub import cache_dir
+
+    return cache_dir() / "tokens" / f"{key}.safetensors"
+
+
+def _read_ids(key: str) -> torch.Tensor | None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = _ids_file(key)
+    try:
+        ids = load_file(str(file))["ids"]
+    except (OSError, KeyError, SafetensorError):  # not there yet, or damaged: tokenize again (and rewrite)
+        return None
+    return ids.long() if ids.ndim == 1 else None
+
+
+def _write_ids(key: str, ids: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    from ..models.files import atomic_file
+
+    small = torch.int32 if ids.numel() == 0 or int(ids.max()) < 2**31 else torch.long
+    try:
+        with atomic_file(_ids_file(key)) as tmp:
+            save_file({"ids": ids.to(small).contiguous()}, str(tmp))
+    except OSError:  # a read-only cache only costs the tokenizing next time
+        pass
 
 
 def bos_id(tokenizer) -> int | None:

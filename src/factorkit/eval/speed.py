@@ -15,8 +15,6 @@ kernels allocate. Timing runs without the sampler. Linux only for the peak (else
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import inspect
 import os
 import threading
@@ -28,6 +26,7 @@ import torch
 from torch import nn
 
 from ..factors.base import is_quantized
+from .memory import release_memory, resident_bytes
 
 PROMPT_TOKENS = 16
 
@@ -97,26 +96,6 @@ def held_bytes(model: nn.Module) -> int:
         cached = module.__dict__.get("_indices_cache")
         total += 0 if cached is None else cached[1].numel() * cached[1].element_size()
     return total
-
-
-def resident_bytes() -> int | None:
-    """The process's resident set size now (Linux), else None."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the system (glibc), so resident sizes measured next
-    start from what is live."""
-    gc.collect()
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, musl): freed pages stay with the process, peaks read higher
-        return
-    libc.malloc_trim(0)
 
 
 class PeakResident:

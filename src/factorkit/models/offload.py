@@ -1,12 +1,14 @@
 """Compression of a model whose transformer blocks stay on disk (``factorkit compress --offload``).
 
 The model is built with its blocks on the meta device (accelerate's ``init_empty_weights``); the rest
-(embeddings, final norm, head) is read from the checkpoint into memory. The calibration engine asks for one
-block at a time: ``materialize`` reads that block's tensors from the memory-mapped safetensors file,
-``release`` writes the compressed block to a work folder and puts it back on the meta device. Saving then
-streams every tensor, one at a time, into model.safetensors (``write_weights``): the file is the one
-``save`` writes for the same model in memory, tensor for tensor. At any moment the process holds the
-non-block weights, one block, its calibration inputs and statistics.
+(embeddings, final norm, head) is read from the checkpoint into memory, for the calibration engine to embed
+the calibration text; once it has (``release_rest``), those go back to the meta device too. The engine then
+asks for one block at a time: ``materialize`` reads that block's tensors from the memory-mapped safetensors
+file, ``release`` writes the compressed block to a work folder and puts it back on the meta device. Saving
+then streams every tensor, one at a time, into model.safetensors (``write_weights``), the blocks from the work
+folder and the rest from the checkpoint: the file is the one ``save`` writes for the same model in memory,
+tensor for tensor. While blocks are compressed the process holds one block, its calibration inputs and
+statistics, and no other weights (SmolLM2-135M: not the 113 MiB embedding; Gemma-3-270M: not its 671 MB).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class OffloadedBlocks:
     def __init__(self, model: nn.Module, files: dict[str, Path], list_name: str, workdir: Path) -> None:
         self.model, self.files, self.list_name, self.workdir = model, files, list_name, Path(workdir)
         self.done: dict[int, Path] = {}
+        self.rest: dict[str, str] = {}  # a released non-block tensor's name -> its name in the checkpoint
         self.workdir.mkdir(parents=True, exist_ok=True)
 
     def _prefix(self, index: int) -> str:
@@ -80,6 +83,24 @@ class OffloadedBlocks:
             if not tensor.is_meta:
                 set_module_tensor_to_device(block, name, "meta")
 
+    def release_rest(self) -> None:
+        """Put the weights outside the blocks (embeddings, final norm, head) back on the meta device; saving reads
+        them from the checkpoint again. Tied tensors stay tied."""
+        head = self.list_name + "."
+        groups: dict[int, list[str]] = {}
+        for name, tensor in self.model.state_dict(keep_vars=True).items():
+            if not name.startswith(head) and not tensor.is_meta:
+                groups.setdefault(id(tensor), []).append(name)
+        for names in groups.values():
+            source = next((n for n in names if n in self.files), None)
+            if source is None:  # made by the model, not read from the checkpoint: nothing to read it back from
+                continue
+            for name in names:
+                self.rest[name] = source
+                set_module_tensor_to_device(self.model, name, "meta")
+        if self.rest:
+            self.model.tie_weights()
+
     def write_weights(self, file: Path, metadata: dict[str, str] | None = None) -> None:
         """model.safetensors of the whole model, streamed tensor by tensor, as safetensors' save_model writes
         it: each tensor shared by several names stored once, under the first name in sorted order."""
@@ -110,6 +131,10 @@ class OffloadedBlocks:
     def _tensor(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         if not tensor.is_meta:
             return tensor.detach()
+        if name in self.rest:
+            with safe_open(str(self.files[self.rest[name]]), framework="pt") as f:
+                value = f.get_tensor(self.rest[name])
+            return value.to(tensor.dtype) if value.is_floating_point() else value
         head = self.list_name + "."
         index, _, inner = name[len(head):].partition(".")
         with safe_open(str(self.done[int(index)]), framework="pt") as f:
