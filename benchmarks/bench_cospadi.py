@@ -353,7 +353,7 @@ def report(results: Results, calib_text: str) -> None:
                             model_rows) + extra)
     write_section(calib_name("cospadi", calib_text), f"## CoSpaDi (sparse dictionaries), {calib_text} calibration\n\n"
                   f"`python benchmarks/bench_cospadi.py --calib {calib_text}`, {results.measured()}, "
-                  f"{results.items.get('machine', {}).get('text', machine())}.\n\n" + "\n\n".join(sections))
+                  f"{results.machine(results.items.get('machine', {}).get('text'))}.\n\n" + "\n\n".join(sections))
 
 
 def gpu_latency(device: str, fresh: bool) -> None:

@@ -228,7 +228,7 @@ def report(results: Results, settings: dict, table: dict, full: Results) -> None
     dense = results["dense"]
     model = settings["model"]
     ran = results.items.get("machine", {})
-    where = ran.get("text", machine()) + (f"; {ran['shared']}" if ran.get("shared") else "")
+    where = results.machine(ran.get("text")) + (f"; {ran['shared']}" if ran.get("shared") else "")
     zs = dense["zero_shot"]
     rows = [["dense", "-", "-", "-", fmt_ppl(dense["ppl_general"]), "1.00x", "-", fmt_ppl(dense["ppl_plays"]), "1.00x",
              f"{100 * zs['average']:.2f} ± {100 * zs['average_stderr']:.2f}", "-",
@@ -394,7 +394,7 @@ def dense_tasks(zs: dict, full: Results, model: str) -> str:
     if every:
         ran = full.items.get("machine", {})
         text += (f"\n\nEvery document: `python benchmarks/bench_eval.py --model {model} --dense-full`, "
-                 f"{full.measured()}, {ran.get('text', machine())}; {len(every)} of {len(zs['tasks'])} tasks "
+                 f"{full.measured()}, {full.machine(ran.get('text'))}; {len(every)} of {len(zs['tasks'])} tasks "
                  f"measured ({sum(v['seconds'] for v in every.values()) / 3600:.1f} h)"
                  + (f", mean acc {100 * sum(v['acc'] for v in every.values()) / len(every):.2f}"
                     if len(every) == len(zs["tasks"]) else "") + ".")

@@ -88,7 +88,7 @@ def main() -> None:
                      f"{r['peak_rss_gib'] / one['peak_rss_gib']:.2f}x" if one else "-",
                      " / ".join(f"{x:.5f}" for x in r["losses"])])
     body = (f"## Healing memory: {args.model}\n\n`python benchmarks/bench_heal_memory.py --model {args.model}`, "
-            f"{results.measured()}, {machine()}.\n\n"
+            f"{results.measured()}, {results.machine()}.\n\n"
             f"{__doc__.split(chr(10) + chr(10))[1]}\n\n"
             + markdown_table(["setting", "rows per pass", "peak RSS (GiB)", "s per step", "vs one pass",
                               "step losses"], rows))

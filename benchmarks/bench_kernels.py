@@ -384,7 +384,7 @@ float32 nn.Linear, with the ideal (float32 bytes / bytes held) in brackets.""" +
         f"built, {ext.isa()} path")
     body = f"""## Layer kernels against nn.Linear
 
-`python benchmarks/bench_kernels.py` ({results.measured()}; {machine()}; compiled kernels: {path}). Random
+`python benchmarks/bench_kernels.py` ({results.measured()}; {results.machine()}; compiled kernels: {path}). Random
 factors at ratio {RATIO} (DictionaryLinear: k atoms and s = k/2 nonzeros per row by the paper's count;
 LowRankLinear: the rank of the same parameter count), best wall time over repeated calls, side by side in one
 process. Each entry is the speed against nn.Linear (above 1x: faster); *ideal* is dense bytes / stored bytes

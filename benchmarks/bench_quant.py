@@ -165,7 +165,7 @@ def report(results: Results, settings: dict) -> None:
         return
     model = settings["model"]
     ran = results.items.get("machine", {})
-    where = ran.get("text", machine()) + (f"; {ran['shared']}" if ran.get("shared") else "")
+    where = results.machine(ran.get("text")) + (f"; {ran['shared']}" if ran.get("shared") else "")
     rows = []
     for label, scheme, item in sorted(pts, key=lambda p: -p[2]["bytes"]):
         z = item["zero_shot"]

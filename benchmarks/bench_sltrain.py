@@ -187,7 +187,7 @@ def verdict(results: Results) -> str:
 
 def section(results: Results, command: str) -> str:
     lines = ["## SLTrain (sparse + low-rank pretraining) against full-rank and low-rank pretraining", "",
-             f"Measured {results.measured()} on {machine()} with `{command}` (part of `make bench`).", ""]
+             f"Measured {results.measured()} on {results.machine()} with `{command}` (part of `make bench`).", ""]
     if "steps" in results:
         info = results["steps"]
         lines += [f"### Pretraining from scratch: llama-20m (hidden 256, 6 layers), {info['steps']} steps each", "",

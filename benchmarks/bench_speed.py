@@ -77,7 +77,7 @@ def report(results: Results, model_name: str) -> None:
 
     write_section(f"speed-{model_name}", f"""## Decode, prefill and memory: {model_name}
 
-`python benchmarks/bench_speed.py --model {model_name}` ({results.measured()}; {machine()}), what
+`python benchmarks/bench_speed.py --model {model_name}` ({results.measured()}; {results.machine()}), what
 `factorkit bench-speed` measures. Random factors at each ratio (low rank at the rank of that parameter count,
 dictionaries at rho = 2 by the paper's count; speed and memory do not depend on the values), float32
 activations, quantization by `factorkit.quantize` (int8 per row, int4 per 32 numbers) of the blocks' matrices;

@@ -56,7 +56,7 @@ def run_all(results: Results, steps: int) -> None:
 def section(results: Results, steps: int) -> str:
     command = f"python benchmarks/bench_wara.py --steps {steps}"
     lines = ["## WaRA (wavelet low-rank adapters) against PEFT LoRA and full fine-tuning", "",
-             f"Measured {results.measured()} on {machine()} with `{command}` (part of `make bench`).", "",
+             f"Measured {results.measured()} on {results.machine()} with `{command}` (part of `make bench`).", "",
              f"SmolLM2-135M fine-tuned for {steps} steps of 4 x 256 tokens from the calibration plays (AdamW, 10% "
              "warm-up then cosine, the same batches for every run); perplexity on 32 x 256 tokens of the held-out "
              f"plays. Adapters on every Linear in the blocks, alpha / r = {ALPHA / R:g}, learning rate 5e-4; full "
