@@ -57,7 +57,7 @@ def test_batch_omp_codes_every_signal_on_its_own_whatever_the_chunk():
     D = _unit_rows(torch.randn(k, 64, generator=gen))
     Y = torch.randn(B, 64, generator=gen)
     idx, val = batch_omp(D @ D.T, Y @ D.T, s)
-    for chunk in (1, 8, 13, 64, 200):
+    for chunk in (1, 2, 4, 8, 13, 64, 200):  # 2 and 4 leave a last chunk of one signal
         other = batch_omp(D @ D.T, Y @ D.T, s, chunk=chunk)
         assert torch.equal(other[0], idx) and torch.equal(other[1], val), chunk
 

@@ -74,7 +74,9 @@ def batch_omp(gram: torch.Tensor, correlations: torch.Tensor, sparsity: int,
     values = torch.empty(B, s, dtype=dtype, device=device)
     for start in range(0, B, chunk):
         alpha = correlations[start : start + chunk].clone()  # D.T r, r the residual
-        b = alpha.shape[0]
+        n = b = alpha.shape[0]
+        if b == 1:  # baddbmm runs a batch of one as a matrix-vector product, whose sums round differently on
+            alpha, b = alpha.repeat(2, 1), 2  # some CPUs (Intel Xeon): coded beside a copy, as in any chunk
         P = torch.zeros(b, s, k, dtype=dtype, device=device)  # P[:, t] = D.T q_t, q_t orthonormalised atom t
         used = torch.zeros(b, k, dtype=torch.bool, device=device)
         score = torch.empty(b, k, dtype=dtype, device=device)
@@ -101,9 +103,9 @@ def batch_omp(gram: torch.Tensor, correlations: torch.Tensor, sparsity: int,
         # y ~ Q proj with Q = D_I L^-T, L L.T = G[I, I]; L.T[i, t] = q_i . d_(j_t) = P[:, i, j_t], upper triangular
         Lt = torch.gather(P, 2, support.unsqueeze(1).expand(b, s, s)).triu_(1)
         Lt.diagonal(dim1=1, dim2=2).copy_(torch.stack(norms, 1))
-        indices[start : start + b] = support
-        values[start : start + b] = torch.linalg.solve_triangular(
-            Lt, torch.stack(proj, 1).unsqueeze(2), upper=True).squeeze(2)
+        indices[start : start + n] = support[:n]
+        values[start : start + n] = torch.linalg.solve_triangular(
+            Lt, torch.stack(proj, 1).unsqueeze(2), upper=True).squeeze(2)[:n]
     return indices, values
 
 
