@@ -174,10 +174,12 @@ def measure_floor(results: Results) -> None:
 def warm_caches() -> None:
     """Make the one-time caches (the model converted to safetensors, the corpus and its token ids) before the
     measured runs, so that no measured peak holds their making."""
-    from factorkit.data import calibration_tokens
-    from factorkit.models import load
+    import transformers
 
-    calibration_tokens(load("smollm2-135m")[1], "general")
+    from factorkit.data import calibration_tokens
+    from factorkit.models.hub import builtin_path
+
+    calibration_tokens(transformers.AutoTokenizer.from_pretrained(builtin_path("smollm2-135m")), "general")
 
 
 def measure_offload(results: Results, method: str, iterations: int) -> None:

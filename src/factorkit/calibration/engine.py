@@ -296,7 +296,7 @@ def calibrate_groupwise(
                     offloaded.release(i, blocks[i])
             hidden = h
             # glibc keeps the freed heap of a group's statistics, solves and (offloaded) released weights; left
-            # there, the offloaded process grew by one compressed block per block (SmolLM2: 666 -> 1443 MiB)
+            # there, the offloaded process grew by about one compressed block per block
             release_memory(collect=False)
             bar.update(len(group))
         bar.close()

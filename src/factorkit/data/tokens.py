@@ -3,6 +3,7 @@ non-overlapping chunks for evaluation."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -10,6 +11,7 @@ import torch
 from ..errors import FactorkitError
 from .text import load_text
 
+log = logging.getLogger(__name__)
 
 CACHE_MIN_CHARS = 1 << 20  # token ids of texts this long are kept in the cache, per tokenizer
 
@@ -19,8 +21,8 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 
     A long text (the built-in corpora's splits) is tokenized once per tokenizer: its ids are kept under
     ``cache_dir()/tokens`` (safetensors, named by the tokenizer's and the text's sha256) and read from there
-    afterwards. Tokenizing it again would cost seconds and, briefly, ~0.5 KiB per token (the 3.5 MB
-    calibration split of ``general``: +450 MiB), more than the rest of an offloaded compression holds."""
+    afterwards. Tokenizing it again would cost seconds and, briefly, the tokenizer's working memory for the
+    whole text, more than the rest of an offloaded compression holds."""
     key = _cache_key(tokenizer, text) if len(text) >= CACHE_MIN_CHARS else None
     cached = _read_ids(key) if key else None
     if cached is not None:
@@ -80,8 +82,8 @@ def _write_ids(key: str, ids: torch.Tensor) -> None:
     try:
         with atomic_file(_ids_file(key)) as tmp:
             save_file({"ids": ids.to(small).contiguous()}, str(tmp))
-    except OSError:  # a read-only cache only costs the tokenizing next time
-        pass
+    except OSError as err:  # a read-only cache only costs the tokenizing next time
+        log.info("token ids not cached (%s); the text is tokenized again next time.", err)
 
 
 def bos_id(tokenizer) -> int | None:
