@@ -75,23 +75,37 @@ def methods(cospadi_iterations: int) -> dict:
         "auto": lambda r: fk.AutoConfig(ratio=r, iterations=cospadi_iterations),
         f"svdllm-global+heal{HEAL_STEPS}": lambda r: fk.SVDLLMConfig(ratio=r, allocation="global", heal=HEAL_STEPS),
         f"auto+heal{HEAL_STEPS}": lambda r: fk.AutoConfig(ratio=r, iterations=cospadi_iterations, heal=HEAL_STEPS),
-        # dictionary options priced by the eigenbasis estimate alone, the default before the refined one
+        # options priced in the Gram's metric (X^T X), as the solves see them: auto's default before the unit metric
+        "auto (gram metric)": lambda r: fk.AutoConfig(ratio=r, iterations=cospadi_iterations, price_metric="gram"),
+        # ... and low-rank options down to rank 1 (max_removal=1), the default before the cap; measured so
+        "auto (low rank uncapped)": lambda r: fk.AutoConfig(ratio=r, iterations=cospadi_iterations, max_removal=1.0,
+                                                            price_metric="gram"),
+        f"auto (low rank uncapped)+heal{HEAL_STEPS}": lambda r: fk.AutoConfig(
+            ratio=r, iterations=cospadi_iterations, max_removal=1.0, price_metric="gram", heal=HEAL_STEPS),
+        # dictionary options priced by the eigenbasis estimate alone, the default before the refined one (with
+        # low rank uncapped and the Gram's metric, as then)
         "auto (eigenbasis estimate)": lambda r: fk.AutoConfig(ratio=r, iterations=cospadi_iterations,
-                                                              estimate="eigenbasis"),
+                                                              estimate="eigenbasis", max_removal=1.0,
+                                                              price_metric="gram"),
         f"auto (eigenbasis estimate)+heal{HEAL_STEPS}": lambda r: fk.AutoConfig(
-            ratio=r, iterations=cospadi_iterations, estimate="eigenbasis", heal=HEAL_STEPS),
+            ratio=r, iterations=cospadi_iterations, estimate="eigenbasis", max_removal=1.0, price_metric="gram",
+            heal=HEAL_STEPS),
         "cospadi-global (eigenbasis estimate)": lambda r: fk.CoSpaDiConfig(
             ratio=r, iterations=cospadi_iterations, allocation="global", estimate="eigenbasis"),
         # and dictionaries fitted from random weight rows, as auto did before the SVD start became its default
         "auto (eigenbasis estimate, signals start)": lambda r: fk.AutoConfig(
-            ratio=r, iterations=cospadi_iterations, estimate="eigenbasis", start="signals"),
+            ratio=r, iterations=cospadi_iterations, estimate="eigenbasis", start="signals", max_removal=1.0,
+            price_metric="gram"),
         f"auto (eigenbasis estimate, signals start)+heal{HEAL_STEPS}": lambda r: fk.AutoConfig(
-            ratio=r, iterations=cospadi_iterations, estimate="eigenbasis", start="signals", heal=HEAL_STEPS),
+            ratio=r, iterations=cospadi_iterations, estimate="eigenbasis", start="signals", max_removal=1.0,
+            price_metric="gram", heal=HEAL_STEPS),
     }
 
 
 # Methods measured at some ratios only (comparisons, not grid lines).
 ONLY_AT = {"auto (eigenbasis estimate, signals start)": (0.2,),
+           "auto (gram metric)": (0.2,),
+           f"auto (low rank uncapped)+heal{HEAL_STEPS}": (0.2, 0.4),
            f"auto (eigenbasis estimate, signals start)+heal{HEAL_STEPS}": (0.2,),
            # the default before the refined estimate, where it was measured
            f"auto (eigenbasis estimate)+heal{HEAL_STEPS}": (0.2, 0.4),

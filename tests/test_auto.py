@@ -7,7 +7,8 @@ import torch
 import factorkit as fk
 from factorkit.cli import main
 from factorkit.factors import DictionaryLinear, FactorModule, LowRankLinear
-from factorkit.methods.auto import dictionary_bytes, lowrank_options
+from factorkit.methods.auto import dictionary_bytes, eigenbasis_errors, lowrank_options, pricing_weights
+from factorkit.solvers.whitening import cholesky_factor
 from factorkit.surgery import linear_weight, model_targets
 
 from conftest import tiny_llama
@@ -47,6 +48,8 @@ def test_auto_stays_within_the_byte_budget_and_mixes_types(ratio, data):
     assert fit["types"]["lowrank"]["matrices"] > 0 and fit["types"]["dictionary"]["matrices"] > 0  # mixed
     assert fit["optimality_gap"] >= 0 and all(k in fit for k in ("fisher_s", "profile_s", "knapsack_s", "solve_s"))
     kinds = {n: type(model.get_submodule(n)) for n in names}
+    # no low-rank pick removes more of its matrix than the dictionaries may (the default cap, 0.7)
+    assert all(c["bytes"] >= 0.3 * c["dense_bytes"] for c in fit["choice"].values() if c["type"] == "lowrank")
     for name, choice in fit["choice"].items():
         expected = {"dense": torch.nn.Linear, "lowrank": LowRankLinear, "dictionary": DictionaryLinear}[choice["type"]]
         assert kinds[name] is expected
@@ -71,6 +74,68 @@ def test_lowrank_menu_prices_ranks_by_the_discarded_whitened_energy():
     assert [o.loss for o in options] == [2.0 * 5.25, 2.0 * 1.25]
     assert [o.bytes for o in options] == [40, 80]
     assert dictionary_bytes(1536, 576, 300, 150, 2) == (300 * 576 + 1536 * 150) * 2 + 1536 * 38
+
+
+def test_the_lowrank_menu_stops_at_the_largest_removal_allowed():
+    spectrum = torch.linspace(10.0, 0.1, 64).square()
+    every = lowrank_options(96, 64, spectrum, sensitivity=1.0, count=48, value_bytes=2)
+    capped = lowrank_options(96, 64, spectrum, sensitivity=1.0, count=48, value_bytes=2, max_removal=0.7)
+    dense = 96 * 64 * 2
+    assert min(o.bytes for o in every) < 0.3 * dense  # the grid reaches deeper than the cap
+    assert capped and all(o.bytes >= 0.3 * dense for o in capped)
+    assert capped == [o for o in every if o.bytes >= 0.3 * dense]  # the same ranks and prices, cut at the cap
+    # the smallest rank at the cap itself: r (m + n) >= 0.3 m n, r = ceil(0.3 * 96 * 64 / 160) = 12 when on the grid
+    assert all(o.size[0] >= 12 for o in capped)
+
+
+def _tokens(massive: bool) -> torch.Tensor:
+    """300 calibration inputs of 12 channels, every one of norm 3; with ``massive`` one more of norm 3000 (an
+    activation such as a first token's), along a direction of its own."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 12, generator=g, dtype=torch.float64)
+    x = 3.0 * x / x.norm(dim=1, keepdim=True)
+    if massive:
+        x = torch.cat([x, 3000.0 * torch.eye(12, dtype=torch.float64)[:1]])
+    return x
+
+
+def _unit_gram(x: torch.Tensor) -> torch.Tensor:
+    unit = x / x.norm(dim=1, keepdim=True)
+    return unit.T @ unit
+
+
+def test_the_unit_metric_prices_as_the_gram_when_every_token_has_one_norm():
+    """Every input of norm 3: the unit-length Gram is X^T X / 9, so each direction's weight is 1/9 and the
+    relative error of every option is the Gram metric's."""
+    x = _tokens(massive=False)
+    w = torch.randn(8, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    factor = cholesky_factor(x.T @ x).factor
+    u, sv, vh = torch.linalg.svd(w @ factor, full_matrices=False)
+    weights = pricing_weights(factor, _unit_gram(x), vh)
+    assert torch.allclose(weights, torch.full_like(weights, 1 / 9), rtol=1e-9)
+    sizes = [(4, 2), (6, 3), (8, 2)]
+    assert eigenbasis_errors(u * sv, 0.0, sizes, weights) == pytest.approx(
+        eigenbasis_errors(u * sv, float(sv.square().sum()), sizes), rel=1e-9)
+
+
+def test_the_unit_metric_sees_the_error_that_a_massive_activation_hides_from_the_gram():
+    """One input 1000x the norm of the others: in X^T X it holds ~97% of the energy, so a rank-1 truncation
+    that keeps its direction looks nearly free; counted once per token, what it drops is most of W's
+    action on the other 300."""
+    x = _tokens(massive=True)
+    w = torch.randn(8, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    factor = cholesky_factor(x.T @ x).factor
+    u, sv, vh = torch.linalg.svd(w @ factor, full_matrices=False)
+    spectrum = sv.square()
+    weights = pricing_weights(factor, _unit_gram(x), vh)
+    gram_share = float(spectrum[1:].sum() / spectrum.sum())
+    unit_share = float((spectrum * weights)[1:].sum() / (spectrum * weights).sum())
+    assert gram_share < 0.05 < 0.5 < unit_share
+    # exact for the truncated SVD: the unit-metric error of what rank 1 drops, measured directly
+    rank1 = (u[:, :1] * sv[:1]) @ vh[:1] @ torch.linalg.inv(factor)
+    unit_x = x / x.norm(dim=1, keepdim=True)
+    direct = float(((w - rank1) @ unit_x.T).square().sum() / (w @ unit_x.T).square().sum())
+    assert unit_share == pytest.approx(direct, rel=1e-8)
 
 
 def test_lowrank_only_auto_predicts_no_more_loss_than_uniform_ranks(data):
@@ -135,6 +200,9 @@ def test_dsformer_global_starts_each_matrix_at_its_chosen_size_within_one_budget
     (["--method", "cospadi", "--estimate", "probe"], "--estimate applies only with --allocation global"),
     (["--method", "auto", "--probe-iterations", "3"], "--probe-iterations applies only with --estimate probe"),
     (["--method", "auto", "--types", "dictionary", "--ratio", "0.8"], "no dictionary on the menu small enough"),
+    (["--method", "auto", "--ratio", "0.8"], "more than any option on the menu removes from a matrix; lower the "
+                                             "ratio or raise --max-removal"),
+    (["--method", "auto", "--max-removal", "0"], "--max-removal must lie in (0, 1]"),
     (["--method", "auto", "--allocation", "global"], "--allocation applies to --method"),
     (["--method", "dsformer", "--allocation", "global", "--pattern", "2:4"], "does not combine with --pattern 2:4"),
     (["--method", "dsformer", "--allocation", "global", "--init", "random"], "does not combine with --init random"),

@@ -100,6 +100,26 @@ def test_abs_mean_statistic_is_mean_absolute_input(llama, calib):
     assert torch.allclose(got[0], want, rtol=1e-5)
 
 
+def test_unit_gram_counts_every_token_once_at_unit_length(llama, calib):
+    got = {}
+
+    def on_block(i, name, block, stats):
+        got[i] = (stats["mlp.down_proj"].unit_gram.clone(), stats["mlp.down_proj"].gram.clone())
+
+    captured = []
+    h = llama.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: captured.append(i[0].detach()))
+    with torch.no_grad():
+        llama(input_ids=calib, use_cache=False)
+    h.remove()
+    calibrate_blockwise(llama, calib, on_block, stats=("gram", "unit_gram"), batch_size=3, progress=False)
+    x = captured[0].reshape(-1, captured[0].shape[-1]).double()
+    unit = x / x.norm(dim=1, keepdim=True)
+    unit_gram, gram = got[0]
+    assert torch.allclose(unit_gram, unit.T @ unit, rtol=1e-6, atol=1e-9)
+    assert abs(float(unit_gram.trace()) - x.shape[0]) < 1e-6 * x.shape[0]  # one per token
+    assert torch.allclose(gram, x.T @ x, rtol=1e-5, atol=1e-6 * float(gram.abs().max()))
+
+
 def test_model_without_linear_blocks_is_refused_with_one_sentence(calib):
     class NoLinear(nn.Module):
         def __init__(self):

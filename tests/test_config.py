@@ -22,7 +22,8 @@ NON_DEFAULT = {
     "svdllm": {"batch_size": 2, "eps": 1e-5, "heal": 7, "heal_train": TrainConfig(lr=2e-4, distill=0.5)},
     "fwsvd": {"whiten": True, "fisher_axis": "out", "fisher_samples": 3},
     "cospadi": {"rho": 3.0, "iterations": 7, "refresh": 4, "group": 2, "count": "storage", "whiten": False},
-    "auto": {"types": ("dictionary",), "rank_options": 9, "probe_iterations": 3, "iterations": 5, "seed": 2},
+    "auto": {"types": ("dictionary",), "rank_options": 9, "probe_iterations": 3, "iterations": 5, "seed": 2,
+             "max_removal": 0.5, "price_metric": "gram"},
     "dsformer": {"pattern": "2:4", "blocks": 2, "init": "random", "stf": False,
                  "train": TrainConfig(steps=9, lr=3e-3, distill=0.5, seed=3)},
 }

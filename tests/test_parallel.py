@@ -35,8 +35,8 @@ def _worker(rank: int, world: int, port: int, argv: list[str], cache: str) -> No
     # dictionaries shared out per projection
     ["--method", "cospadi", "--ratio", "0.3", "--iterations", "3"],
     # the Fisher pass's sequences shared out (9 over 2 processes: the last round has one), then the chosen
-    # dictionaries and ranks; tiny menus so that both types are picked
-    ["--method", "auto", "--ratio", "0.3", "--iterations", "2", "--rank-options", "4"],
+    # dictionaries and ranks; tiny menus down to rank 1 so that both types are picked
+    ["--method", "auto", "--ratio", "0.3", "--iterations", "2", "--rank-options", "4", "--max-removal", "1"],
 ])
 def test_two_processes_save_the_tensors_of_one(model_dir, text_file, tmp_path, method):
     args = ["-q", "compress", "--model", str(model_dir), *method,
@@ -58,7 +58,7 @@ def test_two_processes_save_the_tensors_of_one(model_dir, text_file, tmp_path, m
 
 
 def _statistics(model_dir: str) -> dict:
-    """The Fisher sums and the calibration statistics (Grams, |x| sums, tokens) of every Linear of the tiny
+    """The Fisher sums and the calibration statistics (Grams, |x| sums, unit-length Grams, tokens) of every Linear of the tiny
     model on 7 sequences in batches of 2 (4 batches, the last of one sequence)."""
     from transformers import AutoModelForCausalLM
 
@@ -74,9 +74,10 @@ def _statistics(model_dir: str) -> dict:
     def on_block(index, block_name, block, stats):
         for name, s in stats.items():
             out.update({f"{block_name}.{name}.gram": s.gram, f"{block_name}.{name}.abs_sum": s.abs_sum,
+                        f"{block_name}.{name}.unit_gram": s.unit_gram,
                         f"{block_name}.{name}.tokens": torch.tensor([s.tokens])})
 
-    calibrate_blockwise(model, data, on_block, batch_size=2, progress=False)
+    calibrate_blockwise(model, data, on_block, batch_size=2, progress=False, stats=("gram", "abs_mean", "unit_gram"))
     return out
 
 

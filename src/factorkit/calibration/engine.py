@@ -4,7 +4,8 @@ GPTQ-style: the model's embeddings run once to get the inputs of block 0;
 then for each block i
 
 1. the calibration batches go through block i with hooks on its Linear
-   layers that accumulate statistics (Gram X^T X in float64, sum of |x|);
+   layers that accumulate statistics (Gram X^T X in float64, sum of |x|, and
+   on request the Gram of the inputs scaled to unit length);
 2. a callback compresses block i from those statistics;
 3. the batches go through the *compressed* block i, and its outputs become
    the inputs of block i+1, so later blocks are calibrated on the
@@ -32,7 +33,8 @@ from ..eval.memory import release_memory
 from ..models import offload
 from ..surgery import find_blocks, linear_weight, target_linears
 
-STAT_KINDS = ("gram", "abs_mean")
+STAT_KINDS = ("gram", "abs_mean")  # what calibrate_* collect unless told
+KNOWN_STATS = STAT_KINDS + ("unit_gram",)
 
 
 @dataclass
@@ -43,13 +45,17 @@ class LinearStats:
     tokens: int = 0
     gram: torch.Tensor | None = None  # X^T X, float64, (in, in)
     abs_sum: torch.Tensor | None = None  # sum over tokens of |x|, float64, (in,)
+    # sum over tokens of x x^T / ||x||^2 (tokens of norm 0 add nothing), float64, (in, in): every token counts
+    # once, where in X^T X the few with massive activations (a first token, say) can outweigh all the others
+    unit_gram: torch.Tensor | None = None
 
     def add(self, increment: "_Increment") -> None:
         self.tokens += increment.tokens
-        if increment.gram is not None:
-            self.gram = increment.gram.clone() if self.gram is None else self.gram.add_(increment.gram)
-        if increment.abs_sum is not None:
-            self.abs_sum = increment.abs_sum.clone() if self.abs_sum is None else self.abs_sum.add_(increment.abs_sum)
+        for field in _SUMMED:
+            value = getattr(increment, field)
+            if value is not None:
+                mine = getattr(self, field)
+                setattr(self, field, value.clone() if mine is None else mine.add_(value))
 
     @property
     def abs_mean(self) -> torch.Tensor:
@@ -63,13 +69,23 @@ class _Increment:
     tokens: int
     gram: torch.Tensor | None
     abs_sum: torch.Tensor | None
+    unit_gram: torch.Tensor | None = None
+
+
+_SUMMED = ("gram", "abs_sum", "unit_gram")  # the tensors of an increment, in the order they are shared
+_SUMMED_KIND = {"gram": "gram", "abs_sum": "abs_mean", "unit_gram": "unit_gram"}  # ... and the kind of each
 
 
 def _increment(x: torch.Tensor, kinds: tuple[str, ...]) -> _Increment:
     rows = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
     gram = rows.T @ rows if "gram" in kinds else None
     abs_sum = rows.abs().sum(0) if "abs_mean" in kinds else None
-    return _Increment(rows.shape[0], gram, abs_sum)
+    unit_gram = None
+    if "unit_gram" in kinds:
+        norms = rows.square().sum(1, keepdim=True)
+        unit = rows / norms.sqrt().clamp_min(torch.finfo(torch.float64).tiny)  # a zero row stays zero
+        unit_gram = unit.T @ unit
+    return _Increment(rows.shape[0], gram, abs_sum, unit_gram)
 
 
 class _StopForward(Exception):
@@ -215,17 +231,18 @@ def _share_increments(recorded: dict[str, list[_Increment]] | None, names: list[
                     order.append(increment)
                 layout.append(distinct[id(increment)])
         tensors = [torch.tensor(layout, dtype=torch.int64), torch.tensor([d.tokens for d in order])]
-        tensors += [t for d in order for t in (d.gram, d.abs_sum) if t is not None]
+        tensors += [t for d in order for t in (getattr(d, f) for f in _SUMMED) if t is not None]
         parallel.broadcast_tensors(tensors, src)
         return recorded
     tensors = parallel.broadcast_tensors(None, src)
     layout, tokens = tensors[0].tolist(), tensors[1].tolist()
-    per = ("gram" in kinds) + ("abs_mean" in kinds)
+    fields = [f for f in _SUMMED if _SUMMED_KIND[f] in kinds]
     received = []
     for i, count in enumerate(tokens):
-        parts = [t.to(device) for t in tensors[2 + per * i: 2 + per * (i + 1)]]
-        gram = parts.pop(0) if "gram" in kinds else None
-        received.append(_Increment(count, gram, parts.pop(0) if "abs_mean" in kinds else None))
+        parts = [t.to(device) for t in tensors[2 + len(fields) * i: 2 + len(fields) * (i + 1)]]
+        values = dict.fromkeys(_SUMMED)
+        values.update(zip(fields, parts))
+        received.append(_Increment(count, **values))
     out, pos = {}, 0
     for name in names:
         count = layout[pos]
@@ -257,9 +274,9 @@ def calibrate_groupwise(
     group. ``data`` is as for :func:`calibrate_blockwise`.
     """
     kinds = tuple(stats)
-    unknown = set(kinds) - set(STAT_KINDS)
+    unknown = set(kinds) - set(KNOWN_STATS)
     if unknown:
-        raise ValueError(f"unknown statistics {sorted(unknown)}; known: {list(STAT_KINDS)}")
+        raise ValueError(f"unknown statistics {sorted(unknown)}; known: {list(KNOWN_STATS)}")
     if group_size < 1:
         raise ValueError(f"group_size must be at least 1, got {group_size}")
     was_training = model.training

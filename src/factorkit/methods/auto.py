@@ -5,7 +5,7 @@
    - each matrix's Fisher deletion loss (``calibration.fisher``) puts the
      matrices on one scale: sensitivity = deletion / ||W L||^2, with L L^T = X^T X,
      the loss per unit of whitened squared output error (as the global ranks
-     of ``methods.lowrank`` do);
+     of ``methods.lowrank`` do; per unit of the pricing metric's energy, below);
    - low rank: the singular values of W L price every rank at once (SVD-LLM's
      whitened error at rank r is exactly the energy it drops);
    - dictionary (k atoms, s per row), ``estimate="eigenbasis"``: from the
@@ -25,10 +25,21 @@
      interpolating between them: closer to the full solve, but hours on a
      CPU. ``benchmarks/bench_probe.py`` measures how each ranks the options
      against the full solve on one block.
-2. Each matrix's menu: keep it dense, a rank r, or a dictionary (k, s);
+   - ``price_metric="unit"`` (default): errors are priced in the metric of
+     sum_t x_t x_t^T / ||x_t||^2, every calibration token once at unit length,
+     rather than of X^T X, where the few tokens with massive activations (the
+     first token's, in some layers 99.8% of X^T X) decide alone what an error
+     costs: a low rank that keeps their direction looks free there while it
+     wrecks the matrix for every other token (``benchmarks/bench_pricing.py``).
+     Each singular direction of W L gets the weight of its squared error in
+     that metric (``pricing_weights``): exact for low rank, the diagonal terms
+     for sparse codes; the solves still minimise the X^T X error.
+2. Each matrix's menu: keep it dense, a rank r (removing at most
+   ``max_removal`` of its bytes, by default no more than the dictionaries
+   can), or a dictionary (k, s);
    costs are the bytes each stores at the model's dtype (a dictionary's codes
    also store one support bit per output and atom), the predicted loss is
-   sensitivity x whitened squared error. ``solvers.knapsack.choose`` picks one
+   sensitivity x squared error in the pricing metric. ``solvers.knapsack.choose`` picks one
    option per matrix within (1 - ratio) x the targeted matrices' dense bytes,
    never over, with a certificate of its distance to the optimum.
 3. Solve, block by block on the compressed model's outputs: SVD-LLM's
@@ -64,11 +75,21 @@ from .base import CompressionConfig, check_targets, log, register, warn_shift
 
 TYPES = ("lowrank", "dictionary")
 ESTIMATES = ("eigenbasis", "refined", "probe")
+METRICS = ("unit", "gram")
+METRIC_HELP = ("unit (every calibration token counts once: its input scaled to unit length; the default) or gram "
+               "(X^T X, the metric the solves minimise, in which the few tokens with massive activations, such "
+               "as the first, can outweigh all the others)")
 ESTIMATE_HELP = ("eigenbasis (s largest coefficients in the first k whitened singular directions; seconds), refined "
                  "(that, corrected by a short alternation at a few ratios; minutes) or probe (short CoSpaDi fits; "
                  "hours on a CPU)")
 PROBE_RATIOS = (0.1, 0.3, 0.5, 0.7)  # per-matrix ratios a dictionary is fitted at cheaply
 DICTIONARY_RATIOS = tuple(round(0.1 + 0.05 * i, 2) for i in range(13))  # 0.1 .. 0.7: the menu's dictionaries
+
+
+def _share(value: Any) -> str | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 < value <= 1.0:
+        return None
+    return f"must lie in (0, 1], got {value!r}."
 
 
 def _types(value: Any) -> str | None:
@@ -86,9 +107,13 @@ class AutoConfig(CompressionConfig):
                                            "dictionary", check=_types)
     rank_options: int = option(48, "ranks per matrix on the menu, evenly spaced up to the dense size",
                                check=whole(2))
+    max_removal: float = option(max(DICTIONARY_RATIOS), "largest share of one matrix's stored bytes a low-rank "
+                                "option may remove (1: every rank); by default as far as the dictionary options "
+                                "go, since the loss model underprices the deepest truncations", check=_share)
     rho: float = option(2.0, "dictionary options: atoms per nonzero, k/s", check=at_least(1.0))
     estimate: str = option("refined", f"how dictionary options are priced: {ESTIMATE_HELP}",
                            choices=ESTIMATES)
+    price_metric: str = option("unit", f"the input metric options are priced in: {METRIC_HELP}", choices=METRICS)
     probe_iterations: int = option(2, "alternations of the probe fits that price the dictionary options",
                                    check=positive_int, when=("estimate", "probe"))
     iterations: int = option(8, "alternations of each chosen dictionary's fit (CoSpaDi's T; 60 in its paper)",
@@ -110,6 +135,11 @@ class AutoConfig(CompressionConfig):
         if self.ratio > max(PROBE_RATIOS) and "lowrank" not in self.types:
             raise ConfigError("ratio", f"above {max(PROBE_RATIOS)} leaves no dictionary on the menu small enough; "
                                        "lower the ratio or add lowrank to the types.")
+        deepest = max([self.max_removal] * ("lowrank" in self.types)
+                      + [max(PROBE_RATIOS)] * ("dictionary" in self.types))
+        if self.ratio > deepest:
+            raise ConfigError("ratio", f"above {deepest} is more than any option on the menu removes from a "
+                                       "matrix; lower the ratio or raise --max-removal.")
 
 
 @dataclass
@@ -127,28 +157,58 @@ def _value_bytes(weight: torch.Tensor) -> int:
 
 
 def lowrank_options(m: int, n: int, spectrum: torch.Tensor, sensitivity: float, count: int,
-                    value_bytes: int) -> list[Option]:
-    """Ranks evenly spaced up to the largest that stores less than the dense matrix; spectrum: squared
-    whitened singular values, descending."""
+                    value_bytes: int, max_removal: float = 1.0) -> list[Option]:
+    """Ranks evenly spaced up to the largest that stores less than the dense matrix, those that remove at most
+    ``max_removal`` of its stored bytes; spectrum: squared whitened singular values, descending.
+
+    The predicted loss (sensitivity x discarded energy) is a second-order estimate around the dense weight, and
+    a knapsack picks exactly the options whose price is too low; the deepest truncations are where a wrong
+    price costs most (on SmolLM2-135M a rank-9 layers.11.mlp.down_proj, 2% of its bytes, lost 51x more per unit
+    of its price than the median option probed: ``benchmarks/bench_pricing.py``). The default cap of ``AutoConfig`` keeps low rank within
+    the range the dictionary options cover."""
     top = (m * n - 1) // (m + n)  # r (m + n) < m n
-    ranks = sorted({max(1, round(top * i / count)) for i in range(1, count + 1)} & set(range(1, top + 1)))
+    least = math.ceil((1.0 - max_removal) * m * n / (m + n) - 1e-9)  # r (m + n) >= (1 - max_removal) m n
+    grid = {max(1, round(top * i / count)) for i in range(1, count + 1)}
+    ranks = sorted(grid & set(range(max(1, least), top + 1)))
     tail = torch.flip(torch.cumsum(torch.flip(spectrum.double(), [0]), 0), [0])  # tail[r] = sum_{k>=r} s_k^2
     return [Option("lowrank", (r,), r * (m + n) * value_bytes,
                    sensitivity * (float(tail[r]) if r < tail.numel() else 0.0)) for r in ranks]
 
 
-def eigenbasis_errors(coefficients: torch.Tensor, energy: float, sizes: list[tuple[int, int]]) -> list[float]:
+def eigenbasis_errors(coefficients: torch.Tensor, energy: float, sizes: list[tuple[int, int]],
+                      weights: torch.Tensor | None = None) -> list[float]:
     """Relative error of coding each row of the whitened weight with its s largest coefficients among the
     first k right singular directions, for each (k, s); ``coefficients`` = U * S of its SVD (row j's
     coefficient on direction i is u_ji s_i). In an orthonormal dictionary that code is the best s-sparse
-    one, so this is what a dictionary fit reaches after one sparse-coding step from the SVD's basis."""
+    one, so this is what a dictionary fit reaches after one sparse-coding step from the SVD's basis.
+
+    ``weights`` (one per singular direction, ``pricing_weights``): the same code's error measured in another
+    input metric, each dropped coefficient's energy weighted by its direction's (``energy`` is then ignored:
+    the weighted total is the reference). Exact for low rank; for sparse codes it leaves out the cross terms
+    between a row's dropped directions, which vanish where the two metrics agree."""
     c2 = coefficients.double().square()
+    if weights is not None:
+        weighted = c2 * weights.double()
+        energy = float(weighted.sum())
     out = []
     for k, s in sizes:
         k = min(k, c2.shape[1])  # atoms beyond the dimension add nothing to an orthonormal basis
-        kept = float(torch.topk(c2[:, :k], min(s, k), dim=1).values.sum())
+        if weights is None:
+            kept = float(torch.topk(c2[:, :k], min(s, k), dim=1).values.sum())
+        else:  # the code keeps the largest coefficients (what the solve sees); their weighted energy is kept
+            kept = float(weighted[:, :k].gather(1, torch.topk(c2[:, :k], min(s, k), dim=1).indices).sum())
         out.append(math.sqrt(max(energy - kept, 0.0) / energy) if energy > 0 else 0.0)
     return out
+
+
+def pricing_weights(factor: torch.Tensor, unit_gram: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
+    """Per right singular direction v_i of W L (rows of ``vh``; L = ``factor``, L L^T = X^T X), the weight
+    v_i^T L^-1 U L^-T v_i of its squared error in the metric of U = ``unit_gram``: the error of dropping
+    sum_i c_i v_i^T L^-1 from W, measured as tr(E U E^T), is sum_i c_i^2 weight_i when only diagonal terms
+    count (exactly so for a truncated SVD, whose dropped directions have orthogonal coefficient columns)."""
+    inner = torch.linalg.solve_triangular(factor, unit_gram.to(factor.dtype), upper=False)  # L^-1 U
+    metric = torch.linalg.solve_triangular(factor, inner.T.contiguous(), upper=False)  # L^-1 U L^-T
+    return ((vh.to(factor.dtype) @ metric) * vh.to(factor.dtype)).sum(1).clamp_min(0.0)
 
 
 def refined_errors(whitened: torch.Tensor, u: torch.Tensor, sv: torch.Tensor, vh: torch.Tensor,
@@ -185,29 +245,43 @@ def _log_interpolate(points: dict[float, float], q: float) -> float:
 
 def dictionary_options(weight: torch.Tensor, gram: torch.Tensor, sensitivity: float, energy: float,
                        config: Any, coefficients: torch.Tensor,
-                       svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> list[Option]:
+                       svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                       weights: torch.Tensor | None = None) -> list[Option]:
     """Dictionaries at DICTIONARY_RATIOS, priced by the eigenbasis estimate; with ``config.estimate ==
     "refined"`` that estimate scaled by what ``refined_errors`` finds at PROBE_RATIOS (``svd``: the
     whitened weight, u, sv, vh), log-linearly in between; with ``"probe"`` by fits of
-    ``config.probe_iterations`` alternations at PROBE_RATIOS (log-linear in between, nothing outside)."""
+    ``config.probe_iterations`` alternations at PROBE_RATIOS (log-linear in between, nothing outside).
+    With ``weights`` (``pricing_weights``) each error is carried into that metric by the eigenbasis
+    estimate's ratio of its error there to its error in the Gram's, and ``sensitivity`` is per unit of
+    that metric's energy."""
     m, n = weight.shape
     bits = 8 * _value_bytes(weight)
     sizes = {q: dictionary_budget(n, m, q, config.rho, count="storage", value_bits=bits) for q in DICTIONARY_RATIOS}
     sizes = {q: (k, s) for q, (k, s) in sizes.items() if k >= 1 and s >= 1}
+    eigen = dict(zip(sizes, eigenbasis_errors(coefficients, energy, list(sizes.values()))))
+    into = {q: 1.0 for q in sizes}  # per size: its error in the pricing metric / in the Gram's
+    if weights is not None:
+        there = eigenbasis_errors(coefficients, energy, list(sizes.values()), weights)
+        into = {q: t / eigen[q] if eigen[q] > 0 else 1.0 for q, t in zip(sizes, there)}
+        energy = float((coefficients.double().square().sum(0) * weights.double()).sum())
+
+    def priced(q: float, error: float) -> Option:
+        k, s = sizes[q]
+        error *= into[q]
+        return Option("dictionary", (k, s), dictionary_bytes(m, n, k, s, bits // 8), sensitivity * error * error * energy)
+
     # configs without the option (DSFormer's global allocation) are priced by what their SVD start does
     estimate = getattr(config, "estimate", "eigenbasis")
     if estimate in ("eigenbasis", "refined"):
-        errors = eigenbasis_errors(coefficients, energy, list(sizes.values()))
+        errors = dict(eigen)
         if estimate == "refined" and svd is not None:
             at = [q for q in PROBE_RATIOS if q in sizes]
-            eigen = dict(zip(sizes, errors))
             found = refined_errors(*svd, [sizes[q] for q in at])
             # the correction (refined / eigenbasis, at most 1) where both are positive
             scale = {q: f / eigen[q] for q, f in zip(at, found) if eigen[q] > 0 and f > 0}
             if scale:
-                errors = [e * _log_interpolate(scale, q) for q, e in zip(sizes, errors)]
-        return [Option("dictionary", (k, s), dictionary_bytes(m, n, k, s, bits // 8), sensitivity * e * e * energy)
-                for (k, s), e in zip(sizes.values(), errors)]
+                errors = {q: e * _log_interpolate(scale, q) for q, e in errors.items()}
+        return [priced(q, e) for q, e in errors.items()]
     probed: dict[float, float] = {}
     for q in PROBE_RATIOS:
         if q in sizes:
@@ -216,14 +290,7 @@ def dictionary_options(weight: torch.Tensor, gram: torch.Tensor, sensitivity: fl
                                     start=config.start)[0]
             probed[q] = max(fit.errors[-1], 1e-12)
     qs = sorted(probed)
-    out = []
-    for q, (k, s) in sizes.items():
-        if not qs or q < qs[0] or q > qs[-1]:
-            continue
-        err = _log_interpolate(probed, q)
-        out.append(Option("dictionary", (k, s), dictionary_bytes(m, n, k, s, bits // 8),
-                          sensitivity * err * err * energy))
-    return out
+    return [priced(q, _log_interpolate(probed, q)) for q in sizes if qs and qs[0] <= q <= qs[-1]]
 
 
 def dictionary_bytes(m: int, n: int, k: int, s: int, value_bytes: int) -> int:
@@ -262,7 +329,8 @@ def profile_menus(model: nn.Module, config: Any, data: Any, types: tuple[str, ..
     """Every targeted matrix's menu (dense first), measured on the dense model."""
     fisher = fisher if fisher is not None else _fisher(model, config, data, progress)
     menus: dict[str, list[Option]] = {}
-
+    # configs without the option (CoSpaDi's and DSFormer's global allocations) price in the Gram's metric
+    unit = getattr(config, "price_metric", "gram") == "unit"
     team = parallel.current()
 
     def menu_of(block: nn.Module, full: str, name: str, stats: LinearStats) -> list[Option]:
@@ -273,14 +341,17 @@ def profile_menus(model: nn.Module, config: Any, data: Any, types: tuple[str, ..
         u, sv, vh = torch.linalg.svd(whitened, full_matrices=False)
         spectrum = sv.square()
         energy = float(spectrum.sum())
-        sensitivity = fisher[full].deletion / energy if energy > 0 else 0.0
+        # in the unit metric each direction's squared error weighs as the calibration tokens see it, one each
+        weights = pricing_weights(chol.factor, stats.unit_gram, vh) if unit else None
+        priced = spectrum if weights is None else spectrum * weights
+        sensitivity = fisher[full].deletion / float(priced.sum()) if float(priced.sum()) > 0 else 0.0
         menu = [Option("dense", (), m * n * _value_bytes(weight), 0.0)]
         if "lowrank" in types:
-            menu += lowrank_options(m, n, spectrum, sensitivity, getattr(config, "rank_options", 48),
-                                    _value_bytes(weight))
+            menu += lowrank_options(m, n, priced, sensitivity, getattr(config, "rank_options", 48),
+                                    _value_bytes(weight), getattr(config, "max_removal", 1.0))
         if "dictionary" in types:
             menu += dictionary_options(weight, stats.gram, sensitivity, energy, config, u * sv,
-                                       (whitened, u, sv, vh))
+                                       (whitened, u, sv, vh), weights)
         return menu
 
     def on_block(index: int, block_name: str, block: nn.Module, stats: dict[str, LinearStats]) -> None:
@@ -294,7 +365,8 @@ def profile_menus(model: nn.Module, config: Any, data: Any, types: tuple[str, ..
         for name, (table,) in zip(names, team.solve(names, costs, solve)):
             menus[f"{block_name}.{name}"] = _menu_options(table)
 
-    calibrate_blockwise(model, data, on_block, targets=config.targets, stats=("gram",), sequential=False,
+    kinds = ("gram", "unit_gram") if unit else ("gram",)
+    calibrate_blockwise(model, data, on_block, targets=config.targets, stats=kinds, sequential=False,
                         batch_size=config.batch_size, progress=progress, desc=f"profile {config.method}")
     return menus
 
