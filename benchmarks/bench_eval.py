@@ -294,6 +294,10 @@ CoSpaDi runs {settings['cospadi_iterations']} alternations (the paper: 60) to fi
 training. Ratio = fraction of the targeted matrices' parameters removed (`auto`, `cospadi-global`: of their
 stored bytes, supports included); "removed (stored bytes)" counts what the targeted matrices store, support
 masks included, "removed (model)" the whole model's parameters.
+`auto` prices its options per calibration token at unit length and offers low rank down to 0.3 of a matrix's
+bytes (`--price-metric unit --max-removal 0.7`, the defaults); `auto (gram metric)` prices them in X^T X
+(`--price-metric gram`), `auto (low rank uncapped)` and the eigenbasis rows in X^T X with every rank on the menu
+(`--max-removal 1`), the defaults when they were measured.
 {pending}
 {main_table}
 
