@@ -58,8 +58,8 @@ def test_two_processes_save_the_tensors_of_one(model_dir, text_file, tmp_path, m
 
 
 def _statistics(model_dir: str) -> dict:
-    """The Fisher sums and the calibration statistics (Grams, |x| sums, unit-length Grams, tokens) of every Linear of the tiny
-    model on 7 sequences in batches of 2 (4 batches, the last of one sequence)."""
+    """The Fisher sums and the calibration statistics (Grams, |x| sums, unit-length Grams, tokens) of every
+    Linear of the tiny model on 7 sequences in batches of 2 (4 batches, the last of one sequence)."""
     from transformers import AutoModelForCausalLM
 
     from factorkit.calibration import calibrate_blockwise, collect_fisher

@@ -163,9 +163,9 @@ def lowrank_options(m: int, n: int, spectrum: torch.Tensor, sensitivity: float, 
 
     The predicted loss (sensitivity x discarded energy) is a second-order estimate around the dense weight, and
     a knapsack picks exactly the options whose price is too low; the deepest truncations are where a wrong
-    price costs most (on SmolLM2-135M a rank-9 layers.11.mlp.down_proj, 2% of its bytes, lost 51x more per unit
-    of its price than the median option probed: ``benchmarks/bench_pricing.py``). The default cap of ``AutoConfig`` keeps low rank within
-    the range the dictionary options cover."""
+    price costs most (on SmolLM2-135M a rank-9 layers.11.mlp.down_proj, 2% of its bytes, lost 51x more per
+    unit of its price than the median option probed: ``benchmarks/bench_pricing.py``). The default cap of
+    ``AutoConfig`` keeps low rank within the range the dictionary options cover."""
     top = (m * n - 1) // (m + n)  # r (m + n) < m n
     least = math.ceil((1.0 - max_removal) * m * n / (m + n) - 1e-9)  # r (m + n) >= (1 - max_removal) m n
     grid = {max(1, round(top * i / count)) for i in range(1, count + 1)}
@@ -268,7 +268,8 @@ def dictionary_options(weight: torch.Tensor, gram: torch.Tensor, sensitivity: fl
     def priced(q: float, error: float) -> Option:
         k, s = sizes[q]
         error *= into[q]
-        return Option("dictionary", (k, s), dictionary_bytes(m, n, k, s, bits // 8), sensitivity * error * error * energy)
+        return Option("dictionary", (k, s), dictionary_bytes(m, n, k, s, bits // 8),
+                      sensitivity * error * error * energy)
 
     # configs without the option (DSFormer's global allocation) are priced by what their SVD start does
     estimate = getattr(config, "estimate", "eigenbasis")
