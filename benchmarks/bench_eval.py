@@ -20,6 +20,7 @@ per-task table beside the published numbers.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import os
 import sys
@@ -192,13 +193,22 @@ def measure(results: Results, settings: dict, chosen: dict, ratios: tuple[float,
         results.put("dense", evaluate(base, {"ppl_general": general.perplexity, "general_tokens": general.tokens,
                                              "eval_s": time.perf_counter() - t}))
         print("dense", summary_line(results["dense"]), flush=True)
+    # a "+heal" point after its method's point in the same run heals a copy of that model (what --heal does
+    # after the method: tests/test_heal.py) instead of compressing again
+    order = sorted(chosen, key=lambda n: "+heal" in n)
     for ratio in ratios:
-        for name, make in chosen.items():
+        unhealed = None  # (name, model, stored item) of the last point measured
+        for name in order:
             key = f"{name}@{ratio}"
             if key in results or ratio not in ONLY_AT.get(name, RATIOS):
                 continue
             point = dataclasses.replace(job, calib="shakespeare") if "plays" in name else job
-            config = make(ratio)
+            config = chosen[name](ratio)
+            if unhealed is not None and "+heal" in name and name.split("+heal")[0] == unhealed[0] \
+                    and name not in HEAL_ON_CALIB:
+                results.put(key, evaluate(*heal_point(base, tok, job, config, *unhealed[1:])))
+                print(key, summary_line(results[key]), flush=True)
+                continue
             if "+heal" in name and name not in HEAL_ON_CALIB:  # with its method: heal_samples needs heal > 0
                 point = dataclasses.replace(point, method=config, heal_samples=HEAL_SAMPLES)
             model, rep = run_point(base, tok, point, config)
@@ -217,7 +227,27 @@ def measure(results: Results, settings: dict, chosen: dict, ratios: tuple[float,
                 "ratio_targeted": s.ratio_targeted, "ratio_storage": s.ratio_targeted_storage,
                 "ratio_model": s.ratio_model, "params": s.model_params_after, "eval_s": rep.eval_seconds[1], **extra}))
             print(key, summary_line(results[key]), f"compressed in {rep.compression.seconds:.0f} s", flush=True)
+            unhealed = (name, model, results[key]) if f"{name}+heal{HEAL_STEPS}" in chosen else None
             del model
+
+
+def heal_point(base, tok, job: fk.CompressJob, config, model, item: dict):
+    """(healed copy of ``model``, its fields) for ``evaluate``: ``model`` (``item``: its stored point) healed
+    for ``config.heal`` steps from ``base`` on HEAL_SAMPLES windows of the calibration text."""
+    from factorkit.data import calibration_tokens
+    from factorkit.methods.heal import heal
+
+    healed = copy.deepcopy(model)
+    data = calibration_tokens(tok, job.calib, HEAL_SAMPLES, job.calib_seq_len, job.seed)
+    out = heal(healed, copy.deepcopy(base), data, config, progress=False)
+    t = time.perf_counter()
+    general = held_out(healed, tok, job).perplexity
+    keep = ("ratio_targeted", "ratio_storage", "ratio_model", "params", "types", "choice", "budget_bytes",
+            "dense_bytes", "bytes", "optimality_gap", "predicted_loss", "fisher_s", "profile_s", "knapsack_s",
+            "solve_s")
+    return healed, {**{k: item[k] for k in keep if k in item}, "ppl_general": general.perplexity,
+                    "compress_s": item["compress_s"] + out["seconds"], "eval_s": time.perf_counter() - t,
+                    "heal": {k: out[k] for k in ("losses", "seconds")}}
 
 
 def shared_note() -> str:

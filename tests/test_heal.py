@@ -57,6 +57,22 @@ def test_healing_lowers_the_distillation_loss_and_trains_only_the_factors(config
         assert type(a) is type(b)
 
 
+def test_healing_the_compressed_model_afterwards_equals_compressing_with_heal(calib):
+    """heal() on a model the method compressed without healing gives the weights compress(heal=N) gives: the
+    benchmarks heal a copy of the point they just measured instead of compressing again."""
+    dense = trained_llama(calib, seed=5)
+    config = fk.SVDLLMConfig(ratio=0.6, heal=10, heal_train=FAST)
+    at_once = copy.deepcopy(dense)
+    fk.compress(at_once, config, calib, progress=False)
+    after = copy.deepcopy(dense)
+    fk.compress(after, dataclasses.replace(config, heal=0), calib, progress=False)
+    heal(after, copy.deepcopy(dense), calib, config, progress=False)
+    pairs = list(zip(factor_parameters(after), factor_parameters(at_once)))
+    assert pairs
+    for (n, a), (_, b) in pairs:
+        assert torch.equal(a, b), n
+
+
 def test_healing_resumes_to_the_same_weights_after_an_interruption(calib, tmp_path):
     dense = tiny_llama(seed=4)
     compressed = copy.deepcopy(dense)
