@@ -23,6 +23,8 @@ import argparse
 import copy
 import dataclasses
 import os
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -203,11 +205,13 @@ def measure(results: Results, settings: dict, chosen: dict, ratios: tuple[float,
             if key in results or ratio not in ONLY_AT.get(name, RATIOS):
                 continue
             point = dataclasses.replace(job, calib="shakespeare") if "plays" in name else job
-            config = chosen[name](ratio)
+            folder = RESULTS / "resume" / re.sub(r"[^A-Za-z0-9.@+-]+", "_", f"{settings['model']}-{key}")
+            config = resumable(chosen[name](ratio), folder)
             if unhealed is not None and "+heal" in name and name.split("+heal")[0] == unhealed[0] \
                     and name not in HEAL_ON_CALIB:
                 results.put(key, evaluate(*heal_point(base, tok, job, config, *unhealed[1:])))
                 print(key, summary_line(results[key]), flush=True)
+                shutil.rmtree(folder, ignore_errors=True)
                 continue
             if "+heal" in name and name not in HEAL_ON_CALIB:  # with its method: heal_samples needs heal > 0
                 point = dataclasses.replace(point, method=config, heal_samples=HEAL_SAMPLES)
@@ -228,7 +232,23 @@ def measure(results: Results, settings: dict, chosen: dict, ratios: tuple[float,
                 "ratio_model": s.ratio_model, "params": s.model_params_after, "eval_s": rep.eval_seconds[1], **extra}))
             print(key, summary_line(results[key]), f"compressed in {rep.compression.seconds:.0f} s", flush=True)
             unhealed = (name, model, results[key]) if f"{name}+heal{HEAL_STEPS}" in chosen else None
+            shutil.rmtree(folder, ignore_errors=True)
             del model
+
+
+def resumable(config, folder: Path):
+    """``config`` keeping what an interrupted point resumes from in ``folder``: the finished blocks (and
+    allocation) of the methods that keep them, DSFormer's and the healing's training state (none of it part
+    of the results, which a point's settings key)."""
+    fields = {f.name for f in dataclasses.fields(config)}
+    if "checkpoint_dir" in fields:
+        config = dataclasses.replace(config, checkpoint_dir=str(folder / "blocks"))
+    if "train" in fields:  # DSFormer's training
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, checkpoint_dir=str(folder / "train")))
+    if config.heal:
+        config = dataclasses.replace(config, heal_train=dataclasses.replace(config.heal_train,
+                                                                            checkpoint_dir=str(folder / "heal")))
+    return config
 
 
 def heal_point(base, tok, job: fk.CompressJob, config, model, item: dict):

@@ -339,3 +339,47 @@ def test_the_compress_table_lists_each_factor_type_and_its_bytes(capsys, model_d
     assert f"of the {len(fit['choice'])} targeted matrices" in " ".join(lines)
     assert any("budget" in line for line in lines)
     assert any("Fisher / profile / knapsack / solve time" in line for line in lines)
+
+
+@pytest.mark.parametrize("make", [lambda **kw: fk.AutoConfig(ratio=0.4, iterations=2, **kw),
+                                  lambda **kw: fk.CoSpaDiConfig(ratio=0.3, iterations=2, allocation="global", **kw)],
+                         ids=["auto", "cospadi-global"])
+def test_an_interrupted_allocation_resumes_to_the_same_model(make, data, tmp_path, monkeypatch):
+    import factorkit.methods.auto as auto_method
+
+    reference = tiny_llama(seed=6, layers=3, hidden=64)
+    choice = fk.compress(reference, make(), data, progress=False).fit["choice"]
+    per_block = [sum(c["type"] == "dictionary" for n, c in choice.items() if f"layers.{i}." in n) for i in range(3)]
+    assert per_block[0] and per_block[1]  # the run stops in block 1, after block 0 is finished
+    solve, allocate, solved = auto_method.sparse_dictionary, auto_method.allocate, []
+
+    def solver(stop_at):
+        def run(*args, **kwargs):
+            if len(solved) == stop_at:
+                raise KeyboardInterrupt
+            solved.append(1)
+            return solve(*args, **kwargs)
+        return run
+
+    folder = tmp_path / "ck"
+    monkeypatch.setattr(auto_method, "sparse_dictionary", solver(stop_at=per_block[0]))
+    with pytest.raises(KeyboardInterrupt):
+        fk.compress(tiny_llama(seed=6, layers=3, hidden=64), make(checkpoint_dir=str(folder)), data, progress=False)
+    assert (folder / "allocation.info.json").exists()
+
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("the allocation was kept: no second profile")
+
+    solved.clear()
+    monkeypatch.setattr(auto_method, "sparse_dictionary", solver(stop_at=None))
+    monkeypatch.setattr(auto_method, "allocate", no_allocation)
+    model = tiny_llama(seed=6, layers=3, hidden=64)
+    fit = fk.compress(model, make(checkpoint_dir=str(folder)), data, progress=False).fit
+    assert fit["allocation_restored"] and fit["restored_blocks"] == 1
+    assert len(solved) == per_block[1] + per_block[2]  # block 0 restored, not solved again
+    ids = data[:2]
+    assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+    monkeypatch.setattr(auto_method, "allocate", allocate)
+    with pytest.raises(fk.FactorkitError, match="another run"):
+        fk.compress(tiny_llama(seed=6, layers=3, hidden=64), make(checkpoint_dir=str(folder), seed=1), data,
+                    progress=False)

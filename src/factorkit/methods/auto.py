@@ -46,6 +46,9 @@
    whitened truncation at the chosen rank, a CoSpaDi dictionary with
    ``iterations`` alternations, or nothing for a matrix kept dense.
 
+With ``checkpoint_dir`` the allocation (after step 2) and every finished block
+are kept on disk (``models.partial``); a rerun resumes from them.
+
 ``CoSpaDiConfig(allocation="global")`` is this with dictionaries only.
 """
 
@@ -65,12 +68,13 @@ from ..calibration.fisher import FisherStats, collect_fisher
 from ..config import ConfigError, at_least, option, optional, positive, positive_int, whole
 from ..errors import FactorkitError
 from ..factors import DictionaryLinear, LowRankLinear
+from ..models.partial import FinishedGroups, fingerprint
 from ..solvers import whitened_svd
 from ..solvers.dictionary import (START_HELP, STARTS, dictionary_budget, improve_code, solve_cost,
                                   sparse_dictionary)
 from ..solvers.knapsack import Menu, choose
 from ..solvers.whitening import cholesky_factor
-from ..surgery import linear_weight, replace_module, target_linears
+from ..surgery import find_blocks, linear_weight, replace_module, target_linears
 from .base import CompressionConfig, check_targets, log, register, warn_shift
 
 TYPES = ("lowrank", "dictionary")
@@ -125,6 +129,8 @@ class AutoConfig(CompressionConfig):
     eps: float = option(1e-6, "relative diagonal shift used when X^T X is not positive definite", check=positive,
                         cli=False)
     sequential: bool = option(True, "calibrate each block on the compressed model's outputs", cli=False)
+    checkpoint_dir: str | None = option(None, "keep the allocation and every finished block here; a rerun of the "
+                                              "same compression resumes from them", record=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.types, str):
@@ -429,14 +435,51 @@ def _solve_cost(option_: Option, shape: torch.Size) -> float:
     return _svd_cost(shape)
 
 
+ALLOCATION = "allocation"  # the key of the allocation in a checkpoint folder (models.partial.FinishedGroups)
+
+
+def _finished_blocks(model: nn.Module, config: Any, data: Any) -> FinishedGroups | None:
+    """The checkpoint folder of ``config.checkpoint_dir`` for this model, data and settings, or None."""
+    if not getattr(config, "checkpoint_dir", None):
+        return None
+    weights = [linear_weight(linear) for block in find_blocks(model)[1]
+               for linear in target_linears(block, config.targets).values()]
+    return FinishedGroups(config.checkpoint_dir, {
+        "method": config.method, "config": config.to_dict(), "dtype": str(next(model.parameters()).dtype),
+        "weights": fingerprint(weights), "data": fingerprint(data)})
+
+
+def _restored_allocation(report: dict) -> dict[str, Option]:
+    return {n: Option(c["type"], tuple(c["size"]), c["bytes"], c["predicted_loss"])
+            for n, c in report["choice"].items()}
+
+
 def allocate_and_solve(model: nn.Module, config: Any, data: Any, types: tuple[str, ...], progress: bool,
                        iterations: int, refresh: str | int = "doubling", power_iterations: int = 2) -> dict:
-    """Profile, choose within the byte budget, then factorize each matrix as chosen. Returns the fit report."""
-    chosen, report = allocate(model, config, data, types, progress)
-    t = time.perf_counter()
+    """Profile, choose within the byte budget, then factorize each matrix as chosen. Returns the fit report.
+
+    With ``config.checkpoint_dir`` the allocation and every finished block are kept there; a rerun of the
+    same compression (model, data, settings) takes them back instead of profiling and solving again, and
+    ends with the same weights (later blocks see the restored blocks' bit-identical outputs)."""
     team = parallel.current()
+    finished = _finished_blocks(model, config, data)
+    report = finished.restore_info(ALLOCATION) if finished is not None else None
+    if report is not None:
+        chosen = _restored_allocation(report)
+        report["allocation_restored"] = True
+        log.info("%s: the allocation restored from %s", config.method, config.checkpoint_dir)
+    else:
+        chosen, report = allocate(model, config, data, types, progress)
+        if finished is not None and team.rank == 0:  # one writer; the others hold the same allocation
+            finished.store_info(ALLOCATION, report)
+    t = time.perf_counter()
+    restored = []
 
     def on_block(index: int, block_name: str, block: nn.Module, stats: dict[str, LinearStats]) -> None:
+        key = f"blocks-{index:04d}-{index:04d}"
+        if finished is not None and finished.restore(key, [block], next(block.parameters()).dtype) is not None:
+            restored.append(key)
+            return
         names = [name for name in target_linears(block, config.targets)
                  if chosen[f"{block_name}.{name}"].kind != "dense"]
 
@@ -470,10 +513,15 @@ def allocate_and_solve(model: nn.Module, config: Any, data: Any, types: tuple[st
             if shift:
                 warn_shift(full, shift, stats[name].gram)
             replace_module(block, name, module)
+        if finished is not None and team.rank == 0:
+            finished.store(key, [block], {})
 
     calibrate_blockwise(model, data, on_block, targets=config.targets, stats=("gram",), sequential=config.sequential,
                         batch_size=config.batch_size, progress=progress, desc=f"{config.method} r={config.ratio}")
-    return {**report, "solve_s": time.perf_counter() - t}
+    if restored:
+        log.info("%s: %d block(s) restored from %s, the rest solved", config.method, len(restored),
+                 config.checkpoint_dir)
+    return {**report, "solve_s": time.perf_counter() - t, "restored_blocks": len(restored)}
 
 
 @register(AutoConfig, "one byte budget: per matrix dense, low rank or a sparse dictionary, by a knapsack")

@@ -30,7 +30,8 @@ per-layer codes; the budget then counts the dictionary once for the group.
 
 Resume: with ``checkpoint_dir`` every finished group of blocks is kept on
 disk (``models.partial``); a rerun with the same model, data and settings
-restores those groups and solves only the rest, to the same result.
+restores those groups and solves only the rest, to the same result (with
+global allocation, the allocation too: ``methods.auto.allocate_and_solve``).
 
 Speed: OMP from scratch at every alternation (``refresh="every"``, the paper's
 schedule) costs k s^2 / 2 per output neuron each time; the default
@@ -91,8 +92,8 @@ class CoSpaDiConfig(CompressionConfig):
     eps: float = option(1e-6, "relative diagonal shift used when X^T X is not positive definite", check=positive,
                         cli=False)
     sequential: bool = option(True, "calibrate each block on the compressed model's outputs", cli=False)
-    checkpoint_dir: str | None = option(None, "keep every finished group of blocks here; a rerun of the same "
-                                              "compression resumes from them", record=False)
+    checkpoint_dir: str | None = option(None, "keep every finished group of blocks (and a global allocation) here; "
+                                              "a rerun of the same compression resumes from them", record=False)
     allocation: str = option("uniform", "uniform: every matrix loses --ratio; global: one budget of stored bytes, "
                                         "each matrix's dictionary size (or keeping it dense) chosen by predicted "
                                         "loss (needs a Fisher gradient pass)",
@@ -111,8 +112,8 @@ class CoSpaDiConfig(CompressionConfig):
         return self.whiten or self.allocation == "global"
 
     def check(self) -> None:
-        if self.allocation == "global" and (self.group > 1 or not self.whiten or self.checkpoint_dir):
-            what = ("--group" if self.group > 1 else "--no-whiten" if not self.whiten else "--checkpoint-dir")
+        if self.allocation == "global" and (self.group > 1 or not self.whiten):
+            what = "--group" if self.group > 1 else "--no-whiten"
             raise ConfigError("allocation", f"global does not combine with {what} yet; drop one of the two.")
 
 

@@ -8,10 +8,11 @@ again, and ends with the same weights as an uninterrupted run: later blocks
 are calibrated on the outputs of the restored ones, which are bit-identical.
 
 The folder holds ``run.json`` (what the run is: method, settings, a hash of
-the model's weights and of the calibration data) and, per finished group, a
+the model's weights and of the calibration data), per finished group, a
 safetensors file with the factor modules of its blocks and a json with their
-specs and the method's report. The json is written last, so a group counts as
-finished only once both files are complete.
+specs and the method's report (the json is written last, so a group counts as
+finished only once both files are complete), and ``<key>.info.json`` for what
+the run decided before its first group (``methods.auto``: the allocation).
 """
 
 from __future__ import annotations
@@ -87,7 +88,17 @@ class FinishedGroups:
         return self.folder / f"{key}.safetensors", self.folder / f"{key}.json"
 
     def finished(self) -> list[str]:
-        return sorted(p.stem for p in self.folder.glob("*.json") if p.name != RUN_JSON)
+        return sorted(p.stem for p in self.folder.glob("*.json") if p.with_suffix(".safetensors").exists())
+
+    def store_info(self, key: str, info: Mapping[str, Any]) -> None:
+        """Keep ``info`` (JSON-able) as ``key``: what a run decided before its first group (an allocation)."""
+        with atomic_file(self.folder / f"{key}.info.json") as tmp:
+            tmp.write_text(json.dumps(dict(info), default=float))
+
+    def restore_info(self, key: str) -> dict | None:
+        """What :meth:`store_info` kept as ``key``, or None."""
+        path = self.folder / f"{key}.info.json"
+        return json.loads(path.read_text()) if path.exists() else None
 
     def store(self, key: str, blocks: Iterable[nn.Module], info: Mapping[str, Any]) -> None:
         """Keep the factor modules of ``blocks`` (and the method's ``info``) as group ``key``."""
