@@ -339,7 +339,9 @@ Two rows' averages differ beyond noise (95%) only by more than about 2.8 stderrs
 here; the perplexities separate the methods far more finely at this limit.
 `+heal{HEAL_STEPS}`: {HEAL_STEPS} healing steps of 4 x {settings['calib_seq_len']} tokens on {HEAL_SAMPLES} windows of the
 same calibration split (`heal_samples`; {', '.join(f'`{n}`' for n in HEAL_ON_CALIB)} on the {settings['calib_samples']}
-calibration windows, {HEAL_SAMPLES / settings['calib_samples']:g} passes over them).
+calibration windows, {HEAL_SAMPLES / settings['calib_samples']:g} passes over them). A `+heal{HEAL_STEPS}` row measured in
+the same run as its method's row heals a copy of that row's model (the weights `--heal` gives); its compress
+time is that row's plus the healing.
 CoSpaDi runs {settings['cospadi_iterations']} alternations (the paper: 60) to fit this CPU; DSFormer its default
 training. Ratio = fraction of the targeted matrices' parameters removed (`auto`, `cospadi-global`: of their
 stored bytes, supports included); "removed (stored bytes)" counts what the targeted matrices store, support
