@@ -48,6 +48,17 @@ def tiny_mistral(seed: int = 0, vocab: int = 256) -> transformers.MistralForCaus
     return _tiny_gqa(transformers.MistralConfig, transformers.MistralForCausalLM, seed, vocab, sliding_window=16)
 
 
+def interrupting(fn, calls: list, stop_at: int | None):
+    """``fn`` that counts its calls in ``calls`` and raises KeyboardInterrupt at call number ``stop_at`` (an
+    interrupted run; None: never)."""
+    def run(*args, **kwargs):
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return fn(*args, **kwargs)
+    return run
+
+
 def free_port() -> int:
     """A TCP port free on this machine now (for a process group of the test's own processes)."""
     with socket.socket() as sock:

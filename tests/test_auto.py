@@ -11,7 +11,7 @@ from factorkit.methods.auto import dictionary_bytes, eigenbasis_errors, lowrank_
 from factorkit.solvers.whitening import cholesky_factor
 from factorkit.surgery import linear_weight, model_targets
 
-from conftest import tiny_llama
+from conftest import interrupting, tiny_llama
 
 
 def stored_bytes(model, names) -> int:
@@ -352,17 +352,8 @@ def test_an_interrupted_allocation_resumes_to_the_same_model(make, data, tmp_pat
     per_block = [sum(c["type"] == "dictionary" for n, c in choice.items() if f"layers.{i}." in n) for i in range(3)]
     assert per_block[0] and per_block[1]  # the run stops in block 1, after block 0 is finished
     solve, allocate, solved = auto_method.sparse_dictionary, auto_method.allocate, []
-
-    def solver(stop_at):
-        def run(*args, **kwargs):
-            if len(solved) == stop_at:
-                raise KeyboardInterrupt
-            solved.append(1)
-            return solve(*args, **kwargs)
-        return run
-
     folder = tmp_path / "ck"
-    monkeypatch.setattr(auto_method, "sparse_dictionary", solver(stop_at=per_block[0]))
+    monkeypatch.setattr(auto_method, "sparse_dictionary", interrupting(solve, solved, stop_at=per_block[0]))
     with pytest.raises(KeyboardInterrupt):
         fk.compress(tiny_llama(seed=6, layers=3, hidden=64), make(checkpoint_dir=str(folder)), data, progress=False)
     assert (folder / "allocation.info.json").exists()
@@ -371,7 +362,7 @@ def test_an_interrupted_allocation_resumes_to_the_same_model(make, data, tmp_pat
         raise AssertionError("the allocation was kept: no second profile")
 
     solved.clear()
-    monkeypatch.setattr(auto_method, "sparse_dictionary", solver(stop_at=None))
+    monkeypatch.setattr(auto_method, "sparse_dictionary", interrupting(solve, solved, stop_at=None))
     monkeypatch.setattr(auto_method, "allocate", no_allocation)
     model = tiny_llama(seed=6, layers=3, hidden=64)
     fit = fk.compress(model, make(checkpoint_dir=str(folder)), data, progress=False).fit

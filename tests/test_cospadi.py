@@ -26,7 +26,7 @@ from factorkit.solvers.dictionary import (
 )
 from factorkit.methods.auto import eigenbasis_errors
 
-from conftest import tiny_llama
+from conftest import interrupting, tiny_llama
 
 
 def _unit_rows(x):
@@ -291,24 +291,15 @@ def test_an_interrupted_compression_resumes_to_the_same_model(calib, tmp_path, m
     ref = fk.compress(reference, fk.CoSpaDiConfig(**settings), calib, progress=False).fit
 
     solve, solved = cospadi_method.sparse_dictionary, []
-
-    def solver(stop_at):
-        def run(*args, **kwargs):
-            if len(solved) == stop_at:
-                raise KeyboardInterrupt
-            solved.append(1)
-            return solve(*args, **kwargs)
-        return run
-
     folder = tmp_path / "finished"
     config = fk.CoSpaDiConfig(**settings, checkpoint_dir=str(folder))
-    monkeypatch.setattr(cospadi_method, "sparse_dictionary", solver(stop_at=9))  # 7 per group: stops in group 2
+    monkeypatch.setattr(cospadi_method, "sparse_dictionary", interrupting(solve, solved, stop_at=9))  # 7 per group: stops in group 2
     with pytest.raises(KeyboardInterrupt):
         fk.compress(tiny_llama(layers=3, hidden=32), config, calib, progress=False)
     assert FinishedGroups(folder, json.loads((folder / "run.json").read_text())).finished() == ["blocks-0000-0001"]
 
     solved.clear()
-    monkeypatch.setattr(cospadi_method, "sparse_dictionary", solver(stop_at=None))
+    monkeypatch.setattr(cospadi_method, "sparse_dictionary", interrupting(solve, solved, stop_at=None))
     model = tiny_llama(layers=3, hidden=32)
     fit = fk.compress(model, config, calib, progress=False).fit
     assert len(solved) == 7  # only the unfinished group was solved again
