@@ -117,6 +117,9 @@ ONLY_AT = {"auto (eigenbasis estimate, signals start)": (0.2,),
 HEAL_ON_CALIB = (f"auto (eigenbasis estimate, signals start)+heal{HEAL_STEPS}",)
 
 
+# What a point keeps of its compression's fit report (the allocations' choice, bytes and times).
+FIT_FIELDS = ("types", "choice", "budget_bytes", "dense_bytes", "bytes", "optimality_gap", "predicted_loss",
+              "fisher_s", "profile_s", "knapsack_s", "solve_s")
 # The options that fix how a point is compressed and measured; a results file is kept per value of them.
 SETTINGS = ("model", "limit", "cospadi_iterations", "calib_samples", "calib_seq_len", "seq_len", "max_chunks")
 
@@ -221,9 +224,7 @@ def measure(results: Results, settings: dict, chosen: dict, ratios: tuple[float,
             else:
                 general = rep.perplexity_after
             s, fit = rep.compression.summary, rep.compression.fit
-            extra = {k: fit[k] for k in ("types", "choice", "budget_bytes", "dense_bytes", "bytes", "optimality_gap",
-                                         "predicted_loss",
-                                         "fisher_s", "profile_s", "knapsack_s", "solve_s") if k in fit}
+            extra = {k: fit[k] for k in FIT_FIELDS if k in fit}
             if "heal" in fit:
                 extra["heal"] = {k: fit["heal"][k] for k in ("losses", "seconds")}
             results.put(key, evaluate(model, {
@@ -243,11 +244,13 @@ def resumable(config, folder: Path):
     fields = {f.name for f in dataclasses.fields(config)}
     if "checkpoint_dir" in fields:
         config = dataclasses.replace(config, checkpoint_dir=str(folder / "blocks"))
+    # training state every 10 steps (the default 50 would keep none of a 40-step healing before its end)
     if "train" in fields:  # DSFormer's training
-        config = dataclasses.replace(config, train=dataclasses.replace(config.train, checkpoint_dir=str(folder / "train")))
+        config = dataclasses.replace(config, train=dataclasses.replace(
+            config.train, checkpoint_dir=str(folder / "train"), checkpoint_every=10))
     if config.heal:
-        config = dataclasses.replace(config, heal_train=dataclasses.replace(config.heal_train,
-                                                                            checkpoint_dir=str(folder / "heal")))
+        config = dataclasses.replace(config, heal_train=dataclasses.replace(
+            config.heal_train, checkpoint_dir=str(folder / "heal"), checkpoint_every=10))
     return config
 
 
@@ -262,9 +265,7 @@ def heal_point(base, tok, job: fk.CompressJob, config, model, item: dict):
     out = heal(healed, copy.deepcopy(base), data, config, progress=False)
     t = time.perf_counter()
     general = held_out(healed, tok, job).perplexity
-    keep = ("ratio_targeted", "ratio_storage", "ratio_model", "params", "types", "choice", "budget_bytes",
-            "dense_bytes", "bytes", "optimality_gap", "predicted_loss", "fisher_s", "profile_s", "knapsack_s",
-            "solve_s")
+    keep = ("ratio_targeted", "ratio_storage", "ratio_model", "params") + FIT_FIELDS  # what healing leaves as it was
     return healed, {**{k: item[k] for k in keep if k in item}, "ppl_general": general.perplexity,
                     "compress_s": item["compress_s"] + out["seconds"], "eval_s": time.perf_counter() - t,
                     "heal": {k: out[k] for k in ("losses", "seconds")}}

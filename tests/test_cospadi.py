@@ -293,7 +293,8 @@ def test_an_interrupted_compression_resumes_to_the_same_model(calib, tmp_path, m
     solve, solved = cospadi_method.sparse_dictionary, []
     folder = tmp_path / "finished"
     config = fk.CoSpaDiConfig(**settings, checkpoint_dir=str(folder))
-    monkeypatch.setattr(cospadi_method, "sparse_dictionary", interrupting(solve, solved, stop_at=9))  # 7 per group: stops in group 2
+    # 7 solves per group: stops in group 2
+    monkeypatch.setattr(cospadi_method, "sparse_dictionary", interrupting(solve, solved, stop_at=9))
     with pytest.raises(KeyboardInterrupt):
         fk.compress(tiny_llama(layers=3, hidden=32), config, calib, progress=False)
     assert FinishedGroups(folder, json.loads((folder / "run.json").read_text())).finished() == ["blocks-0000-0001"]

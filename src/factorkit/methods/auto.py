@@ -438,8 +438,9 @@ def _solve_cost(option_: Option, shape: torch.Size) -> float:
 ALLOCATION = "allocation"  # the key of the allocation in a checkpoint folder (models.partial.FinishedGroups)
 
 
-def _finished_blocks(model: nn.Module, config: Any, data: Any) -> FinishedGroups | None:
-    """The checkpoint folder of ``config.checkpoint_dir`` for this model, data and settings, or None."""
+def finished_blocks(model: nn.Module, config: Any, data: Any) -> FinishedGroups | None:
+    """The checkpoint folder of ``config.checkpoint_dir`` for this model, data and settings, or None (CoSpaDi's
+    uniform run keeps its finished groups in the same kind of folder)."""
     if not getattr(config, "checkpoint_dir", None):
         return None
     weights = [linear_weight(linear) for block in find_blocks(model)[1]
@@ -462,7 +463,7 @@ def allocate_and_solve(model: nn.Module, config: Any, data: Any, types: tuple[st
     same compression (model, data, settings) takes them back instead of profiling and solving again, and
     ends with the same weights (later blocks see the restored blocks' bit-identical outputs)."""
     team = parallel.current()
-    finished = _finished_blocks(model, config, data)
+    finished = finished_blocks(model, config, data)
     report = finished.restore_info(ALLOCATION) if finished is not None else None
     if report is not None:
         chosen = _restored_allocation(report)

@@ -54,11 +54,10 @@ from ..calibration import LinearStats, calibrate_groupwise
 from ..surgery import find_blocks, linear_weight, replace_module
 from ..errors import FactorkitError
 from ..factors import DictionaryLinear
-from ..models.partial import FinishedGroups, fingerprint
 from ..solvers.dictionary import (START_HELP, STARTS, dictionary_budget, refresh_schedule, solve_cost,
                                   sparse_dictionary)
 from ..config import ConfigError, at_least, option, positive, positive_int, whole
-from .auto import ESTIMATE_HELP, ESTIMATES, allocate_and_solve
+from .auto import ESTIMATE_HELP, ESTIMATES, allocate_and_solve, finished_blocks
 from .base import CompressionConfig, check_targets, log, register, warn_shift
 
 COUNTS = ("params", "storage")
@@ -136,13 +135,7 @@ def _compress_cospadi(model: nn.Module, config: CoSpaDiConfig, data: Any, progre
     dtype = next(model.parameters()).dtype
     value_bits = torch.finfo(dtype).bits
     report: dict[str, dict] = {}
-    finished = None
-    if config.checkpoint_dir:
-        weights = [linear_weight(m) for block in find_blocks(model)[1] for m in
-                   (block.get_submodule(n) for n in names)]
-        finished = FinishedGroups(config.checkpoint_dir, {
-            "method": config.method, "config": config.to_dict(), "dtype": str(dtype),
-            "weights": fingerprint(weights), "data": fingerprint(data)})
+    finished = finished_blocks(model, config, data)
     restored = []
     team = parallel.current()
 
