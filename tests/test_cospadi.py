@@ -50,8 +50,9 @@ def test_omp_recovers_a_planted_sparse_code_exactly(dtype):
     assert torch.allclose(got, codes_to_dense(support, coef, k), atol=tol)
 
 
-def test_batch_omp_codes_every_signal_on_its_own_whatever_the_chunk():
+def test_batch_omp_codes_every_signal_on_its_own_whatever_the_chunk(monkeypatch):
     # the CPU default picks the chunk from the problem's size (to stay in cache): it must not change a code
+    monkeypatch.setenv(kernels.DISABLE_ENV, "0")  # the torch version (the compiled one codes one at a time)
     gen = torch.Generator().manual_seed(2)
     k, s, B = 96, 40, 77  # B not a multiple of any chunk
     D = _unit_rows(torch.randn(k, 64, generator=gen))
@@ -60,6 +61,47 @@ def test_batch_omp_codes_every_signal_on_its_own_whatever_the_chunk():
     for chunk in (1, 2, 4, 8, 13, 64, 200):  # 2 and 4 leave a last chunk of one signal
         other = batch_omp(D @ D.T, Y @ D.T, s, chunk=chunk)
         assert torch.equal(other[0], idx) and torch.equal(other[1], val), chunk
+
+
+def _omp_both_ways(monkeypatch, *args):
+    monkeypatch.setenv(kernels.DISABLE_ENV, "0")
+    torch_codes = batch_omp(*args)
+    monkeypatch.setenv(kernels.DISABLE_ENV, "1")
+    return torch_codes, batch_omp(*args)
+
+
+@pytest.mark.skipif(kernels.dictionary() is None, reason="the compiled kernels could not be built here")
+def test_compiled_batch_omp_gives_the_torch_codes(monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    k, n, B, s = 120, 80, 90, 50
+    D = _unit_rows(torch.randn(k, n, generator=gen, dtype=torch.float64))
+    D[7] = D[3]  # a repeated atom
+    Y = torch.randn(B, n, generator=gen, dtype=torch.float64)
+    Y[:5] = D[3] * 2.0 + D[10]  # fitted exactly by two atoms: the other picks follow rounding noise
+    (idx, val), (idx_c, val_c) = _omp_both_ways(monkeypatch, D @ D.T, Y @ D.T, s)
+    assert torch.equal(idx_c[5:], idx[5:])
+    assert torch.allclose(val_c[5:], val[5:], atol=1e-10, rtol=0)
+    # atoms dependent on those chosen keep coefficient 0 instead of blowing up; the fit stays exact
+    fit = codes_to_dense(idx_c[:5], val_c[:5], k).T @ D
+    assert torch.allclose(fit, Y[:5], atol=1e-10) and float(val_c[:5].abs().max()) < 3.0
+    # float32: sums round differently, so compare what the codes achieve
+    D32, Y32 = D.float(), Y.float()
+    (idx, val), (idx_c, val_c) = _omp_both_ways(monkeypatch, D32 @ D32.T, Y32 @ D32.T, s)
+
+    def error(i, v):
+        return float((Y - codes_to_dense(i, v.double(), k).T @ D).norm() / Y.norm())
+
+    assert abs(error(idx_c, val_c) - error(idx, val)) < 1e-5
+    # every signal is coded on its own: the thread count changes no bit
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = batch_omp(D32 @ D32.T, Y32 @ D32.T, s)
+        torch.set_num_threads(2)
+        two = batch_omp(D32 @ D32.T, Y32 @ D32.T, s)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
 
 
 def test_batch_omp_matches_scikit_learn():

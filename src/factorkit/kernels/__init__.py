@@ -25,7 +25,7 @@ from types import ModuleType
 
 log = logging.getLogger("factorkit")
 
-SOURCES = [Path(__file__).with_name(name) for name in ("dictionary.cpp", "quant.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("dictionary.cpp", "quant.cpp", "omp.cpp")]
 DISABLE_ENV = "FACTORKIT_KERNELS"
 
 
