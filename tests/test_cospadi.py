@@ -104,6 +104,38 @@ def test_compiled_batch_omp_gives_the_torch_codes(monkeypatch):
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
 
 
+@pytest.mark.skipif(kernels.dictionary() is None, reason="the compiled kernels could not be built here")
+def test_compiled_ksvd_sweep_gives_the_torch_update(monkeypatch):
+    gen = torch.Generator().manual_seed(4)
+    B, n, k, s = 150, 48, 40, 10
+    Y = torch.randn(B, n, generator=gen, dtype=torch.float64)
+    D = _unit_rows(torch.randn(k, n, generator=gen, dtype=torch.float64))
+    idx, val = batch_omp(D @ D.T, Y @ D.T, s)
+    val[idx == 5] = 0.0  # an atom whose coefficients are all 0: kept, its coefficients refitted
+    runs = {}
+    for env in ("0", "1"):
+        monkeypatch.setenv(kernels.DISABLE_ENV, env)
+        R, A, V = Y - codes_to_dense(idx, val, k).T @ D, D.clone(), val.clone()
+        for _ in range(3):
+            ksvd_sweep(R, A, idx, V, power_iterations=2)
+        runs[env] = (R, A, V)
+    for a, b in zip(runs["0"], runs["1"]):
+        assert torch.allclose(a, b, atol=1e-10, rtol=0)
+    R, A, V = runs["1"]
+    assert torch.allclose(R, Y - codes_to_dense(idx, V, k).T @ A, atol=1e-10)
+    threads = torch.get_num_threads()  # rows and column ranges over the threads: no bit changes
+    out = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            R, A, V = Y - codes_to_dense(idx, val, k).T @ D, D.clone(), val.clone()
+            ksvd_sweep(R, A, idx, V)
+            out.append((R, A, V))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*out))
+
+
 def test_batch_omp_matches_scikit_learn():
     sklearn = pytest.importorskip("sklearn.linear_model")
     gen = torch.Generator().manual_seed(1)

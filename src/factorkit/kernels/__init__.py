@@ -1,8 +1,8 @@
 """Compiled CPU kernels, built once on the machine that runs them, with a torch fallback.
 
-``dictionary()`` returns the extension built from ``dictionary.cpp`` (DictionaryLinear's code product)
-and ``quant.cpp`` (the product with int8 weights, ``int8_rows``; see each file's header for the
-algorithm) or None when it cannot be built or loaded: no C++ compiler, no ninja, a failed compile,
+``dictionary()`` returns the extension built from ``dictionary.cpp`` (DictionaryLinear's code product),
+``quant.cpp`` (the product with int8 weights, ``int8_rows``) and ``solver.cpp`` (CoSpaDi's Batch-OMP and
+K-SVD sweep; see each file's header for the algorithm) or None when it cannot be built or loaded: no C++ compiler, no ninja, a failed compile,
 or ``FACTORKIT_KERNELS=0`` in the environment. The first failure logs one sentence; callers then use
 their pure-torch kernels, which give the same results more slowly. The build is torch's JIT
 extension build (``torch.utils.cpp_extension.load``) with ``-O3 -march=native``, cached under
@@ -25,7 +25,7 @@ from types import ModuleType
 
 log = logging.getLogger("factorkit")
 
-SOURCES = [Path(__file__).with_name(name) for name in ("dictionary.cpp", "quant.cpp", "omp.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("dictionary.cpp", "quant.cpp", "solver.cpp")]
 DISABLE_ENV = "FACTORKIT_KERNELS"
 
 

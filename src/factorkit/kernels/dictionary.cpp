@@ -468,8 +468,10 @@ std::string isa() {
 // quant.cpp
 torch::Tensor int8_rows(torch::Tensor x, torch::Tensor q, torch::Tensor scale, int64_t group);
 torch::Tensor int8_colgroups(torch::Tensor x, torch::Tensor q, torch::Tensor scale, int64_t group);
-// omp.cpp
+// solver.cpp
 std::vector<torch::Tensor> batch_omp(torch::Tensor gram, torch::Tensor correlations, int64_t sparsity, double tiny);
+void ksvd_sweep(torch::Tensor residual, torch::Tensor atoms, torch::Tensor indices, torch::Tensor values,
+                int64_t power);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mask_codes", &mask_codes, "DictionaryLinear's code product from the packed support mask");
@@ -479,5 +481,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_rows", &int8_rows, "a few tokens times int8 weights with a scale per row or per group of a row");
   m.def("int8_colgroups", &int8_colgroups, "the same with the scales grouped down the columns (block (g, 1))");
   m.def("batch_omp", &batch_omp, "Batch-OMP codes of many signals from the dictionary's Gram (CoSpaDi's solver)");
+  m.def("ksvd_sweep", &ksvd_sweep, "one K-SVD pass over all atoms, in place (CoSpaDi's solver)");
   m.def("isa", &isa, "the instruction set of the code product: avx512, avx2 or scalar");
 }

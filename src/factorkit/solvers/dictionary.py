@@ -53,7 +53,7 @@ def batch_omp(gram: torch.Tensor, correlations: torch.Tensor, sparsity: int,
     chunk: signals coded at once by the torch version (default: on the CPU as
     many as keep their state within about 8 MiB, 8 to 64; on a GPU as many as
     fit in about 1 GiB). The result does not depend on it: every signal is
-    coded on its own. On the CPU the compiled kernel (``kernels/omp.cpp``: the
+    coded on its own. On the CPU the compiled kernel (``kernels/solver.cpp``: the
     same steps per signal, without a dozen dispatched tensor operations per
     step) codes the signals when it is built, ignoring ``chunk``; its sums
     round differently from the batched products, so values agree with the
@@ -144,8 +144,14 @@ def ksvd_sweep(residual: torch.Tensor, atoms: torch.Tensor, indices: torch.Tenso
     becomes the rank-1 fit of E from ``power_iterations`` power iterations
     started at the current pair, which never increases ||E - c d.T||. The
     residual is kept up to date. Atoms no signal uses are left for
-    ``reinit_unused``.
+    ``reinit_unused``. On the CPU the compiled kernel (``kernels/solver.cpp``)
+    runs the same updates when it is built; its sums round differently.
     """
+    ext = kernels.dictionary() if residual.device.type == "cpu" and residual.dtype in (torch.float32,
+                                                                                       torch.float64) else None
+    if ext is not None and residual.is_contiguous() and atoms.is_contiguous() and values.is_contiguous():
+        ext.ksvd_sweep(residual, atoms, indices, values, power_iterations)
+        return
     s = indices.shape[1]
     flat_values = values.view(-1)
     for j, users in enumerate(_atom_users(indices, atoms.shape[0])):
