@@ -35,6 +35,7 @@ bench: install
 	$(PY) benchmarks/bench_eval.py --model gemma3-270m
 	$(PY) benchmarks/bench_lowrank.py
 	$(PY) benchmarks/bench_cospadi.py
+	$(PY) benchmarks/bench_solver.py
 	$(PY) benchmarks/bench_kernels.py
 	$(PY) benchmarks/bench_dsformer.py
 	$(PY) benchmarks/bench_sltrain.py

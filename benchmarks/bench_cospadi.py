@@ -71,9 +71,9 @@ LATENCY_SHAPES = {"q/o 576x576": (576, 576), "k/v 192x576": (192, 576), "gate/up
 LATENCY_TOKENS = (1, 16, 64, 512)
 
 
-def block_matrices(base, calib) -> dict:
-    """Weights and input Grams of block BLOCK's solver matrices (dense model), by their name in the block."""
-    found = linear_inputs(base, calib, blocks=(BLOCK,), targets=SOLVER_MATRICES)
+def block_matrices(base, calib, targets: tuple[str, ...] = SOLVER_MATRICES) -> dict:
+    """Weights and input Grams of block BLOCK's ``targets`` (dense model), by their name in the block."""
+    found = linear_inputs(base, calib, blocks=(BLOCK,), targets=targets)
     return {name.split(f".{BLOCK}.", 1)[1]: (W, stats.gram) for name, (W, stats) in found.items()}
 
 

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import Results, machine, write_section  # noqa: E402
+from common import Results, compiled_kernels_off, machine, write_section  # noqa: E402
 
 from factorkit import kernels  # noqa: E402
 from factorkit.eval.latency import best_time  # noqa: E402
@@ -95,20 +95,6 @@ def measure(results: Results) -> None:
 
 QUANT_TOKENS = (1, 2, 8)  # the int8 kernel's range (INT8_MAX_TOKENS); beyond it both paths are torchao's
 QUANT_SCHEMES = ("int8", "int4")
-
-
-@contextlib.contextmanager
-def compiled_kernels_off():
-    """factorkit's compiled kernels switched off (read at every call): the torch / torchao paths run."""
-    before = os.environ.get(kernels.DISABLE_ENV)
-    os.environ[kernels.DISABLE_ENV] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[kernels.DISABLE_ENV]
-        else:
-            os.environ[kernels.DISABLE_ENV] = before
 
 
 def measure_quant(results: Results) -> None:

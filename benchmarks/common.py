@@ -4,6 +4,7 @@ rewriting one marked section of BENCHMARKS.md."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime as _dt
@@ -17,11 +18,26 @@ from pathlib import Path
 import torch
 
 import factorkit as fk
+from factorkit import kernels
 from factorkit.data import eval_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
+
+
+@contextlib.contextmanager
+def compiled_kernels_off():
+    """factorkit's compiled kernels switched off (read at every call): the torch / torchao paths run."""
+    before = os.environ.get(kernels.DISABLE_ENV)
+    os.environ[kernels.DISABLE_ENV] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[kernels.DISABLE_ENV]
+        else:
+            os.environ[kernels.DISABLE_ENV] = before
 
 
 def machine() -> str:
