@@ -32,6 +32,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Results, machine, write_section  # noqa: E402
 
+from factorkit import kernels  # noqa: E402
 from factorkit.report import markdown_table  # noqa: E402
 from factorkit.solvers.dictionary import dictionary_budget, sparse_dictionary  # noqa: E402
 
@@ -79,18 +80,30 @@ def solve_seconds(out_f: int, in_f: int) -> float:
     return time.perf_counter() - t
 
 
+# Solve times are kept per solver: the torch version's (measured first, under these names) and the compiled
+# kernels' (factorkit.kernels, solver.cpp), which the plan scales from when they are measured.
+PREFIX = {"torch": "scaling", "compiled": "scaling-compiled"}
+
+
+def solver() -> str:
+    return "torch" if kernels.dictionary() is None else "compiled"
+
+
 def measure_scaling(results: Results, sizes: list[int]) -> None:
-    shapes = [(f"scaling/{n}", n, n) for n in sizes] + [(f"scaling-rect/{o}x{i}", o, i) for o, i in RECTANGLES]
+    prefix = PREFIX[solver()]
+    shapes = ([(f"{prefix}/{n}", n, n) for n in sizes]
+              + [(f"{prefix}-rect/{o}x{i}", o, i) for o, i in RECTANGLES])
     for key, out_f, in_f in shapes:
         if key not in results:
             results.put(key, {"seconds": solve_seconds(out_f, in_f), "load": os.getloadavg()[0]})
             print(key, results[key], flush=True)
 
 
-def fit(results: Results) -> tuple[float, float, list[int]] | None:
-    """(exponent b, constant a, sizes fitted) of seconds = a n^b over the three largest measured square sizes
-    (at small sizes fixed costs flatten the curve)."""
-    points = sorted((int(k.split("/")[1]), v["seconds"]) for k, v in results.items.items() if k.startswith("scaling/"))
+def fit(results: Results, prefix: str) -> tuple[float, float, list[int]] | None:
+    """(exponent b, constant a, sizes fitted) of seconds = a n^b over the three largest square sizes measured
+    under ``prefix`` (at small sizes fixed costs flatten the curve)."""
+    points = sorted((int(k.split("/")[1]), v["seconds"]) for k, v in results.items.items()
+                    if k.startswith(f"{prefix}/"))
     points = points[-3:]
     if len(points) < 2:
         return None
@@ -101,6 +114,11 @@ def fit(results: Results) -> tuple[float, float, list[int]] | None:
 
 
 SIGMA = dictionary_budget(1000, 1000, RATIO)[1] / 1000  # nonzeros per row / n of a square matrix
+
+
+def _days_of(results: Results, prefix: str) -> str:
+    days = sorted({results.dates[k] for k in results.items if k.startswith(f"{prefix}/")})
+    return days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
 
 
 def predicted(a: float, b: float, out_f: int, in_f: int) -> float:
@@ -229,24 +247,35 @@ whole process from `/usr/bin/time -v`, Python, torch and transformers included).
 {markdown_table(["method", "peak MiB in memory", "peak MiB offloaded", "offloaded / in memory",
                  "offloaded / in memory, above imports", "wall s in memory", "wall s offloaded",
                  "saved tensors identical"], rows)}""")
-    scaled = fit(results)
+    path = "compiled" if fit(results, PREFIX["compiled"]) else "torch"
+    prefix = PREFIX[path]
+    scaled = fit(results, prefix)
     if scaled:
         b, a, sizes = scaled
-        every = sorted(int(k.split("/")[1]) for k in results.items if k.startswith("scaling/"))
-        rows = [[n, f"{results[f'scaling/{n}']['seconds']:.2f}", f"{a * n ** b:.2f}" if n in sizes else "-"]
+        every = sorted(int(k.split("/")[1]) for k in results.items if k.startswith(f"{prefix}/"))
+        torch_fit = fit(results, PREFIX["torch"]) if path == "compiled" else None
+        rows = [[n, f"{results[f'{prefix}/{n}']['seconds']:.2f}", f"{a * n ** b:.2f}" if n in sizes else "-"]
+                + ([f"{results[f'scaling/{n}']['seconds']:.2f}" if f"scaling/{n}" in results else "-"]
+                   if torch_fit else [])
                 for n in every]
         total = sum(predicted(a, b, o, i) * count for o, i, count in LLAMA70B.values()) * LLAMA70B_BLOCKS
         per_block = processes_plan({name: predicted(a, b, o, i) / 3600 for name, (o, i, _) in LLAMA70B.items()})
         memory = memory_plan()
         solving = {k: v for k, v in memory.items() if not k.startswith(("model", "embedding"))}
         rect = "; ".join(f"{o}x{i}: measured {r['seconds']:.1f} s, predicted {predicted(a, b, o, i):.1f} s"
-                         for o, i in RECTANGLES if (r := results.items.get(f"scaling-rect/{o}x{i}")))
+                         for o, i in RECTANGLES if (r := results.items.get(f"{prefix}-rect/{o}x{i}")))
+        before = (f" The torch version of the solver (measured {_days_of(results, PREFIX['torch'])}, the last column) "
+                  f"took seconds = {torch_fit[1]:.3g} n^{torch_fit[0]:.2f}: "
+                  f"{torch_fit[1] * sizes[-1] ** torch_fit[0] / (a * sizes[-1] ** b):.1f}x the compiled kernels' "
+                  f"time at n = {sizes[-1]}." if torch_fit else "")
         shapes = [[name, f"{o}x{i}", f"{predicted(a, b, o, i) / 3600:.2f}"] for name, (o, i, _) in LLAMA70B.items()]
+        solver_text = ("the compiled kernels of `factorkit.kernels`" if path == "compiled" else
+                       "the solver's torch version")
         parts.append(f"""**Solve time against size** (one whitened CoSpaDi solve of a random n x n matrix, ratio {RATIO},
-rho 2, {ITERATIONS} alternations, doubling refresh, one thread): seconds = {a:.3g} n^{b:.2f}, fitted by least
-squares on log-log over n = {", ".join(map(str, sizes))}.
+rho 2, {ITERATIONS} alternations, doubling refresh, one thread, {solver_text}): seconds = {a:.3g} n^{b:.2f},
+fitted by least squares on log-log over n = {", ".join(map(str, sizes))}.{before}
 
-{markdown_table(["n", "measured s", "fit s"], rows)}
+{markdown_table(["n", "measured s", "fit s"] + (["torch solver s"] if torch_fit else []), rows)}
 
 Rectangular matrices, read as out rows each costing as a row of the square matrix with the same nonzeros per
 row s (seconds = a out (s / {SIGMA:.3f})^(b-1), sparse coding dominating): {rect}.
