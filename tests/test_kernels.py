@@ -214,3 +214,17 @@ def test_the_compiled_kernels_give_the_same_bits_on_any_number_of_threads():
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(results[k, 1], results[k, 2]) for k, _ in results)
+
+
+@needs_ext
+def test_the_compiled_kernels_run_on_torch_s_threads():
+    # built without OpenMP, at::parallel_for ignores its pragma and every kernel runs on one thread
+    ext = kernels.dictionary()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert ext.parallel_threads(64) == 2
+        torch.set_num_threads(1)
+        assert ext.parallel_threads(64) == 1
+    finally:
+        torch.set_num_threads(threads)

@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import platform
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -54,6 +55,12 @@ def usable(ext: ModuleType | None) -> tuple[str, ...]:
     return {"avx512": ("mask", "lanes"), "avx2": ("mask",)}.get(isa, ())
 
 
+# at::parallel_for spreads a kernel over torch's intra-op threads only when the extension is compiled with OpenMP:
+# without it the pragma inside is ignored and every kernel runs on one thread. On Linux the torch wheel has
+# loaded its libgomp.so.1 already, so the extension shares that runtime (one thread pool, torch.set_num_threads).
+OPENMP = ("-fopenmp",) if sys.platform.startswith("linux") else ()
+
+
 def build(extra_cflags: tuple[str, ...] = (), suffix: str = "") -> ModuleType:
     """Compile (or load the cached build of) the kernels for this machine; raises when it cannot.
     ``extra_cflags`` and a name ``suffix`` build variants, e.g. ("-mno-avx512f",) for the AVX2 path."""
@@ -62,7 +69,8 @@ def build(extra_cflags: tuple[str, ...] = (), suffix: str = "") -> ModuleType:
     if not cpp_extension.is_ninja_available():
         raise RuntimeError("ninja is not installed")
     return cpp_extension.load(name=f"factorkit_dictionary_{_cpu_tag()}{suffix}", sources=[str(p) for p in SOURCES],
-                              extra_cflags=["-O3", "-march=native", *extra_cflags], verbose=False)
+                              extra_cflags=["-O3", "-march=native", *OPENMP, *extra_cflags],
+                              extra_ldflags=list(OPENMP), verbose=False)
 
 
 @functools.cache

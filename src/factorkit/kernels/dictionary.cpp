@@ -465,6 +465,19 @@ std::string isa() {
 #endif
 }
 
+// How many of torch's threads an at::parallel_for over `n` items runs on here (1 when the extension was built
+// without OpenMP: then every kernel above runs on one thread, whatever torch.set_num_threads says).
+int64_t parallel_threads(int64_t n) {
+  std::vector<uint8_t> seen(std::max<int64_t>(at::get_num_threads(), 1) + 64, 0);
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    const int64_t id = at::get_thread_num();
+    if (id >= 0 && id < static_cast<int64_t>(seen.size())) seen[id] = 1;
+  });
+  int64_t count = 0;
+  for (uint8_t v : seen) count += v;
+  return count;
+}
+
 // quant.cpp
 torch::Tensor int8_rows(torch::Tensor x, torch::Tensor q, torch::Tensor scale, int64_t group);
 torch::Tensor int8_colgroups(torch::Tensor x, torch::Tensor q, torch::Tensor scale, int64_t group);
@@ -482,5 +495,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_colgroups", &int8_colgroups, "the same with the scales grouped down the columns (block (g, 1))");
   m.def("batch_omp", &batch_omp, "Batch-OMP codes of many signals from the dictionary's Gram (CoSpaDi's solver)");
   m.def("ksvd_sweep", &ksvd_sweep, "one K-SVD pass over all atoms, in place (CoSpaDi's solver)");
+  m.def("parallel_threads", &parallel_threads, "threads an at::parallel_for over n items runs on (1 without OpenMP)");
   m.def("isa", &isa, "the instruction set of the code product: avx512, avx2 or scalar");
 }
