@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -121,9 +121,10 @@ def report(results: Results) -> None:
                          f"{r['error_compiled']:.5f} / {r['error_torch']:.5f}"])
     ext = kernels.dictionary()
     path = "not built" if ext is None else f"built, {ext.isa()} path"
+    where = re.sub(r", \d+ threads?", "", results.machine())  # each row names its thread count
     body = f"""## CoSpaDi's solver: compiled kernels against torch
 
-`python benchmarks/bench_solver.py` ({results.measured()}; {results.machine()}; compiled kernels: {path}).
+`python benchmarks/bench_solver.py` ({results.measured()}; {where}; compiled kernels: {path}).
 Block 5 of {MODEL}, each projection whitened by its calibration Gram ({CALIB_SAMPLES} windows of 512 tokens of
 the general corpus), at ratio {RATIO}. Seconds, compiled / torch (FACTORKIT_KERNELS=0), and how many times
 faster the compiled path is: one Batch-OMP coding of every row (from the SVD start's dictionary), one K-SVD
