@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, Results, held_out, machine, run_point, write_section  # noqa: E402
 
 import factorkit as fk  # noqa: E402
+from factorkit import kernels  # noqa: E402
 from factorkit.eval import TASKS, zero_shot  # noqa: E402
 from factorkit.report import markdown_table  # noqa: E402
 
@@ -103,6 +104,17 @@ def methods(cospadi_iterations: int) -> dict:
             ratio=r, iterations=cospadi_iterations, estimate="eigenbasis", start="signals", max_removal=1.0,
             price_metric="gram", heal=HEAL_STEPS),
     }
+
+
+# Points whose dictionary fits ran on the compiled solver (factorkit.kernels, solver.cpp) before points recorded
+# which solver they ran on (the "solver" field); every other point without the field ran the torch version.
+COMPILED_BEFORE_RECORDED = {"smollm2-135m": ("cospadi@0.3", "cospadi@0.4"),
+                            "gemma3-270m": ("auto@0.3", "cospadi@0.2", "cospadi@0.3", "cospadi@0.4")}
+
+
+def solver_of(model: str, key: str, item: dict) -> str:
+    """"compiled" or "torch": the dictionary solver a point's fits ran on."""
+    return item.get("solver") or ("compiled" if key in COMPILED_BEFORE_RECORDED.get(model, ()) else "torch")
 
 
 # Methods measured at some ratios only (comparisons, not grid lines).
@@ -229,6 +241,7 @@ def measure(results: Results, settings: dict, chosen: dict, ratios: tuple[float,
                 extra["heal"] = {k: fit["heal"][k] for k in ("losses", "seconds")}
             results.put(key, evaluate(model, {
                 "ppl_general": general.perplexity, "compress_s": rep.compression.seconds,
+                "solver": "torch" if kernels.dictionary() is None else "compiled",
                 "ratio_targeted": s.ratio_targeted, "ratio_storage": s.ratio_targeted_storage,
                 "ratio_model": s.ratio_model, "params": s.model_params_after, "eval_s": rep.eval_seconds[1], **extra}))
             print(key, summary_line(results[key]), f"compressed in {rep.compression.seconds:.0f} s", flush=True)
@@ -322,6 +335,13 @@ def report(results: Results, settings: dict, table: dict, full: Results) -> None
     plot_bytes(results, settings, table)
     plot_layers(results, settings)
     missing = [f"{n}@{r}" for r in RATIOS for n in table if f"{n}@{r}" not in results and r in ONLY_AT.get(n, RATIOS)]
+    fitted = [key for key, item in results.items.items() if key.startswith(("cospadi", "auto"))]
+    compiled = [key for key in fitted if solver_of(model, key, results.items[key]) == "compiled"]
+    solvers = ("" if not compiled else
+               f"\nThe dictionary fits of {', '.join(f'`{k}`' for k in compiled)} ran on the compiled solver "
+               "(`factorkit.kernels`, solver.cpp: 4-6x faster than the torch version with the same supports, "
+               "the `solver` section); those of the other CoSpaDi and `auto` rows on the torch version, so their "
+               "compress times are not comparable.\n")
     pending = ("" if not missing else
                "\nNot measured yet (the run is resumable: rerun the command): " + ", ".join(missing) + ".\n")
     write_section(f"eval-{model}", f"""
@@ -351,7 +371,7 @@ masks included, "removed (model)" the whole model's parameters.
 bytes (`--price-metric unit --max-removal 0.7`, the defaults); `auto (gram metric)` prices them in X^T X
 (`--price-metric gram`), `auto (low rank uncapped)` and the eigenbasis rows in X^T X with every rank on the menu
 (`--max-removal 1`), the defaults when they were measured.
-{pending}
+{solvers}{pending}
 {main_table}
 
 {allocation}
