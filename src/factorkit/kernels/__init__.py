@@ -3,13 +3,13 @@
 ``dictionary()`` returns the extension built from ``dictionary.cpp`` (DictionaryLinear's code product),
 ``quant.cpp`` (the product with int8 weights, ``int8_rows``) and ``solver.cpp`` (CoSpaDi's Batch-OMP and
 K-SVD sweep; see each file's header for the algorithm) or None when it cannot be built or loaded: no C++
-compiler, no ninja, a failed compile, or ``FACTORKIT_KERNELS=0`` in the environment. The first failure logs one sentence; callers then use
-their pure-torch kernels, which give the same results more slowly. The build is torch's JIT
-extension build (``torch.utils.cpp_extension.load``) with ``-O3 -march=native`` (and OpenMP on Linux), cached under
-``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) in a folder named after this
-machine's instruction set, so a home directory shared by different CPUs never loads a binary built
-for another. ``make install`` builds it (``python -m factorkit.kernels``), so the first model load
-does not pay the minute the compile takes.
+compiler, no ninja, a failed compile, or ``FACTORKIT_KERNELS=0`` in the environment. The first failure
+logs one sentence; callers then use their pure-torch kernels, which give the same results more slowly.
+The build is torch's JIT extension build (``torch.utils.cpp_extension.load``) with ``-O3 -march=native``
+(and OpenMP on Linux), cached under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) in
+a folder named after this machine's instruction set, so a home directory shared by different CPUs never
+loads a binary built for another. ``make install`` builds it (``python -m factorkit.kernels``), so the
+first model load does not pay the minute the compile takes.
 """
 
 from __future__ import annotations
