@@ -67,6 +67,11 @@ def batch_omp(gram: torch.Tensor, correlations: torch.Tensor, sparsity: int,
         raise ValueError(f"sparsity must lie in [1, {k}], got {sparsity}")
     s, B = sparsity, correlations.shape[0]
     dtype, device = correlations.dtype, correlations.device
+    gram = gram.to(dtype)
+    tiny = float(gram.diagonal().max()) * (1e-6 if dtype == torch.float32 else 1e-12)
+    ext = kernels.dictionary() if device.type == "cpu" and dtype in (torch.float32, torch.float64) else None
+    if ext is not None:
+        return tuple(ext.batch_omp(gram, correlations, s, tiny))
     if chunk is None:
         # the per-signal state P (s x k) is re-read at every step: on a CPU a chunk's worth should stay in cache
         # (about 8 MiB; at k 444, s 222 a chunk of 16 ran faster than one of 64), with at least 8 signals to a
@@ -74,12 +79,6 @@ def batch_omp(gram: torch.Tensor, correlations: torch.Tensor, sparsity: int,
         per_signal = s * k * correlations.element_size()
         chunk = (max(8, min(64, (8 << 20) // per_signal)) if device.type == "cpu"
                  else max(1, (1 << 30) // per_signal))
-    gram = gram.to(dtype)
-    tiny = float(gram.diagonal().max()) * (1e-6 if dtype == torch.float32 else 1e-12)
-    ext = kernels.dictionary() if device.type == "cpu" and dtype in (torch.float32, torch.float64) else None
-    if ext is not None:
-        indices, values = ext.batch_omp(gram, correlations, s, tiny)
-        return indices, values
     indices = torch.empty(B, s, dtype=torch.long, device=device)
     values = torch.empty(B, s, dtype=dtype, device=device)
     for start in range(0, B, chunk):
