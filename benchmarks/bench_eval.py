@@ -109,7 +109,7 @@ def methods(cospadi_iterations: int) -> dict:
 # Points whose dictionary fits ran on the compiled solver (factorkit.kernels, solver.cpp) before points recorded
 # which solver they ran on (the "solver" field); every other point without the field ran the torch version.
 COMPILED_BEFORE_RECORDED = {"smollm2-135m": ("cospadi@0.3", "cospadi@0.4"),
-                            "gemma3-270m": ("auto@0.3", "cospadi@0.2", "cospadi@0.3", "cospadi@0.4")}
+                            "gemma3-270m": ("auto@0.3",)}
 
 
 def solver_of(model: str, key: str, item: dict) -> str:
