@@ -72,6 +72,8 @@ def methods(cospadi_iterations: int) -> dict:
         "fwsvd-white-global": lambda r: fk.FWSVDConfig(ratio=r, whiten=True, allocation="global"),
         "cospadi": lambda r: fk.CoSpaDiConfig(ratio=r, iterations=cospadi_iterations),
         "dsformer": lambda r: fk.DSFormerConfig(ratio=r),
+        # trained on the calibration windows themselves, as measured first (see TRAIN_ON_CALIB)
+        "dsformer (calib windows)": lambda r: fk.DSFormerConfig(ratio=r),
         "svdllm (plays calib)": lambda r: fk.SVDLLMConfig(ratio=r),
         # one budget of stored bytes over the model (methods.auto); the allocation's own ratio counts bytes
         "cospadi-global": lambda r: fk.CoSpaDiConfig(ratio=r, iterations=cospadi_iterations, allocation="global"),
@@ -124,9 +126,11 @@ ONLY_AT = {"auto (eigenbasis estimate, signals start)": (0.2,),
            f"auto (eigenbasis estimate, signals start)+heal{HEAL_STEPS}": (0.2,),
            # the default before the refined estimate, where it was measured
            f"auto (eigenbasis estimate)+heal{HEAL_STEPS}": (0.2, 0.4),
-           "cospadi-global (eigenbasis estimate)": (0.2,)}
-# Healing points that train on the method's own calibration windows instead of HEAL_SAMPLES (as measured first).
-HEAL_ON_CALIB = (f"auto (eigenbasis estimate, signals start)+heal{HEAL_STEPS}",)
+           "cospadi-global (eigenbasis estimate)": (0.2,),
+           "dsformer (calib windows)": (0.2,)}
+# Points whose training (healing, DSFormer's) repeats the method's own calibration windows instead of drawing
+# windows of their own (HEAL_SAMPLES for healing, DSFormer's steps x batch by default), as measured first.
+TRAIN_ON_CALIB = (f"auto (eigenbasis estimate, signals start)+heal{HEAL_STEPS}", "dsformer (calib windows)")
 
 
 # What a point keeps of its compression's fit report (the allocations' choice, bytes and times).
@@ -223,13 +227,15 @@ def measure(results: Results, settings: dict, chosen: dict, ratios: tuple[float,
             folder = RESULTS / "resume" / re.sub(r"[^A-Za-z0-9.@+-]+", "_", f"{settings['model']}-{key}")
             config = resumable(chosen[name](ratio), folder)
             if unhealed is not None and "+heal" in name and name.split("+heal")[0] == unhealed[0] \
-                    and name not in HEAL_ON_CALIB:
+                    and name not in TRAIN_ON_CALIB:
                 results.put(key, evaluate(*heal_point(base, tok, job, config, *unhealed[1:])))
                 print(key, summary_line(results[key]), flush=True)
                 shutil.rmtree(folder, ignore_errors=True)
                 continue
-            if "+heal" in name and name not in HEAL_ON_CALIB:  # with its method: heal_samples needs heal > 0
-                point = dataclasses.replace(point, method=config, heal_samples=HEAL_SAMPLES)
+            if name in TRAIN_ON_CALIB:  # with its method: train_samples needs a config that trains
+                point = dataclasses.replace(point, method=config, train_samples=settings["calib_samples"])
+            elif "+heal" in name:
+                point = dataclasses.replace(point, method=config, train_samples=HEAL_SAMPLES)
             model, rep = run_point(base, tok, point, config)
             if "plays" in name:  # calibrated on the plays; general-text perplexity measured separately
                 general = held_out(model, tok, job).perplexity
@@ -308,6 +314,7 @@ def report(results: Results, settings: dict, table: dict, full: Results) -> None
     ran = results.items.get("machine", {})
     where = results.machine(ran.get("text")) + (f"; {ran['shared']}" if ran.get("shared") else "")
     zs = dense["zero_shot"]
+    dsf = fk.DSFormerConfig().train  # the default training run
     rows = [["dense", "-", "-", "-", fmt_ppl(dense["ppl_general"]), "1.00x", "-", fmt_ppl(dense["ppl_plays"]), "1.00x",
              f"{100 * zs['average']:.2f} ± {100 * zs['average_stderr']:.2f}", "-",
              f"{100 * zs['average_norm']:.2f}", "-"]]
@@ -359,12 +366,14 @@ tasks (as SVD-LLM and ROCKET report it), its stderr the tasks' combined (sqrt of
 Two rows' averages differ beyond noise (95%) only by more than about 2.8 stderrs, {280 * zs['average_stderr']:.1f} points
 here; the perplexities separate the methods far more finely at this limit.
 `+heal{HEAL_STEPS}`: {HEAL_STEPS} healing steps of 4 x {settings['calib_seq_len']} tokens on {HEAL_SAMPLES} windows of the
-same calibration split (`heal_samples`; {', '.join(f'`{n}`' for n in HEAL_ON_CALIB)} on the {settings['calib_samples']}
+same calibration split (`train_samples`; {', '.join(f'`{n}`' for n in TRAIN_ON_CALIB if '+heal' in n)} on the {settings['calib_samples']}
 calibration windows, {HEAL_SAMPLES / settings['calib_samples']:g} passes over them). A `+heal{HEAL_STEPS}` row measured in
 the same run as its method's row heals a copy of that row's model (the weights `--heal` gives); its compress
 time is that row's plus the healing.
 CoSpaDi runs {settings['cospadi_iterations']} alternations (the paper: 60) to fit this CPU; DSFormer its default
-training. Ratio = fraction of the targeted matrices' parameters removed (`auto`, `cospadi-global`: of their
+training, {dsf.steps} steps of {dsf.batch_size} x {settings['calib_seq_len']} tokens on {fk.DSFormerConfig().training_sequences()} windows of the calibration
+split (`train_samples`' default; `dsformer (calib windows)` on the {settings['calib_samples']} calibration windows,
+{fk.DSFormerConfig().training_sequences() / settings['calib_samples']:g} passes over them, as measured first). Ratio = fraction of the targeted matrices' parameters removed (`auto`, `cospadi-global`: of their
 stored bytes, supports included); "removed (stored bytes)" counts what the targeted matrices store, support
 masks included, "removed (model)" the whole model's parameters.
 `auto` prices its options per calibration token at unit length and offers low rank down to 0.3 of a matrix's

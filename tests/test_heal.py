@@ -120,21 +120,59 @@ def test_healing_a_data_free_method_needs_data_and_a_dense_model_has_nothing_to_
 
 
 def test_healing_trains_on_its_own_text_when_given_more(calib):
-    """heal_data replaces the calibration tokens for the healing only: the method calibrates on ``calib``
-    as before (the same compressed start), the healing sees every row of heal_data."""
+    """train_data replaces the calibration tokens for the healing only: the method calibrates on ``calib``
+    as before (the same compressed start), the healing sees every row of train_data; heal_data is its old
+    name and gives the same run."""
     more = torch.cat([calib, calib.flip(1)])
     config = fk.SVDLLMConfig(ratio=0.3, heal=2)
     plain = fk.compress(tiny_llama(), config, calib, progress=False).fit["heal"]
-    healed = fk.compress(tiny_llama(), config, calib, heal_data=more, progress=False).fit["heal"]
+    healed = fk.compress(tiny_llama(), config, calib, train_data=more, progress=False).fit["heal"]
     assert plain["sequences"] == calib.shape[0] and healed["sequences"] == more.shape[0]
     assert healed["losses"] != plain["losses"]
-    with pytest.raises(fk.FactorkitError, match="heal_data is only used with heal > 0"):
-        fk.compress(tiny_llama(), fk.SVDLLMConfig(ratio=0.3), calib, heal_data=more, progress=False)
+    assert fk.compress(tiny_llama(), config, calib, heal_data=more, progress=False).fit["heal"]["losses"] == \
+        healed["losses"]
+    with pytest.raises(fk.FactorkitError, match="train_data is only used when compress.. trains"):
+        fk.compress(tiny_llama(), fk.SVDLLMConfig(ratio=0.3), calib, train_data=more, progress=False)
+    with pytest.raises(fk.FactorkitError, match="old name of train_data"):
+        fk.compress(tiny_llama(), config, calib, train_data=more, heal_data=more, progress=False)
+
+
+def test_dsformer_trains_on_its_own_text_and_starts_from_the_calibration(calib):
+    """DSFormer's start (its Grams) comes from ``data`` whatever train_data is; the training takes train_data's
+    rows: the first step's loss, on the same start, differs, and the run reports train_data's sequences."""
+    more = torch.cat([calib.flip(1), calib.roll(5, dims=1)])
+    config = fk.DSFormerConfig(ratio=0.3, train=TrainConfig(steps=2, lr=1e-3, batch_size=4))
+    assert config.training_sequences() == 8
+    plain = fk.compress(tiny_llama(), config, calib, progress=False).fit
+    own = fk.compress(tiny_llama(), config, calib, train_data=more, progress=False).fit
+    assert plain["sequences"] == calib.shape[0] and own["sequences"] == more.shape[0]
+    assert own["losses"][0] != plain["losses"][0]
+    # no training data changes the start: trained for 0 effective steps (lr 0) both runs end on the same factors
+    frozen = dataclasses.replace(config, train=TrainConfig(steps=1, lr=1e-30, batch_size=4))
+    a, b = tiny_llama(), tiny_llama()
+    fk.compress(a, frozen, calib, progress=False)
+    fk.compress(b, frozen, calib, train_data=more, progress=False)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_a_job_draws_one_training_window_per_sequence_a_run_takes(model_dir, text_file):
+    """By default a job's training (healing, DSFormer's) draws steps x batch x accumulation windows of the
+    calibration text, so none repeats, whatever --calib-samples the method's statistics take."""
+    job = dict(model=str(model_dir), calib=str(text_file), calib_samples=4, calib_seq_len=32)
+    heal = fk.run(fk.CompressJob(method=fk.SVDLLMConfig(ratio=0.3, heal=3), **job), progress=False)
+    assert heal.compression.fit["heal"]["sequences"] == 3 * 4  # heal batch 4
+    dsf = fk.DSFormerConfig(ratio=0.3, train=TrainConfig(steps=2, batch_size=3, grad_accum=2))
+    assert fk.run(fk.CompressJob(method=dsf, **job), progress=False).compression.fit["sequences"] == 12
+    fixed = fk.run(fk.CompressJob(method=dsf, train_samples=5, **job), progress=False)
+    assert fixed.compression.fit["sequences"] == 5
 
 
 @pytest.mark.parametrize("argv, expected", [
     (["--method", "svdllm", "--heal-lr", "1e-3"], "--heal-lr applies only with --heal above 0"),
-    (["--method", "svdllm", "--heal-samples", "64"], "--heal-samples applies only with --heal above 0"),
+    (["--method", "svdllm", "--heal-samples", "64"], "--heal-samples applies only when the compression trains"),
+    (["--method", "svdllm", "--train-samples", "64"], "--train-samples applies only when the compression trains"),
+    (["--method", "svdllm", "--heal", "2", "--heal-samples", "8", "--train-samples", "9"],
+     "--heal-samples is the old name of --train-samples"),
     (["--method", "dsformer", "--heal", "5"], "dsformer trains its factors already"),
     (["--method", "svdllm", "--heal", "-1"], "--heal must be a whole number of at least 0"),
 ])
@@ -150,7 +188,7 @@ def test_heal_from_the_command_line_records_its_settings(capsys, model_dir, text
     out_dir = tmp_path / "healed"
     code = main(["-q", "compress", "--model", str(model_dir), "--method", "svd", "--ratio", "0.4", "--heal", "3",
                  "--heal-lr", "1e-3", "--calib", str(text_file), "--calib-samples", "4", "--calib-seq-len", "32",
-                 "--heal-samples", "12", "--out", str(out_dir)])
+                 "--train-samples", "12", "--out", str(out_dir)])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "healing loss (first and last of 3 steps on 12 sequences" in out

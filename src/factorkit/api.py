@@ -122,7 +122,8 @@ def compression_record(model: nn.Module) -> dict | None:
 
 
 def compress(model: nn.Module, config: CompressionConfig, data: torch.Tensor | None = None,
-             *, heal_data: torch.Tensor | None = None, progress: bool = True) -> CompressionReport:
+             *, train_data: torch.Tensor | None = None, progress: bool = True,
+             heal_data: torch.Tensor | None = None) -> CompressionReport:
     """Compress ``model`` in place with the method ``config`` names; return the report.
 
     ``data`` holds calibration token ids, shape (samples, seq_len); see
@@ -132,8 +133,11 @@ def compress(model: nn.Module, config: CompressionConfig, data: torch.Tensor | N
     Data-free methods ignore it. With ``config.heal`` > 0 the compressed model
     is then distilled from a copy of the dense one on ``data`` for that many
     steps (see :mod:`factorkit.methods.heal`); ``fit["heal"]`` holds its losses.
-    ``heal_data`` (same form as ``data``) is the text the healing trains on
-    instead: more of it than the method needs overfits less.
+    ``train_data`` (same form as ``data``) is the text training draws from
+    instead, the healing's or that of a method that trains its factors
+    (dsformer), while the method's statistics stay on ``data``: a run that
+    takes more sequences than it is given repeats them and overfits, so pass
+    at least ``config.training_sequences()``. ``heal_data`` is its old name.
     """
     if not isinstance(model, nn.Module):
         raise FactorkitError(f"model must be a torch.nn.Module such as a transformers model, got "
@@ -151,9 +155,15 @@ def compress(model: nn.Module, config: CompressionConfig, data: torch.Tensor | N
                                  "data=calibration_tokens(...).")
         _check_data(model, data)
     if heal_data is not None:
-        if not config.heal:
-            raise FactorkitError("heal_data is only used with heal > 0; set heal in the config or drop heal_data.")
-        _check_data(model, heal_data)
+        if train_data is not None:
+            raise FactorkitError("heal_data is the old name of train_data; pass only train_data.")
+        train_data = heal_data
+    if train_data is not None:
+        if not config.training_sequences():
+            raise FactorkitError(f"train_data is only used when compress() trains (heal > 0, or a method that "
+                                 f"trains its factors such as dsformer), and {config.method} with these settings "
+                                 "does not; set heal in the config or drop train_data.")
+        _check_data(model, train_data)
     # names only: holding the Linears would keep every dense weight alive while the method replaces them
     targeted = list(model_targets(model, config.targets))
     for name in targeted:  # (offloaded blocks: checked as each is read)
@@ -164,11 +174,12 @@ def compress(model: nn.Module, config: CompressionConfig, data: torch.Tensor | N
     before = sum(p.numel() for p in model.parameters())
     start = time.perf_counter()
     teacher = copy.deepcopy(model) if config.heal else None  # the dense model, before the method changes it
-    fit = method.fn(model, config, data, progress) or {}
+    trains_itself = train_data is not None and not config.heal  # (dsformer refuses heal: it trains already)
+    fit = method.fn(model, config, data, progress, **({"train_data": train_data} if trains_itself else {})) or {}
     if teacher is not None:
         from .methods.heal import heal
 
-        fit["heal"] = heal(model, teacher, data if heal_data is None else heal_data, config, progress)
+        fit["heal"] = heal(model, teacher, data if train_data is None else train_data, config, progress)
         del teacher
     seconds = time.perf_counter() - start
     # Targeted matrices a method chose to keep dense (global allocation does
@@ -293,10 +304,13 @@ class CompressJob(_EvalSettings):
     calib: str = option("shakespeare", _text_help("calibration text (for shakespeare, the calibration plays)"))
     calib_samples: int = option(32, "calibration sequences", check=positive_int)
     calib_seq_len: int = option(512, "tokens per calibration sequence", check=whole(2))
-    heal_samples: int | None = option(None, "with --heal, sequences of the calibration text the healing trains on "
-                                            "(default: the --calib-samples the method calibrates on; more text "
-                                            "overfits less and costs the method nothing)",
-                                      check=optional(positive_int))
+    train_samples: int | None = option(None, "sequences of the calibration text that training draws, with --heal "
+                                             "or a method that trains its factors (dsformer); the method's "
+                                             "statistics stay on --calib-samples (default: as many as the run "
+                                             "takes, steps x batch x accumulation, so that none repeats)",
+                                       check=optional(positive_int))
+    heal_samples: int | None = option(None, "the old name of --train-samples", check=optional(positive_int),
+                                      record=False)
     seed: int = option(0, "seed for data splits and sampling", check=whole(0))
     eval: str | None = option(None, "also measure perplexity before and after on this text (its held-out split)")
     eval_before: bool = option(True, "with eval, also measure the model before compressing (sweeps that "
@@ -322,8 +336,14 @@ class CompressJob(_EvalSettings):
         super().__post_init__()
 
     def check(self) -> None:
-        if self.heal_samples is not None and not self.method.heal:
-            raise ConfigError("heal_samples", "applies only with --heal above 0; add --heal STEPS or drop it.")
+        if self.heal_samples is not None:
+            if self.train_samples not in (None, self.heal_samples):
+                raise ConfigError("heal_samples", "is the old name of --train-samples; give only --train-samples.")
+            self.train_samples = self.heal_samples
+        if self.train_samples is not None and not self.method.training_sequences():
+            raise ConfigError("heal_samples" if self.heal_samples is not None else "train_samples",
+                              "applies only when the compression trains (--heal above 0, or --method dsformer); "
+                              "add --heal STEPS or drop it.")
         if self.quantize_head and not self.quantize:
             raise ConfigError("quantize_head", "applies only with --quantize; add --quantize int8 (or int4).")
         if self.offload:
@@ -680,13 +700,14 @@ def _compress_loaded(job: CompressJob, progress: bool, loaded: tuple | None, wri
 
     model, tokenizer = loaded if loaded is not None else _load_with_tokenizer(job.model, job.dtype)
     config = job.method
-    data = heal_data = None
+    data = train_data = None
     if config.wants_data():
         data = calibration_tokens(tokenizer, job.calib, job.calib_samples, job.calib_seq_len, job.seed)
-    if job.heal_samples is not None:
-        heal_data = calibration_tokens(tokenizer, job.calib, job.heal_samples, job.calib_seq_len, job.seed)
+    train_samples = job.train_samples if job.train_samples is not None else config.training_sequences()
+    if train_samples:
+        train_data = calibration_tokens(tokenizer, job.calib, train_samples, job.calib_seq_len, job.seed)
     chunks = eval_tokens(tokenizer, job.eval, job.seq_len, job.max_chunks, job.seed) if job.eval else None
-    for ids in (data, heal_data, chunks):
+    for ids in (data, train_data, chunks):
         if ids is not None:
             check_token_ids(model, ids, _tokenizer_fix(loaded))
     bytes_before = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights appear once
@@ -697,7 +718,7 @@ def _compress_loaded(job: CompressJob, progress: bool, loaded: tuple | None, wri
         before = perplexity(model, chunks, progress=progress, desc="perplexity (dense)",
                             nonfinite_hint="try --dtype float32 or check the model's weights")
         times[0] = time.perf_counter() - t
-    compression = compress(model, config, data, heal_data=heal_data, progress=progress)
+    compression = compress(model, config, data, train_data=train_data, progress=progress)
     quantized = quantize(model, job.quantize, job.group_size, job.quantize_head) if job.quantize else None
     if chunks is not None:  # measured before saving: a broken model is never written
         t = time.perf_counter()

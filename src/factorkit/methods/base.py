@@ -55,6 +55,12 @@ class CompressionConfig(Config):
         """Whether compress() needs calibration data: for the method, or to heal on."""
         return self.uses_data() or self.heal > 0
 
+    def training_sequences(self) -> int:
+        """Sequences the training inside compress() takes in all (steps x batch x accumulation): the
+        healing's; 0 when nothing is trained. A method that trains its factors counts its own run."""
+        run = self.heal_train
+        return self.heal * run.batch_size * run.grad_accum
+
     def to_dict(self) -> dict:
         out = {"method": self.method, **super().to_dict()}
         if not self.heal:  # the healing run's settings mean nothing without it; its steps are ``heal``

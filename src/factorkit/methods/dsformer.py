@@ -56,6 +56,7 @@ from ..solvers.dictionary import sparse_dictionary
 from ..solvers.sparsity import Pattern, dense_sparse_budget, magnitude_mask, refit_coefficients, \
     whitened_dense_sparse
 from ..training import TrainConfig, model_loss, train, train_rows
+from ..training.loop import rows_of
 from ..config import ConfigError, at_least, nested, option, optional, positive_int
 from .base import CompressionConfig, check_targets, log, register
 
@@ -92,6 +93,10 @@ class DSFormerConfig(CompressionConfig):
                                         when=("allocation", "global"))
     train: TrainConfig = nested(TrainConfig, "the training run (its seed also seeds a random start)",
                                 prefix="train-")
+
+    def training_sequences(self) -> int:
+        run = self.train
+        return run.steps * run.batch_size * run.grad_accum
 
     def check(self) -> None:
         if self.heal:
@@ -181,10 +186,13 @@ def training_data(data: Any) -> tuple[torch.Tensor, torch.Tensor | dict[str, tor
     return (rows, rows) if isinstance(rows, torch.Tensor) else (rows["input_ids"], rows)
 
 
-def _compress_dsformer(model: nn.Module, config: DSFormerConfig, data: Any, progress: bool) -> dict:
+def _compress_dsformer(model: nn.Module, config: DSFormerConfig, data: Any, progress: bool,
+                       train_data: Any = None) -> dict:
     if data is None:
         raise FactorkitError("dsformer trains on text; pass calibration data.")
-    tokens, rows = training_data(data)
+    tokens, rows = training_data(data)  # the start's statistics on ``data``; the training on ``train_data``
+    if train_data is not None:
+        rows = training_data(train_data)[1]
     teacher = copy.deepcopy(model).eval() if config.train.distill > 0 else None
     base = model.state_dict()  # the dense start: part of what a resumed training state must match
     allocation: dict = {}
@@ -216,9 +224,10 @@ def _compress_dsformer(model: nn.Module, config: DSFormerConfig, data: Any, prog
     log.info("dsformer: %d steps in %.0f s, final loss %.4f, %.1f%% of the support moved", len(result.losses),
              result.seconds, result.losses[-1] if result.losses else float("nan"), 100 * moved / max(total, 1))
     return {**allocation, "losses": result.losses, "train_s": result.seconds, "resumed_from": result.resumed_from,
-            "support_moved": moved / max(total, 1)}
+            "support_moved": moved / max(total, 1), "sequences": rows_of(rows)}
 
 
 @register(DSFormerConfig, "dense x semi-structured sparse factors trained jointly (Straight-Through Factorizer)")
-def compress_dsformer(model: nn.Module, config: DSFormerConfig, data: Any, progress: bool) -> dict:
-    return _compress_dsformer(model, config, data, progress)
+def compress_dsformer(model: nn.Module, config: DSFormerConfig, data: Any, progress: bool,
+                      train_data: Any = None) -> dict:
+    return _compress_dsformer(model, config, data, progress, train_data)
