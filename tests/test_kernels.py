@@ -198,6 +198,31 @@ def test_without_the_compiled_kernels_the_torch_kernels_give_the_same_result(mon
         kernels._build.cache_clear()
 
 
+def test_a_compiler_without_openmp_still_gets_the_compiled_kernels(monkeypatch, caplog):
+    """Where the OpenMP build fails (Linux with a compiler lacking it), the kernels are built without it under
+    another name, with one logged sentence; elsewhere nothing is retried."""
+    calls, built = [], object()
+
+    def load(name, extra_cflags, extra_ldflags, **_):
+        calls.append((name, tuple(extra_cflags), tuple(extra_ldflags)))
+        if "-fopenmp" in extra_cflags:
+            raise RuntimeError("fatal error: omp.h: No such file or directory")
+        return built
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load", load)
+    monkeypatch.setattr("torch.utils.cpp_extension.is_ninja_available", lambda: True)
+    monkeypatch.setattr(kernels, "OPENMP", ("-fopenmp",))
+    with caplog.at_level(logging.WARNING, logger="factorkit"):
+        assert kernels.build() is built
+    assert [c[0].endswith("_serial") for c in calls] == [False, True]
+    assert "-fopenmp" not in calls[1][1] + calls[1][2]
+    assert len(caplog.records) == 1 and "omp.h" in caplog.records[0].getMessage()
+    assert "one thread" in caplog.records[0].getMessage()
+    calls.clear()
+    monkeypatch.setattr(kernels, "OPENMP", ())  # macOS, Windows: built once, without OpenMP
+    assert kernels.build() is built and len(calls) == 1 and not calls[0][0].endswith("_serial")
+
+
 @needs_ext
 def test_the_compiled_kernels_give_the_same_bits_on_any_number_of_threads():
     module = random_dictionary(300, 64, 90, 40, 3, seed=1)  # rows are spread over the threads

@@ -63,14 +63,35 @@ OPENMP = ("-fopenmp",) if sys.platform.startswith("linux") else ()
 
 def build(extra_cflags: tuple[str, ...] = (), suffix: str = "") -> ModuleType:
     """Compile (or load the cached build of) the kernels for this machine; raises when it cannot.
-    ``extra_cflags`` and a name ``suffix`` build variants, e.g. ("-mno-avx512f",) for the AVX2 path."""
+    ``extra_cflags`` and a name ``suffix`` build variants, e.g. ("-mno-avx512f",) for the AVX2 path.
+    A compiler without OpenMP gets a build without it (one logged sentence): one thread, still compiled."""
     from torch.utils import cpp_extension
 
     if not cpp_extension.is_ninja_available():
         raise RuntimeError("ninja is not installed")
-    return cpp_extension.load(name=f"factorkit_dictionary_{_cpu_tag()}{suffix}", sources=[str(p) for p in SOURCES],
-                              extra_cflags=["-O3", "-march=native", *OPENMP, *extra_cflags],
-                              extra_ldflags=list(OPENMP), verbose=False)
+
+    def compile_with(openmp: tuple[str, ...], tag: str) -> ModuleType:
+        return cpp_extension.load(name=f"factorkit_dictionary_{_cpu_tag()}{suffix}{tag}",
+                                  sources=[str(p) for p in SOURCES],
+                                  extra_cflags=["-O3", "-march=native", *openmp, *extra_cflags],
+                                  extra_ldflags=list(openmp), verbose=False)
+
+    if not OPENMP:
+        return compile_with((), "")
+    try:
+        return compile_with(OPENMP, "")
+    except Exception as exc:  # a compiler (or runtime) without OpenMP: keep the kernels, on one thread
+        try:
+            ext = compile_with((), "_serial")
+        except Exception:
+            raise exc from None  # not OpenMP's doing: the first failure says what is wrong
+        log.warning("factorkit's compiled CPU kernels do not build with OpenMP here (%s); built without it, they "
+                    "run on one thread whatever torch.set_num_threads says.", _first_line(exc))
+        return ext
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 @functools.cache
@@ -78,10 +99,9 @@ def _build() -> ModuleType | None:
     try:
         return build()
     except Exception as exc:  # any build or load failure means: use the torch kernels
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.warning("factorkit's compiled CPU kernels are unavailable (%s); falling back to torch's "
                     "slower kernels: install a C++ compiler (g++ or clang++) and ninja (a factorkit dependency) to enable "
-                    "it.", reason)
+                    "it.", _first_line(exc))
         return None
 
 
