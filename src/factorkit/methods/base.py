@@ -58,8 +58,7 @@ class CompressionConfig(Config):
     def training_sequences(self) -> int:
         """Sequences the training inside compress() takes in all (steps x batch x accumulation): the
         healing's; 0 when nothing is trained. A method that trains its factors counts its own run."""
-        run = self.heal_train
-        return self.heal * run.batch_size * run.grad_accum
+        return self.heal * self.heal_train.sequences_per_step
 
     def to_dict(self) -> dict:
         out = {"method": self.method, **super().to_dict()}

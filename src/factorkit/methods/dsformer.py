@@ -95,8 +95,7 @@ class DSFormerConfig(CompressionConfig):
                                 prefix="train-")
 
     def training_sequences(self) -> int:
-        run = self.train
-        return run.steps * run.batch_size * run.grad_accum
+        return self.train.steps * self.train.sequences_per_step
 
     def check(self) -> None:
         if self.heal:

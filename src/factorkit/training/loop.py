@@ -83,6 +83,11 @@ class TrainConfig(Config):
     checkpoint_every: int = option(50, "steps between checkpoints", check=positive_int, record=False)
     seed: int = option(0, "batch order and anything random in the model (dropout)", check=whole(0))
 
+    @property
+    def sequences_per_step(self) -> int:
+        """Rows one optimizer step takes: batch_size x grad_accum."""
+        return self.batch_size * self.grad_accum
+
 
 @dataclass
 class TrainResult:
@@ -108,8 +113,7 @@ class Distributed:
 def batch_rows(step: int, micro: int, config: TrainConfig, n_rows: int) -> torch.Tensor:
     """Row indices of micro-batch ``micro`` of step ``step``: epochs of a seeded
     permutation, so the order depends on nothing but the seed."""
-    per_step = config.batch_size * config.grad_accum
-    start = (step * per_step + micro * config.batch_size)
+    start = (step * config.sequences_per_step + micro * config.batch_size)
     rows = []
     for pos in range(start, start + config.batch_size):
         epoch, i = divmod(pos, n_rows)
