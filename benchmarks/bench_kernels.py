@@ -1,12 +1,15 @@
 """Layer latency of the factor modules' kernels against nn.Linear, side by side in one process.
 
 Random factors at ratio 0.2 (DictionaryLinear at CoSpaDi's rho = 2 by the paper's count, LowRankLinear at the
-rank of the same parameter count) on LLaMA-7B's three shapes and SmolLM2-135M's four, at 1, 2, 16, 256 and 2048
-tokens, in float32 and bfloat16. Every cell is the best wall time over repeated calls; the table gives each
+rank of the same parameter count) on LLaMA-7B's three shapes and SmolLM2-135M's four, at 1 to 2048 tokens, in
+float32 and bfloat16. Every cell is the best wall time over repeated calls; the table gives each
 kernel's speed as a ratio to nn.Linear (above 1: faster) beside the ideal ratio, dense bytes / stored bytes
 (what a kernel bound by reading its weights could reach). Resumable: rerun to finish an interrupted run.
+The compiled kernels differ by instruction set, so each build keeps its own results and section: `kernels`
+(AVX-512), `kernels-avx2`, `kernels-scalar`, `kernels-torch` (not built).
 
     python benchmarks/bench_kernels.py            # measure what is missing, then rewrite BENCHMARKS.md
+    python benchmarks/bench_kernels.py --parts layers,e2e   # only those tables
     python benchmarks/bench_kernels.py --report   # only rewrite BENCHMARKS.md
 """
 
@@ -38,7 +41,7 @@ SHAPES = {"LLaMA-7B q/k/v/o 4096x4096": (4096, 4096), "LLaMA-7B gate/up 11008x40
           "LLaMA-7B down 4096x11008": (4096, 11008), "SmolLM2 q/o 576x576": (576, 576),
           "SmolLM2 k/v 192x576": (192, 576), "SmolLM2 gate/up 1536x576": (1536, 576),
           "SmolLM2 down 576x1536": (576, 1536)}
-TOKENS = (1, 2, 16, 256, 2048)
+TOKENS = (1, 2, 8, 16, 64, 256, 2048)  # 8 and 64: around where the kernels take over from each other
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 RATIO = 0.2
 # The kernels timed at each token count (the others are far off there and would only cost time).
@@ -61,9 +64,19 @@ def build(out_f: int, in_f: int, dtype: torch.dtype) -> tuple[nn.Module, nn.Modu
     return tuple(m.to(dtype).requires_grad_(False) for m in (dense, lowrank, dic))  # type: ignore[return-value]
 
 
+PARTS = ("layers", "e2e", "quant", "quant-dict", "e2e-quant")
+
+
+def build_name(ext) -> str:
+    """The results (and BENCHMARKS.md section) of this machine's build: ``kernels`` for AVX-512, where the
+    first table was measured, else ``kernels-<isa>`` (``kernels-torch`` where the kernels are not built)."""
+    isa = "torch" if ext is None else ext.isa()
+    return "kernels" if isa == "avx512" else f"kernels-{isa}"
+
+
 def measure(results: Results) -> None:
     ext = kernels.dictionary()
-    compiled = () if ext is None else ("mask", "lanes") if ext.isa() == "avx512" else ("mask",)
+    compiled = kernels.usable(ext)
     for dname, dtype in DTYPES.items():
         for label, (out_f, in_f) in SHAPES.items():
             if all(f"{dname}/{label}/{t}" in results for t in TOKENS):
@@ -293,7 +306,7 @@ def quant_table(results: Results, prefix: str, cells) -> tuple[list[list], list[
     return rows, found
 
 
-def report(results: Results) -> None:
+def report(results: Results, name: str) -> None:
     sections = []
     for dname in DTYPES:
         rows = []
@@ -365,10 +378,10 @@ float32 nn.Linear, with the ideal (float32 bytes / bytes held) in brackets.""" +
             max((r.get("load") or 0.0) for r in dict_rows)) + """
 
 """ + markdown_table(["shape", "tokens", "nn.Linear (us)", "dict float32", "dict + int8", "dict + int4"], rows))
-    ext = kernels.dictionary()
-    path = "not built (torch kernels only)" if ext is None else (
-        f"built, {ext.isa()} path")
-    body = f"""## Layer kernels against nn.Linear
+    isa = "avx512" if name == "kernels" else name.removeprefix("kernels-")
+    path = "not built (torch kernels only)" if isa == "torch" else f"built, {isa} path"
+    title = "" if isa == "avx512" else f" ({isa} build)"
+    body = f"""## Layer kernels against nn.Linear{title}
 
 `python benchmarks/bench_kernels.py` ({results.measured()}; {results.machine()}; compiled kernels: {path}). Random
 factors at ratio {RATIO} (DictionaryLinear: k atoms and s = k/2 nonzeros per row by the paper's count;
@@ -376,29 +389,32 @@ LowRankLinear: the rank of the same parameter count), best wall time over repeat
 process. Each entry is the speed against nn.Linear (above 1x: faster); *ideal* is dense bytes / stored bytes
 (parameters and the support mask), what a kernel bound by reading its weights reaches. `mask` and `lanes` are
 the compiled kernels of `factorkit.kernels` (the code product read from the bit mask; `lanes` puts 16 tokens
-in each vector); `sparse` is torch's CSR product over int32 indices (what decoding ran before the compiled
+in each vector with AVX-512, 8 with AVX2); `sparse` is torch's CSR product over int32 indices (what decoding ran before the compiled
 kernels); `codes` writes the code matrix from the mask and runs a second GEMM. `-`: not timed at that size
 (far slower there). The SmolLM2 layers fit in the caches when one layer is called over and over, so their rows
 measure compute, not the reads that bound a whole model: the end-to-end table shows the latter.
 
 {(chr(10) * 2).join(sections)}
 """
-    write_section("kernels", body)
+    write_section(name, body)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--report", action="store_true", help="only rewrite BENCHMARKS.md")
     ap.add_argument("--fresh", action="store_true", help="ignore results of an earlier run")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated tables to measure: {', '.join(PARTS)}")
     args = ap.parse_args()
-    results = Results("kernels", {"ratio": RATIO, "threads": torch.get_num_threads()}, fresh=args.fresh)
+    parts = args.parts.split(",")
+    if unknown := [p for p in parts if p not in PARTS]:
+        ap.error(f"--parts {','.join(unknown)} is unknown; choose from {', '.join(PARTS)}")
+    name = build_name(kernels.dictionary())
+    results = Results(name, {"ratio": RATIO, "threads": torch.get_num_threads()}, fresh=args.fresh)
     if not args.report:
-        measure(results)
-        measure_e2e(results)
-        measure_quant(results)
-        measure_quant_dict(results)
-        measure_e2e_quant(results)
-    report(results)
+        for part, run in zip(PARTS, (measure, measure_e2e, measure_quant, measure_quant_dict, measure_e2e_quant)):
+            if part in parts:
+                run(results)
+    report(results, name)
 
 
 if __name__ == "__main__":

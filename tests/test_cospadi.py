@@ -272,8 +272,7 @@ def test_budget_arithmetic():
 
 
 def compiled_kernels() -> tuple[str, ...]:
-    ext = kernels.dictionary()
-    return () if ext is None else ("mask", "lanes") if ext.isa() == "avx512" else ("mask",)
+    return kernels.usable(kernels.dictionary())
 
 
 def test_dictionary_linear_kernels_agree_and_count_honestly():
@@ -299,6 +298,10 @@ def test_dictionary_linear_kernels_agree_and_count_honestly():
     else:  # the compiled kernels take decoding; a gradient still needs torch's
         assert module.pick_kernel(1) == "mask" and module.pick_kernel(2048) == "codes"
         assert module.pick_kernel(1, needs_grad=True) == "sparse"
+        # every vector build has the lanes kernel past the mask kernel's tokens, up to its build's limit
+        most = module.AVX2_LANES_MAX_TOKENS if kernels.dictionary().isa() == "avx2" else module.LANES_MAX_TOKENS
+        assert [module.pick_kernel(t) for t in (module.MASK_MAX_TOKENS, module.MASK_MAX_TOKENS + 1, most, most + 1)] \
+            == ["mask", "lanes", "lanes", "codes"]
     assert module.param_count() == k * n + out * s + out
     assert module.index_bits() == out * k
     assert module.support.dtype == torch.uint8 and module.support.numel() == out * math.ceil(k / 8)

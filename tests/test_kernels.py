@@ -32,8 +32,9 @@ def test_compiled_kernels_match_the_dense_product(out, n, k, s, blocks):
     with torch.no_grad():  # no gradient: the compiled kernel writes C from the mask
         assert torch.equal(module.code_matrix(), torch_codes.detach())
     gen = torch.Generator().manual_seed(1)
-    kinds = COMPILED if kernels.dictionary().isa() == "avx512" else ("mask",)
-    for tokens in (1, 2, 7, 9, 16, 17, 70):
+    kinds = kernels.usable(kernels.dictionary())
+    assert kinds == COMPILED  # both on every vector build (AVX-512, AVX2); the test skips where none is built
+    for tokens in (1, 2, 7, 9, 16, 17, 70, 130):  # 130: past one pass of 64 tokens in the lanes, and a tail
         x = torch.randn(tokens, n, generator=gen)
         want = torch.addmm(module.bias.double(), x.double(), W.double().T)
         for kernel in kinds:
@@ -72,12 +73,33 @@ def test_the_avx2_and_scalar_builds_match_the_dense_product_too():
                 want = h.double() @ C.to(values.dtype).double().T
                 assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max(), (isa, tokens, values.dtype)
             assert torch.equal(ext.codes_dense(module.support, module.values.detach().contiguous(), 37, 1), C)
+            check_lanes(ext, module, h)
             check_int8_mask_codes(ext, module, h, (isa, tokens))
         for tokens, (out, n, group) in zip((1, 3, 6), ((21, 37, 37), (40, 96, 32), (9, 100, 50))):
             q, scale, x = random_int8(out, n, group, tokens, seed=tokens)
             want = x.double() @ dequantized(q, scale, group).T
             got = ext.int8_rows(x, q, scale, group)
             assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max(), (isa, tokens)
+
+
+def check_lanes(ext, module: DictionaryLinear, h: torch.Tensor) -> None:
+    """ext.mask_codes_lanes (h transposed, padded to the build's lane width) against h C^T, or its refusal on
+    the scalar build, which has no lanes kernel."""
+    width = ext.lane_width()
+    if not width:
+        with pytest.raises(RuntimeError, match="AVX-512 or AVX2 build"):
+            ext.mask_codes_lanes(h.T.contiguous(), module.support, module.values.detach(), module.num_atoms, 1)
+        return
+    C = module.code_matrix().detach().double()
+    for tokens in (h.shape[0], 3 * width + 1, 9 * width):  # past one pass of 64 tokens: 9 vectors
+        x = torch.cat([h] * (tokens // h.shape[0] + 1))[:tokens]
+        hT = torch.nn.functional.pad(x, (0, 0, 0, -tokens % width)).T.contiguous()
+        got = ext.mask_codes_lanes(hT, module.support, module.values.detach(), module.num_atoms, 1)[:, :tokens].T
+        want = x.double() @ C.T
+        assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max(), (ext.isa(), tokens)
+    with pytest.raises(RuntimeError, match="multiple of lane_width"):
+        ext.mask_codes_lanes(torch.zeros(module.num_atoms, width + 1), module.support, module.values.detach(),
+                             module.num_atoms, 1)
 
 
 def check_int8_mask_codes(ext, module: DictionaryLinear, h: torch.Tensor, what) -> None:

@@ -88,9 +88,10 @@ class DictionaryLinear(FactorModule):
     CUDA_GATHER_MAX_TOKENS: ClassVar[int] = 1
     # With the compiled kernels (CPU, float32 or bfloat16, no gradient needed), from
     # benchmarks/bench_kernels.py on LLaMA-7B and SmolLM2 shapes: the expanding mask kernel up to
-    # 8 tokens, tokens in the lanes up to 128, the code GEMM beyond.
+    # 8 tokens, tokens in the lanes up to 128 (AVX2, 8 lanes a vector: 64), the code GEMM beyond.
     MASK_MAX_TOKENS: ClassVar[int] = 8
     LANES_MAX_TOKENS: ClassVar[int] = 128
+    AVX2_LANES_MAX_TOKENS: ClassVar[int] = 64
 
     def __init__(self, in_features: int, out_features: int, atoms: int, sparsity: int, bias: bool = False,
                  kernel: str = "auto", blocks: int = 1, dtype: torch.dtype | None = None,
@@ -204,11 +205,13 @@ class DictionaryLinear(FactorModule):
             return self.kernel
         if self.values.is_cuda:
             return "gather" if tokens <= self.CUDA_GATHER_MAX_TOKENS else "codes"
-        fast = kernels.usable(self._compiled(needs_grad))
+        ext = self._compiled(needs_grad)
+        fast = kernels.usable(ext)
         if "mask" in fast and tokens <= self.MASK_MAX_TOKENS:
             return "mask"
         if "lanes" in fast:
-            return "lanes" if tokens <= self.LANES_MAX_TOKENS else "codes"
+            most = self.AVX2_LANES_MAX_TOKENS if ext.isa() == "avx2" else self.LANES_MAX_TOKENS
+            return "lanes" if tokens <= most else "codes"
         if tokens <= self.GATHER_MAX_TOKENS:
             return "gather"
         if tokens <= self.SPARSE_MAX_TOKENS and self._native_sparse():
@@ -248,14 +251,14 @@ class DictionaryLinear(FactorModule):
     def _compiled_product(self, kernel: str, x: torch.Tensor, needs_grad: bool) -> torch.Tensor:
         """y = C (atoms x) with the compiled kernels (no autograd: forward only)."""
         ext = self._compiled(needs_grad)
-        if ext is None or (kernel == "lanes" and ext.isa() != "avx512"):
+        if ext is None or (kernel == "lanes" and not ext.lane_width()):
             why = ("a gradient is needed" if needs_grad else
                    f"the values are {self.values.device.type} {self.values.dtype}" if ext is None
                    and (self.values.device.type != "cpu" or self.values.dtype not in (torch.float32, torch.bfloat16))
                    else "they are not built on this machine (see the logged reason)" if ext is None
                    else f"this machine's build is {ext.isa()}")
-            raise ValueError(f"the {kernel} kernel runs only on factorkit's compiled CPU kernels (lanes: the AVX-512 "
-                             f"build) with float32 or bfloat16 values and no gradient, but {why}; use kernel='auto'")
+            raise ValueError(f"the {kernel} kernel runs only on factorkit's compiled CPU kernels (lanes: an AVX-512 "
+                             f"or AVX2 build) with float32 or bfloat16 values and no gradient, but {why}; use kernel='auto'")
         lead = x.shape[:-1]
         h2 = linear(x.reshape(-1, self.in_features), self.atoms).float()
         quantized = int8_parts(self.values) if kernel == "mask" and is_quantized(self.values) else None
@@ -267,7 +270,7 @@ class DictionaryLinear(FactorModule):
                                self.blocks)
         else:
             tokens = h2.shape[0]
-            hT = F.pad(h2, (0, 0, 0, -tokens % 16)).T.contiguous()
+            hT = F.pad(h2, (0, 0, 0, -tokens % ext.lane_width())).T.contiguous()
             y = ext.mask_codes_lanes(hT, self.support, plain(self.values).detach().contiguous(), self.num_atoms,
                                      self.blocks)
             y = y[:, :tokens].T

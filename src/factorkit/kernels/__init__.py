@@ -49,10 +49,10 @@ def dictionary() -> ModuleType | None:
 
 @functools.cache  # asked on every forward: the answer never changes for one extension
 def usable(ext: ModuleType | None) -> tuple[str, ...]:
-    """The compiled kernels worth running: both with AVX-512, the mask kernel with AVX2, none without a vector
-    path (the scalar build is slower than torch's CSR product) or without the extension."""
+    """The compiled kernels worth running: both with AVX-512 or AVX2, none without a vector path (the scalar
+    build is slower than torch's CSR product) or without the extension."""
     isa = "none" if ext is None else ext.isa()
-    return {"avx512": ("mask", "lanes"), "avx2": ("mask",)}.get(isa, ())
+    return ("mask", "lanes") if isa in ("avx512", "avx2") else ()
 
 
 # at::parallel_for spreads a kernel over torch's intra-op threads only when the extension is compiled with OpenMP:

@@ -7,11 +7,13 @@
 // float32 or bfloat16) are in increasing atom order, and g(o) = o / (out / blocks) is the row's group
 // (DSFormer's row blocks; 0 when blocks = 1). No index is ever materialised: with AVX-512 each 16 bits of
 // the mask expand the row's next popcount values into a 16-lane vector (vexpandps) that multiplies the
-// matching 16 entries of h; without it a scalar loop walks the set bits. Rows are spread over torch's
-// intra-op threads, tokens are taken in tiles of up to 8 (one accumulator each) so the row's mask and
-// values are read from memory once per tile, from cache after the first. Values that factorkit.quantize
-// left as int8 numbers with float scales are read as such (mask_codes_int8): each row is widened into a
-// small float buffer once and the same row kernels read it from there.
+// matching 16 entries of h; with AVX2 each mask byte picks its values into 8 lanes through a permute table;
+// without either a scalar loop walks the set bits. Rows are spread over torch's intra-op threads, tokens are
+// taken in tiles of up to 8 (4 with AVX2; one accumulator each) so the row's mask and values are read from
+// memory once per tile, from cache after the first. For more tokens the lanes kernel (mask_codes_lanes, both
+// vector builds) puts the tokens in the vector lanes instead: one multiply-add per stored value and vector.
+// Values that factorkit.quantize left as int8 numbers with float scales are read as such (mask_codes_int8):
+// each row is widened into a small float buffer once and the same row kernels read it from there.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -117,39 +119,6 @@ void row_avx512(const uint8_t* mask, int64_t atoms, const V* v, const float* h, 
   for (int t = 0; t < NT; ++t) out[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t], odd[t]));
 }
 
-// Tokens in the lanes (for 8 or more tokens): hT is h transposed and padded, (blocks*atoms) x (16*NT)
-// floats, and every stored value multiplies NT vectors of 16 tokens, one fused multiply-add per value
-// and vector instead of one per 16 atoms (half of them zero at rho = 2) and token.
-template <typename V, int NT>
-void row_lanes(const uint8_t* mask, int64_t nbytes, const V* v, const float* hT, int64_t hstride, float* out,
-               int64_t ostride) {
-  __m512 acc[NT];
-  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (int64_t b = 0; b + 8 <= nbytes; b += 8) {
-    uint64_t m;
-    std::memcpy(&m, mask + b, 8);
-    while (m) {
-      const int64_t j = b * 8 + __builtin_ctzll(m);
-      const __m512 value = _mm512_set1_ps(load_value(v, i++));
-      const float* row = hT + j * hstride;
-      for (int t = 0; t < NT; ++t) acc[t] = _mm512_fmadd_ps(value, _mm512_loadu_ps(row + 16 * t), acc[t]);
-      m &= m - 1;
-    }
-  }
-  for (int64_t b = nbytes / 8 * 8; b < nbytes; ++b) {
-    unsigned m = mask[b];
-    while (m) {
-      const int64_t j = b * 8 + __builtin_ctz(m);
-      const __m512 value = _mm512_set1_ps(load_value(v, i++));
-      const float* row = hT + j * hstride;
-      for (int t = 0; t < NT; ++t) acc[t] = _mm512_fmadd_ps(value, _mm512_loadu_ps(row + 16 * t), acc[t]);
-      m &= m - 1;
-    }
-  }
-  for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + 16 * t * ostride, acc[t]);  // see run_lanes: ostride 1
-}
-
 template <typename V>
 void row_tile(const uint8_t* mask, int64_t atoms, const V* v, const V* /*end*/, const float* h, int64_t hstride,
               int nt, float* out) {
@@ -166,18 +135,17 @@ void row_tile(const uint8_t* mask, int64_t atoms, const V* v, const V* /*end*/, 
 }
 #elif defined(FK_AVX2)
 // AVX2 has no expand: a table gives, for each mask byte, the lane of the packed values that every set bit
-// takes (its rank among the set bits), a permute puts them in place and the unset lanes are zeroed.
+// takes (its rank among the set bits), with the sign bit set on the set lanes: a permute (which reads only the
+// low three bits) puts the values in place and a blend on the sign bits zeroes the unset lanes.
 struct RankTable {
   alignas(32) int32_t rank[256][8];
   RankTable() {
     for (int m = 0; m < 256; ++m)
-      for (int i = 0; i < 8; ++i) rank[m][i] = __builtin_popcount(m & ((1 << i) - 1));
+      for (int i = 0; i < 8; ++i)
+        rank[m][i] = (m >> i & 1) ? static_cast<int32_t>(__builtin_popcount(m & ((1 << i) - 1)) | INT32_MIN) : 0;
   }
 };
-const RankTable& rank_table() {
-  static const RankTable table;
-  return table;
-}
+const RankTable kRankTable;
 
 // Eight values from v, never reading past end (the row's last value).
 inline __m256 load8(const float* v, const float* end) {
@@ -208,32 +176,37 @@ template <typename V, int NT>
 inline const V* block8(unsigned m, int64_t j, int64_t atoms, const V* v, const V* end, const float* h,
                        int64_t hstride, __m256* acc) {
   if (!m) return v;
-  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  const __m256i lanes = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(m)), bit), bit);
-  const __m256i rank = _mm256_load_si256(reinterpret_cast<const __m256i*>(rank_table().rank[m]));
-  const __m256 vals = _mm256_and_ps(_mm256_permutevar8x32_ps(load8(v, end), rank), _mm256_castsi256_ps(lanes));
+  const __m256 rank = _mm256_load_ps(reinterpret_cast<const float*>(kRankTable.rank[m]));
+  const __m256 vals = _mm256_blendv_ps(_mm256_setzero_ps(),
+                                       _mm256_permutevar8x32_ps(load8(v, end), _mm256_castps_si256(rank)), rank);
   if (j + 8 <= atoms) {
     for (int t = 0; t < NT; ++t) acc[t] = _mm256_fmadd_ps(vals, _mm256_loadu_ps(h + t * hstride + j), acc[t]);
   } else {  // the last byte of a row whose atoms are not a multiple of 8: load only the set lanes of h
     for (int t = 0; t < NT; ++t)
-      acc[t] = _mm256_fmadd_ps(vals, _mm256_maskload_ps(h + t * hstride + j, lanes), acc[t]);
+      acc[t] = _mm256_fmadd_ps(vals, _mm256_maskload_ps(h + t * hstride + j, _mm256_castps_si256(rank)), acc[t]);
   }
   return v + __builtin_popcount(m);
 }
 
+// CH independent chains of multiply-adds per token (mask byte b goes to chain b % CH): one chain would wait out
+// the FMA latency on every byte; with few tokens there are few other chains to overlap.
 template <typename V, int NT>
 void row_avx2(const uint8_t* mask, int64_t atoms, const V* v, const V* end, const float* h, int64_t hstride,
               float* out) {
-  __m256 acc[NT], odd[NT];  // even and odd mask bytes: two independent chains of multiply-adds per token
-  for (int t = 0; t < NT; ++t) acc[t] = odd[t] = _mm256_setzero_ps();
+  constexpr int CH = NT <= 2 ? 4 : 2;
+  __m256 acc[CH][NT];
+  for (int c = 0; c < CH; ++c)
+    for (int t = 0; t < NT; ++t) acc[c][t] = _mm256_setzero_ps();
   const int64_t nbytes = (atoms + 7) / 8;
   int64_t b = 0;
-  for (; b + 2 <= nbytes; b += 2) {
-    v = block8<V, NT>(mask[b], b * 8, atoms, v, end, h, hstride, acc);
-    v = block8<V, NT>(mask[b + 1], b * 8 + 8, atoms, v, end, h, hstride, odd);
+  for (; b + CH <= nbytes; b += CH)
+    for (int c = 0; c < CH; ++c) v = block8<V, NT>(mask[b + c], (b + c) * 8, atoms, v, end, h, hstride, acc[c]);
+  for (int c = 0; b < nbytes; ++b, ++c) v = block8<V, NT>(mask[b], b * 8, atoms, v, end, h, hstride, acc[c]);
+  for (int t = 0; t < NT; ++t) {
+    __m256 sum = acc[0][t];
+    for (int c = 1; c < CH; ++c) sum = _mm256_add_ps(sum, acc[c][t]);
+    out[t] = hsum(sum);
   }
-  if (b < nbytes) block8<V, NT>(mask[b], b * 8, atoms, v, end, h, hstride, acc);
-  for (int t = 0; t < NT; ++t) out[t] = hsum(_mm256_add_ps(acc[t], odd[t]));
 }
 
 template <typename V>
@@ -309,30 +282,86 @@ void run(const float* h, const uint8_t* mask, const P& values, float* y, int64_t
   });
 }
 
+#if defined(FK_AVX512) || defined(FK_AVX2)
+// Tokens in the lanes (for more tokens than the row kernels above take): hT is h transposed and zero-padded,
+// (blocks*atoms) x tokensL floats with tokensL a multiple of kLanes (16 with AVX-512, 8 with AVX2), and every
+// stored value multiplies NT vectors of kLanes tokens, one fused multiply-add per value and vector instead of
+// one per vector of atoms (half of them zero at rho = 2) and token. The set bits are walked 64 at a time.
 #ifdef FK_AVX512
-// yT: (out x tokens16) float, tokens16 = 16 * ceil(tokens / 16); hT: (blocks*atoms x tokens16).
+constexpr int kLanes = 16;
+using Vec = __m512;
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vset1(float x) { return _mm512_set1_ps(x); }
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline void vstore(float* p, Vec x) { _mm512_storeu_ps(p, x); }
+constexpr int kLanesTile = 4;  // 64 tokens a pass: 4 accumulators
+#else
+constexpr int kLanes = 8;
+using Vec = __m256;
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vset1(float x) { return _mm256_set1_ps(x); }
+inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline void vstore(float* p, Vec x) { _mm256_storeu_ps(p, x); }
+constexpr int kLanesTile = 8;  // 64 tokens a pass: 8 of the 16 ymm registers accumulate
+#endif
+
+template <typename V, int NT>
+inline void lanes_bits(uint64_t m, int64_t base, const V* v, int64_t& i, const float* hT, int64_t hstride,
+                       Vec* acc) {
+  while (m) {
+    const int64_t j = base + __builtin_ctzll(m);
+    const Vec value = vset1(load_value(v, i++));
+    const float* row = hT + j * hstride;
+    for (int t = 0; t < NT; ++t) acc[t] = vfma(value, vload(row + kLanes * t), acc[t]);
+    m &= m - 1;
+  }
+}
+
+template <typename V, int NT>
+void row_lanes(const uint8_t* mask, int64_t nbytes, const V* v, const float* hT, int64_t hstride, float* out) {
+  Vec acc[NT];
+  for (int t = 0; t < NT; ++t) acc[t] = vzero();
+  int64_t i = 0, b = 0;
+  for (; b + 8 <= nbytes; b += 8) {
+    uint64_t m;
+    std::memcpy(&m, mask + b, 8);
+    lanes_bits<V, NT>(m, b * 8, v, i, hT, hstride, acc);
+  }
+  for (; b < nbytes; ++b) lanes_bits<V, NT>(mask[b], b * 8, v, i, hT, hstride, acc);
+  for (int t = 0; t < NT; ++t) vstore(out + kLanes * t, acc[t]);
+}
+
+template <typename V, int NT = kLanesTile>
+void row_lanes_tile(int nt, const uint8_t* mask, int64_t nbytes, const V* v, const float* hT, int64_t hstride,
+                    float* out) {
+  if constexpr (NT > 1) {
+    if (nt < NT) return row_lanes_tile<V, NT - 1>(nt, mask, nbytes, v, hT, hstride, out);
+  }
+  row_lanes<V, NT>(mask, nbytes, v, hT, hstride, out);
+}
+
+// yT: (out x tokensL) float; hT: (blocks*atoms x tokensL).
 template <typename V>
-void run_lanes(const float* hT, const uint8_t* mask, const V* values, float* yT, int64_t tokens16, int64_t out,
+void run_lanes(const float* hT, const uint8_t* mask, const V* values, float* yT, int64_t tokensL, int64_t out,
                int64_t atoms, int64_t sparsity, int64_t blocks) {
-  const int64_t nbytes = (atoms + 7) / 8, rows_per_block = out / blocks;
+  const int64_t nbytes = (atoms + 7) / 8, rows_per_block = out / blocks, pass = kLanes * kLanesTile;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, sparsity));
   at::parallel_for(0, out, grain, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
       const uint8_t* row_mask = mask + o * nbytes;
       const V* row_values = values + o * sparsity;
-      const float* row_h = hT + (o / rows_per_block) * atoms * tokens16;
-      for (int64_t t0 = 0; t0 < tokens16; t0 += 64) {
-        float* dst = yT + o * tokens16 + t0;
-        switch (std::min<int64_t>(4, (tokens16 - t0) / 16)) {
-          case 1: row_lanes<V, 1>(row_mask, nbytes, row_values, row_h + t0, tokens16, dst, 1); break;
-          case 2: row_lanes<V, 2>(row_mask, nbytes, row_values, row_h + t0, tokens16, dst, 1); break;
-          case 3: row_lanes<V, 3>(row_mask, nbytes, row_values, row_h + t0, tokens16, dst, 1); break;
-          default: row_lanes<V, 4>(row_mask, nbytes, row_values, row_h + t0, tokens16, dst, 1); break;
-        }
+      const float* row_h = hT + (o / rows_per_block) * atoms * tokensL;
+      for (int64_t t0 = 0; t0 < tokensL; t0 += pass) {
+        const int nt = static_cast<int>(std::min<int64_t>(kLanesTile, (tokensL - t0) / kLanes));
+        row_lanes_tile<V>(nt, row_mask, nbytes, row_values, row_h + t0, tokensL, yT + o * tokensL + t0);
       }
     }
   });
 }
+#else
+constexpr int kLanes = 0;  // no vector path: no lanes kernel
 #endif
 
 // The checks every entry point makes on the codes of an (out x blocks*atoms) matrix.
@@ -369,26 +398,30 @@ void with_values(const torch::Tensor& values, F&& f) {
 
 }  // namespace
 
-// hT: (blocks*atoms, tokens16) float32 with tokens16 a multiple of 16 (h transposed, zero-padded);
-// support and values as for mask_codes. Returns yT: (out, tokens16) float32. AVX-512 builds only.
+// hT: (blocks*atoms, tokensL) float32 with tokensL a multiple of lane_width() (h transposed, zero-padded);
+// support and values as for mask_codes. Returns yT: (out, tokensL) float32. AVX-512 and AVX2 builds.
 torch::Tensor mask_codes_lanes(torch::Tensor hT, torch::Tensor support, torch::Tensor values, int64_t atoms,
                                int64_t blocks) {
-#ifdef FK_AVX512
+#if defined(FK_AVX512) || defined(FK_AVX2)
   check_codes(support, values, atoms, blocks);
-  TORCH_CHECK(hT.dim() == 2 && hT.scalar_type() == torch::kFloat32 && hT.is_contiguous() && hT.size(1) % 16 == 0,
-              "hT must be a contiguous (atoms x 16n) float32 matrix");
-  const int64_t out = values.size(0), sparsity = values.size(1), tokens16 = hT.size(1);
+  TORCH_CHECK(hT.dim() == 2 && hT.scalar_type() == torch::kFloat32 && hT.is_contiguous() &&
+                  hT.size(1) % kLanes == 0,
+              "hT must be a contiguous (atoms x tokens) float32 matrix, tokens a multiple of lane_width()");
+  const int64_t out = values.size(0), sparsity = values.size(1), tokensL = hT.size(1);
   TORCH_CHECK(hT.size(0) == blocks * atoms, "hT must have blocks*atoms rows");
-  auto yT = torch::empty({out, tokens16}, hT.options());
+  auto yT = torch::empty({out, tokensL}, hT.options());
   with_values(values, [&](auto* v) {
-    run_lanes(hT.data_ptr<float>(), support.data_ptr<uint8_t>(), v, yT.data_ptr<float>(), tokens16, out, atoms,
+    run_lanes(hT.data_ptr<float>(), support.data_ptr<uint8_t>(), v, yT.data_ptr<float>(), tokensL, out, atoms,
               sparsity, blocks);
   });
   return yT;
 #else
-  TORCH_CHECK(false, "mask_codes_lanes needs the AVX-512 build");
+  TORCH_CHECK(false, "mask_codes_lanes needs the AVX-512 or AVX2 build");
 #endif
 }
+
+// The tokens one vector of the lanes kernel holds: 16 (AVX-512), 8 (AVX2), 0 (scalar build: no lanes kernel).
+int64_t lane_width() { return kLanes; }
 
 // h: (tokens, blocks*atoms) float32; support: (out, ceil(atoms/8)) uint8; values: (out, s) float32 or
 // bfloat16. Returns y: (tokens, out) float32.
@@ -488,7 +521,8 @@ void ksvd_sweep(torch::Tensor residual, torch::Tensor atoms, torch::Tensor indic
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mask_codes", &mask_codes, "DictionaryLinear's code product from the packed support mask");
-  m.def("mask_codes_lanes", &mask_codes_lanes, "the same with the tokens in the vector lanes (8+ tokens)");
+  m.def("mask_codes_lanes", &mask_codes_lanes, "the same with the tokens in the vector lanes (more tokens)");
+  m.def("lane_width", &lane_width, "tokens per vector of mask_codes_lanes: 16, 8, or 0 where it is not built");
   m.def("mask_codes_int8", &mask_codes_int8, "the same with int8 values and float scales (factorkit.quantize)");
   m.def("codes_dense", &codes_dense, "the dense code matrix written from the support mask");
   m.def("int8_rows", &int8_rows, "a few tokens times int8 weights with a scale per row or per group of a row");
