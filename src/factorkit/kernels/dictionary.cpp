@@ -147,7 +147,7 @@ struct RankTable {
 };
 const RankTable kRankTable;
 
-// Eight values from v, never reading past end (the row's last value).
+// Eight values from v, never reading at or past end (how far the values may be read).
 inline __m256 load8(const float* v, const float* end) {
   if (v + 8 <= end) return _mm256_loadu_ps(v);
   alignas(32) float tmp[8] = {0.f};
@@ -162,6 +162,13 @@ inline __m256 load8(const uint16_t* v, const uint16_t* end) {
     src = tmp;
   }
   const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+// Eight values from v where eight can be read (the caller checked).
+inline __m256 load8_unchecked(const float* v) { return _mm256_loadu_ps(v); }
+inline __m256 load8_unchecked(const uint16_t* v) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
 
@@ -188,6 +195,17 @@ inline const V* block8(unsigned m, int64_t j, int64_t atoms, const V* v, const V
   return v + __builtin_popcount(m);
 }
 
+// The same for a whole mask byte (j + 8 <= atoms) whose eight values may be read without a check; a zero byte
+// adds zeros (its table row has no sign bit set), cheaper than a branch.
+template <typename V, int NT>
+inline const V* block8_full(unsigned m, int64_t j, const V* v, const float* h, int64_t hstride, __m256* acc) {
+  const __m256 rank = _mm256_load_ps(reinterpret_cast<const float*>(kRankTable.rank[m]));
+  const __m256 vals = _mm256_blendv_ps(_mm256_setzero_ps(),
+                                       _mm256_permutevar8x32_ps(load8_unchecked(v), _mm256_castps_si256(rank)), rank);
+  for (int t = 0; t < NT; ++t) acc[t] = _mm256_fmadd_ps(vals, _mm256_loadu_ps(h + t * hstride + j), acc[t]);
+  return v + __builtin_popcount(m);
+}
+
 // CH independent chains of multiply-adds per token (mask byte b goes to chain b % CH): one chain would wait out
 // the FMA latency on every byte; with few tokens there are few other chains to overlap.
 template <typename V, int NT>
@@ -199,9 +217,11 @@ void row_avx2(const uint8_t* mask, int64_t atoms, const V* v, const V* end, cons
     for (int t = 0; t < NT; ++t) acc[c][t] = _mm256_setzero_ps();
   const int64_t nbytes = (atoms + 7) / 8;
   int64_t b = 0;
-  for (; b + CH <= nbytes; b += CH)
-    for (int c = 0; c < CH; ++c) v = block8<V, NT>(mask[b + c], (b + c) * 8, atoms, v, end, h, hstride, acc[c]);
-  for (int c = 0; b < nbytes; ++b, ++c) v = block8<V, NT>(mask[b], b * 8, atoms, v, end, h, hstride, acc[c]);
+  // CH whole bytes at a time while CH * 8 values can be read past v (end: how far the values may be read, past
+  // the row's own where later rows or padding follow); then byte by byte with the checks
+  for (; b + CH <= atoms / 8 && v + 8 * CH <= end; b += CH)
+    for (int c = 0; c < CH; ++c) v = block8_full<V, NT>(mask[b + c], (b + c) * 8, v, h, hstride, acc[c]);
+  for (; b < nbytes; ++b) v = block8<V, NT>(mask[b], b * 8, atoms, v, end, h, hstride, acc[0]);
   for (int t = 0; t < NT; ++t) {
     __m256 sum = acc[0][t];
     for (int c = 1; c < CH; ++c) sum = _mm256_add_ps(sum, acc[c][t]);
@@ -233,7 +253,10 @@ template <typename V>
 struct StoredValues {
   const V* values;
   int64_t sparsity;
+  int64_t out;
   const V* row(int64_t o, float* /*buf*/) const { return values + o * sparsity; }
+  // how far a row kernel may read past the row's values: to the end of the matrix (the later rows' values)
+  const V* readable_end(const V* /*row*/) const { return values + out * sparsity; }
 };
 
 // Stored as int8 numbers with float32 scales (what factorkit.quantize leaves: int8 with one scale per row,
@@ -259,6 +282,8 @@ struct Int8Values {
     }
     return buf;
   }
+  static constexpr int64_t kPad = 64;  // the buffer's zeros past the row's values: whole-byte reads need no check
+  const float* readable_end(const float* row) const { return row + sparsity + kPad; }
 };
 
 template <typename P>
@@ -268,14 +293,15 @@ void run(const float* h, const uint8_t* mask, const P& values, float* y, int64_t
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, sparsity));
   at::parallel_for(0, out, grain, [&](int64_t begin, int64_t end) {
     float acc[kTile];
-    std::vector<float> buf(std::is_same<P, Int8Values>::value ? sparsity : 0);
+    std::vector<float> buf(std::is_same<P, Int8Values>::value ? sparsity + Int8Values::kPad : 0);
     for (int64_t o = begin; o < end; ++o) {
       const uint8_t* row_mask = mask + o * nbytes;
       const auto* row_values = values.row(o, buf.data());
       const float* row_h = h + (o / rows_per_block) * atoms;
       for (int64_t t0 = 0; t0 < tokens; t0 += kTile) {
         const int nt = static_cast<int>(std::min<int64_t>(kTile, tokens - t0));
-        row_tile(row_mask, atoms, row_values, row_values + sparsity, row_h + t0 * hstride, hstride, nt, acc);
+        row_tile(row_mask, atoms, row_values, values.readable_end(row_values), row_h + t0 * hstride, hstride, nt,
+                 acc);
         for (int t = 0; t < nt; ++t) y[(t0 + t) * out + o] = acc[t];
       }
     }
@@ -433,7 +459,7 @@ torch::Tensor mask_codes(torch::Tensor h, torch::Tensor support, torch::Tensor v
   auto y = torch::empty({tokens, out}, h.options());
   with_values(values, [&](auto* v) {
     using V = std::remove_const_t<std::remove_pointer_t<decltype(v)>>;
-    run(h.data_ptr<float>(), support.data_ptr<uint8_t>(), StoredValues<V>{v, sparsity}, y.data_ptr<float>(),
+    run(h.data_ptr<float>(), support.data_ptr<uint8_t>(), StoredValues<V>{v, sparsity, out}, y.data_ptr<float>(),
         tokens, out, atoms, sparsity, blocks);
   });
   return y;
