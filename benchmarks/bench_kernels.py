@@ -101,6 +101,7 @@ def measure(results: Results) -> None:
                 row["auto-kernel"] = dic.pick_kernel(tokens)
                 row["dict-auto"] = best_time(dic, x, repeats)
                 row["bytes"] = sizes
+                row["load"] = os.getloadavg()[0]
                 results.put(key, row)
                 print(key, {k: (f"{v * 1e6:.0f}us" if isinstance(v, float) else v) for k, v in row.items()
                             if k != "bytes"}, flush=True)
@@ -323,7 +324,9 @@ def report(results: Results, name: str) -> None:
                             + [f"{speed('dict-auto')} ({r['auto-kernel']})", f"{ideal:.2f}x",
                                f"{r['dense'] / r['dict-auto'] / ideal:.2f}"])
         if rows:
-            sections.append(f"**{dname}**\n\n" + markdown_table(
+            load = max((results.items.get(f"{dname}/{label}/{t}") or {}).get("load") or 0.0
+                       for label in SHAPES for t in TOKENS)
+            sections.append(f"**{dname}**{busy(load)}\n\n" + markdown_table(
                 ["shape", "tokens", "nn.Linear (us)", "LowRankLinear", "its ideal", "dict mask", "dict lanes",
                  "dict sparse (CSR)", "dict codes (GEMM)", "dict auto (kernel)", "dict ideal", "auto / ideal"], rows))
     e2e = results.items.get(f"e2e/{E2E_MODEL}")
@@ -337,7 +340,7 @@ def report(results: Results, name: str) -> None:
         sections.append(f"""**End to end**: {E2E_MODEL} with every targeted linear a random DictionaryLinear at ratio
 {RATIO} (speed does not depend on the values), greedy decode of {E2E_NEW_TOKENS} new tokens after a
 {E2E_PROMPT}-token prompt (batch 1, best of 3), a {E2E_PREFILL}-token prefill (best of 3), and the bytes the model
-holds in memory (parameters, buffers, and the int32 index copies the torch kernels build), float32.
+holds in memory (parameters, buffers, and the int32 index copies the torch kernels build), float32.{busy(e2e.get("load"))}
 
 """ + markdown_table(["model", "decode tok/s", "vs dense", "prefill 512 (ms)", "vs dense", "held MiB", "vs dense"],
                      rows))

@@ -309,6 +309,9 @@ def test_dictionary_linear_kernels_agree_and_count_honestly():
     x = torch.randn(3, n, generator=gen)
     # torch has no bfloat16 CSR product on CPU; the compiled kernels read bfloat16 values
     assert half.pick_kernel(3) == ("mask" if "mask" in kernels.usable(kernels.dictionary()) else "codes")
+    if "lanes" in kernels.usable(kernels.dictionary()):
+        most = half.AVX2_BF16_LANES_MAX_TOKENS if kernels.dictionary().isa() == "avx2" else half.LANES_MAX_TOKENS
+        assert (half.pick_kernel(most), half.pick_kernel(most + 1)) == ("lanes", "codes")
     for kernel in ("gather", "sparse", "codes", "dense") + compiled_kernels():
         half.kernel = kernel
         with torch.no_grad():

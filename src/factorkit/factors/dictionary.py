@@ -88,10 +88,12 @@ class DictionaryLinear(FactorModule):
     CUDA_GATHER_MAX_TOKENS: ClassVar[int] = 1
     # With the compiled kernels (CPU, float32 or bfloat16, no gradient needed), from
     # benchmarks/bench_kernels.py on LLaMA-7B and SmolLM2 shapes: the expanding mask kernel up to
-    # 8 tokens, tokens in the lanes up to 128 (AVX2, 8 lanes a vector: 64), the code GEMM beyond.
+    # 8 tokens, tokens in the lanes up to 128 (AVX2, 8 lanes a vector: 64; in bfloat16 256, where torch's
+    # bfloat16 GEMM, without AVX-512's bfloat16 instructions, is slow), the code GEMM beyond.
     MASK_MAX_TOKENS: ClassVar[int] = 8
     LANES_MAX_TOKENS: ClassVar[int] = 128
     AVX2_LANES_MAX_TOKENS: ClassVar[int] = 64
+    AVX2_BF16_LANES_MAX_TOKENS: ClassVar[int] = 256
 
     def __init__(self, in_features: int, out_features: int, atoms: int, sparsity: int, bias: bool = False,
                  kernel: str = "auto", blocks: int = 1, dtype: torch.dtype | None = None,
@@ -210,7 +212,8 @@ class DictionaryLinear(FactorModule):
         if "mask" in fast and tokens <= self.MASK_MAX_TOKENS:
             return "mask"
         if "lanes" in fast:
-            most = self.AVX2_LANES_MAX_TOKENS if ext.isa() == "avx2" else self.LANES_MAX_TOKENS
+            most = (self.LANES_MAX_TOKENS if ext.isa() != "avx2" else self.AVX2_BF16_LANES_MAX_TOKENS
+                    if self.values.dtype == torch.bfloat16 else self.AVX2_LANES_MAX_TOKENS)
             return "lanes" if tokens <= most else "codes"
         if tokens <= self.GATHER_MAX_TOKENS:
             return "gather"
