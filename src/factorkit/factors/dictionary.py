@@ -261,7 +261,8 @@ class DictionaryLinear(FactorModule):
                    else "they are not built on this machine (see the logged reason)" if ext is None
                    else f"this machine's build is {ext.isa()}")
             raise ValueError(f"the {kernel} kernel runs only on factorkit's compiled CPU kernels (lanes: an AVX-512 "
-                             f"or AVX2 build) with float32 or bfloat16 values and no gradient, but {why}; use kernel='auto'")
+                             f"or AVX2 build) with float32 or bfloat16 values and no gradient, but {why}; "
+                             "use kernel='auto'")
         lead = x.shape[:-1]
         h2 = linear(x.reshape(-1, self.in_features), self.atoms).float()
         quantized = int8_parts(self.values) if kernel == "mask" and is_quantized(self.values) else None
